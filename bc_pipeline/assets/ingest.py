@@ -1,0 +1,46 @@
+"""Stage 1: load the configured image source into one validated array and manifest."""
+
+import dagster as dg
+
+from bc_pipeline.assets import _metadata as md
+from bc_pipeline.lib.artifacts import ImageSet
+from bc_pipeline.lib.loaders import ImageSourceError
+from bc_pipeline.lib.plots import class_sample_grid
+from bc_pipeline.lib.storage import fingerprint
+from bc_pipeline.resources import ImageSource, PipelineStorage
+
+
+@dg.asset(
+    code_version="1",
+    group_name="ingest",
+    kinds={"numpy", "parquet"},
+    description="All source images as RGB uint8 at one size, with a manifest (id, source, label, size).",
+)
+def raw_images(
+    context: dg.AssetExecutionContext, image_source: ImageSource, storage: PipelineStorage
+) -> dg.Output[ImageSet]:
+    try:
+        loaded = image_source.load(storage.root, log=context.log.info)
+    except ImageSourceError as error:
+        raise dg.Failure(description=f"bad image source: {error}", allow_retries=False) from None
+    manifest = loaded.manifest
+    counts = manifest.groupby("class_name").size().reindex(image_source.class_names, fill_value=0)
+    context.log.info(f"loaded {len(manifest)} images, skipped {len(loaded.skipped)}")
+    for row in loaded.skipped.head(20).itertuples():
+        context.log.warning(f"skipped {row.source}: {row.reason}")
+
+    grid = class_sample_grid(loaded.images, manifest["label"].to_numpy(), image_source.class_names)
+    metadata = {
+        "num_images": len(manifest),
+        "num_skipped": len(loaded.skipped),
+        "image_size": image_source.image_size,
+        "source": f"{image_source.kind}: {image_source.resolve_path(storage.root)}",
+        "class_counts": md.table(counts.rename_axis("class").reset_index(name="images")),
+        **md.image(grid, storage.report_dir("raw_images") / "samples.png", "sample_grid"),
+    }
+    if len(loaded.skipped):
+        metadata["skipped"] = md.table(loaded.skipped)
+    value = ImageSet(images=loaded.images, manifest=manifest, tables={"skipped": loaded.skipped})
+    version = fingerprint(loaded.images, manifest)
+    return dg.Output(value, data_version=dg.DataVersion(version), metadata=metadata)
+

@@ -1,0 +1,76 @@
+"""Stage 4: train the CNN on the train split, early-stopped on the validation split."""
+
+import dataclasses
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+from pydantic import Field
+
+from bc_pipeline.assets import _metadata as md
+from bc_pipeline.lib.artifacts import ImageSet
+from bc_pipeline.lib.model import weights_fingerprint
+from bc_pipeline.lib.training import TrainedModel, TrainingSettings, train_classifier
+
+_DEFAULTS = TrainingSettings()
+
+
+class TrainingConfig(dg.Config):
+    """Training settings. The defaults fit a 2-core CPU; on a GPU raise image_size to 96."""
+
+    image_size: int = Field(default=_DEFAULTS.image_size, ge=32, description="Side the model resizes images to.")
+    epochs: int = Field(default=_DEFAULTS.epochs, ge=1)
+    batch_size: int = Field(default=_DEFAULTS.batch_size, ge=1)
+    learning_rate: float = Field(default=_DEFAULTS.learning_rate, gt=0)
+    patience: int = Field(default=_DEFAULTS.patience, ge=1, description="Early-stopping patience (epochs).")
+    dropout: float = Field(default=_DEFAULTS.dropout, ge=0, lt=1)
+    convs_per_block: int = Field(default=_DEFAULTS.convs_per_block, ge=1, le=3)
+    augment: bool = Field(default=_DEFAULTS.augment, description="Random flips and 90-degree turns.")
+    class_weights: bool = Field(default=_DEFAULTS.class_weights, description="Balanced class weights in the loss.")
+    seed: int = _DEFAULTS.seed
+
+    def settings(self) -> TrainingSettings:
+        return TrainingSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainingSettings)})
+
+
+def split_arrays(images: ImageSet, splits: pd.DataFrame, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images and labels of one split, in split-table order."""
+    rows = splits.loc[splits["split"] == split, "index"].to_numpy()
+    return np.asarray(images.images[rows]), images.manifest["label"].to_numpy(np.int64)[rows]
+
+
+@dg.asset(
+    code_version="1",
+    group_name="training",
+    kinds={"tensorflow", "keras"},
+    description="The from-scratch CNN (32-64-128-256-512 conv blocks), saved as .keras with its history.",
+)
+def trained_model(
+    context: dg.AssetExecutionContext, config: TrainingConfig, clean_images: ImageSet, data_splits: pd.DataFrame
+) -> dg.Output[TrainedModel]:
+    train_x, train_y = split_arrays(clean_images, data_splits, "train")
+    val_x, val_y = split_arrays(clean_images, data_splits, "val")
+    num_classes = int(clean_images.manifest["label"].max()) + 1
+    num_classes = max(num_classes, len(set(clean_images.manifest["class_name"])))
+    result = train_classifier(
+        train_x, train_y, val_x, val_y, num_classes=num_classes, settings=config.settings(), log=context.log.info
+    )
+    result.info["class_names"] = _class_names(clean_images, num_classes)
+    result.info["settings"] = dataclasses.asdict(config.settings())
+    best = result.history.loc[result.history["val_loss"].idxmin()]
+    metadata = {
+        "device": result.info["device"],
+        "parameters": result.info["parameters"],
+        "epochs_run": result.info["epochs_run"],
+        "best_epoch": result.info["best_epoch"],
+        "best_val_accuracy": round(float(best["val_accuracy"]), 4),
+        "train_seconds": result.info["train_seconds"],
+        "history": md.table(result.history.round(4)),
+    }
+    version = weights_fingerprint(result.model)
+    return dg.Output(result, data_version=dg.DataVersion(version), metadata=metadata)
+
+
+def _class_names(images: ImageSet, num_classes: int) -> list[str]:
+    names = images.manifest.drop_duplicates("label").set_index("label")["class_name"]
+    return [str(names.get(label, f"class_{label}")) for label in range(num_classes)]

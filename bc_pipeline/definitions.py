@@ -1,0 +1,51 @@
+"""The bc_pipeline code location: every asset, check and resource in one Definitions object.
+
+Loaded by `dagster dev` (via workspace.yaml) and by the tests. Importing it must stay fast and must
+not import TensorFlow or Keras (the web UI and the daemon import it constantly).
+
+The image source is chosen with environment variables (or in the launchpad):
+``BC_SOURCE`` (bloodmnist | npz | folder), ``BC_SOURCE_PATH``, ``BC_IMAGE_SIZE``;
+artifacts go under ``BC_DATA_DIR`` (default ``data/``).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import dagster as dg
+
+from bc_pipeline import settings
+from bc_pipeline.assets import dedup, evaluation, ingest, splits, training
+from bc_pipeline.io_managers import ArtifactIOManager
+from bc_pipeline.resources import ImageSource, PipelineStorage
+
+# Data versions on outputs are how unchanged results stop downstream work; the API is marked beta.
+warnings.filterwarnings("ignore", category=dg.BetaWarning)
+
+ASSET_MODULES = [ingest, dedup, splits, training, evaluation]
+
+
+def build_resources(data_dir: str | None = None, source: ImageSource | None = None) -> dict:
+    """Resources for a data directory (default: settings.data_dir()) and image source (default: env)."""
+    root = str(data_dir or settings.data_dir())
+    source = source or ImageSource(
+        kind=os.environ.get("BC_SOURCE", "bloodmnist"),
+        path=os.environ.get("BC_SOURCE_PATH", ""),
+        image_size=int(os.environ.get("BC_IMAGE_SIZE", "96")),
+    )
+    return {
+        "io_manager": ArtifactIOManager(base_dir=os.path.join(root, "assets")),
+        "storage": PipelineStorage(data_dir=root),
+        "image_source": source,
+    }
+
+
+all_assets = dg.load_assets_from_modules(ASSET_MODULES)
+all_asset_checks = dg.load_asset_checks_from_modules(ASSET_MODULES)
+
+defs = dg.Definitions(
+    assets=all_assets,
+    asset_checks=all_asset_checks,
+    resources=build_resources(),
+)

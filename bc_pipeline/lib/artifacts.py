@@ -1,0 +1,90 @@
+"""On-disk formats of the pipeline's artifacts: arrays as .npy, tables as Parquet, models as .keras.
+
+One function writes any artifact atomically and one reads it back, choosing the format from the
+object's type (and, when reading, from what is on disk). The Dagster IO manager is a thin wrapper
+around these, so the formats can be used and tested without Dagster.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from bc_pipeline.lib.storage import atomic_path, save_json, save_npy, save_parquet
+from bc_pipeline.lib.training import TrainedModel
+
+
+@dataclass
+class ImageSet:
+    """Images (N, S, S, 3) uint8, a manifest whose row i describes image i, and side tables."""
+
+    images: np.ndarray
+    manifest: pd.DataFrame
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.images) != len(self.manifest):
+            raise ValueError(f"{len(self.images)} images but {len(self.manifest)} manifest rows")
+
+
+class ArtifactNotFoundError(FileNotFoundError):
+    pass
+
+
+def write_artifact(base: Path, value: Any) -> Path:
+    """Write ``value`` at ``base`` (+ suffix for single files); return the path written."""
+    if isinstance(value, ImageSet):
+        with atomic_path(base) as tmp:
+            tmp.mkdir()
+            np.save(tmp / "images.npy", value.images, allow_pickle=False)
+            value.manifest.to_parquet(tmp / "manifest.parquet", engine="pyarrow", index=False)
+            for name, table in value.tables.items():
+                table.to_parquet(tmp / f"{name}.parquet", engine="pyarrow", index=False)
+        return base
+    if isinstance(value, TrainedModel):
+        with atomic_path(base) as tmp:
+            tmp.mkdir()
+            value.model.save(tmp / "model.keras")
+            value.history.to_parquet(tmp / "history.parquet", engine="pyarrow", index=False)
+            (tmp / "info.json").write_text(json.dumps(value.info, indent=2, default=str))
+        return base
+    if isinstance(value, pd.DataFrame):
+        return save_parquet(base.with_suffix(".parquet"), value)
+    if isinstance(value, np.ndarray):
+        return save_npy(base.with_suffix(".npy"), value)
+    if isinstance(value, dict):
+        return save_json(base.with_suffix(".json"), value)
+    raise TypeError(f"no artifact format for {type(value).__name__}")
+
+
+def read_artifact(base: Path, *, what: str = "artifact") -> Any:
+    """Read back whatever :func:`write_artifact` wrote at ``base``."""
+    if (base / "images.npy").is_file():
+        tables = {p.stem: pd.read_parquet(p) for p in sorted(base.glob("*.parquet")) if p.stem != "manifest"}
+        images = np.load(base / "images.npy", mmap_mode="r", allow_pickle=False)
+        return ImageSet(images=images, manifest=pd.read_parquet(base / "manifest.parquet"), tables=tables)
+    if (base / "model.keras").is_file():
+        import keras
+
+        return TrainedModel(
+            model=keras.saving.load_model(base / "model.keras"),
+            history=pd.read_parquet(base / "history.parquet"),
+            info=json.loads((base / "info.json").read_text()),
+        )
+    for suffix, reader in ((".parquet", pd.read_parquet), (".npy", _load_npy), (".json", _load_json)):
+        if base.with_suffix(suffix).is_file():
+            return reader(base.with_suffix(suffix))
+    raise ArtifactNotFoundError(f"{what}: nothing stored at {base}; materialize it first")
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    return np.load(path, allow_pickle=False)
+
+
+def _load_json(path: Path) -> Any:
+    return json.loads(path.read_text())

@@ -1,0 +1,164 @@
+"""Train a classifier on in-memory uint8 images with class weights and early stopping."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from bc_pipeline.lib.model import build_cnn, configure_devices
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class TrainingSettings:
+    """Everything that decides a training run (mirrored by the asset's pydantic Config)."""
+
+    image_size: int = 32
+    epochs: int = 15
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    patience: int = 4
+    dropout: float = 0.4
+    convs_per_block: int = 1
+    augment: bool = True
+    class_weights: bool = True
+    seed: int = 0
+
+
+@dataclass
+class TrainedModel:
+    """A fitted Keras model, its per-epoch history and facts about the run."""
+
+    model: Any
+    history: pd.DataFrame
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def balanced_class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
+    """n / (k * n_c) for each present class, so every class weighs the same in the loss."""
+    counts = np.bincount(labels, minlength=num_classes)
+    present = counts > 0
+    weights = np.zeros(num_classes)
+    weights[present] = len(labels) / (present.sum() * counts[present])
+    return {c: float(weights[c]) for c in range(num_classes) if present[c]}
+
+
+def _dataset(
+    images: np.ndarray, labels: np.ndarray, batch_size: int, *, augment: bool, seed: int
+) -> Any:
+    """Batches of float32 images; with ``augment``, shuffled and randomly flipped / turned by 90 deg.
+
+    A blood cell has no preferred orientation, so the eight flips and right-angle turns of an
+    image are all valid training examples; they are exact (no interpolation) and cheap on CPU.
+    """
+    import tensorflow as tf
+
+    data = tf.data.Dataset.from_tensor_slices((images, labels.astype(np.int32)))
+    if augment:
+        data = data.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
+        data = data.map(_flip_and_turn, num_parallel_calls=tf.data.AUTOTUNE)
+    data = data.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
+    return data.prefetch(tf.data.AUTOTUNE)
+
+
+def _flip_and_turn(image: Any, label: Any) -> tuple[Any, Any]:
+    import tensorflow as tf
+
+    image = tf.image.random_flip_left_right(image)
+    turns = tf.random.uniform([], 0, 4, dtype=tf.int32)
+    return tf.image.rot90(image, turns), label
+
+
+def _epoch_logger(log: Log, epochs: int) -> Any:
+    import keras
+
+    class EpochLogger(keras.callbacks.Callback):
+        """Sends one line per epoch to the caller's log (the Dagster log in the pipeline)."""
+
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+            self._start = time.perf_counter()
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            logs = logs or {}
+            seconds = time.perf_counter() - self._start
+            lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+            log(
+                f"epoch {epoch + 1}/{epochs}: loss {logs.get('loss', float('nan')):.4f} "
+                f"acc {logs.get('accuracy', float('nan')):.4f} | val_loss {logs.get('val_loss', float('nan')):.4f} "
+                f"val_acc {logs.get('val_accuracy', float('nan')):.4f} | lr {lr:.2e} | {seconds:.1f}s"
+            )
+
+    return EpochLogger()
+
+
+def train_classifier(
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    val_images: np.ndarray,
+    val_labels: np.ndarray,
+    *,
+    num_classes: int,
+    settings: TrainingSettings,
+    log: Log = print,
+) -> TrainedModel:
+    """Fit the CNN with Adam, class weights, LR reduction on plateau and early stopping on val loss."""
+    if len(train_images) == 0 or len(val_images) == 0:
+        raise ValueError("training needs a non-empty train and validation split")
+    device = configure_devices()
+    import keras
+
+    keras.utils.set_random_seed(settings.seed)
+    log(f"training on {device}: {len(train_images)} train / {len(val_images)} val images at {settings.image_size}px")
+    model = build_cnn(
+        num_classes,
+        image_size=settings.image_size,
+        convs_per_block=settings.convs_per_block,
+        dropout=settings.dropout,
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(settings.learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    class_weight = balanced_class_weights(train_labels, num_classes) if settings.class_weights else None
+    callbacks = [
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=settings.patience, restore_best_weights=True),
+        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=max(1, settings.patience // 2)),
+        _epoch_logger(log, settings.epochs),
+    ]
+    start = time.perf_counter()
+    fit = model.fit(
+        _dataset(train_images, train_labels, settings.batch_size, augment=settings.augment, seed=settings.seed),
+        validation_data=_dataset(val_images, val_labels, settings.batch_size, augment=False, seed=0),
+        epochs=settings.epochs,
+        class_weight=class_weight,
+        callbacks=callbacks,
+        shuffle=False,  # the tf.data pipeline shuffles
+        verbose=0,
+    )
+    history = pd.DataFrame(fit.history)
+    history.insert(0, "epoch", np.arange(1, len(history) + 1))
+    info = {
+        "device": device,
+        "train_seconds": round(time.perf_counter() - start, 1),
+        "epochs_run": int(len(history)),
+        "best_epoch": int(history["val_loss"].idxmin() + 1),
+        "parameters": int(model.count_params()),
+        "class_weight": class_weight,
+    }
+    return TrainedModel(model=model, history=history.astype({"epoch": "int64"}), info=info)
+
+
+def predict_proba(model: Any, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Class probabilities (N, k) for uint8 images, converted to float one batch at a time."""
+    chunks = [
+        np.asarray(model.predict_on_batch(images[start : start + batch_size].astype(np.float32)))
+        for start in range(0, len(images), batch_size)
+    ]
+    return np.concatenate(chunks) if chunks else np.zeros((0, model.output_shape[-1]), np.float32)
