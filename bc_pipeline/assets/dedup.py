@@ -29,8 +29,12 @@ def image_hashes(
     cache_path = storage.cache_dir() / f"image_hashes-{HASH_ALGORITHM_VERSION}.parquet"
     cache = _read_cache(cache_path, context)
 
+    next_report = [0.0]
+
     def progress(done: int, total: int) -> None:
-        context.log.info(f"hashed {done}/{total} new images")
+        if done / total >= next_report[0] or done == total:
+            context.log.info(f"hashed {done}/{total} new images")
+            next_report[0] = done / total + 0.1
 
     start = time.perf_counter()
     hashes, updated_cache, computed = hash_with_cache(

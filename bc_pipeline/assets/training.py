@@ -11,6 +11,7 @@ from bc_pipeline.assets import _metadata as md
 from bc_pipeline.lib.artifacts import ImageSet
 from bc_pipeline.lib.model import weights_fingerprint
 from bc_pipeline.lib.training import TrainedModel, TrainingSettings, train_classifier
+from bc_pipeline.resources import ImageSource
 
 _DEFAULTS = TrainingSettings()
 
@@ -46,16 +47,19 @@ def split_arrays(images: ImageSet, splits: pd.DataFrame, split: str) -> tuple[np
     description="The from-scratch CNN (32-64-128-256-512 conv blocks), saved as .keras with its history.",
 )
 def trained_model(
-    context: dg.AssetExecutionContext, config: TrainingConfig, clean_images: ImageSet, data_splits: pd.DataFrame
+    context: dg.AssetExecutionContext,
+    config: TrainingConfig,
+    clean_images: ImageSet,
+    data_splits: pd.DataFrame,
+    image_source: ImageSource,
 ) -> dg.Output[TrainedModel]:
     train_x, train_y = split_arrays(clean_images, data_splits, "train")
     val_x, val_y = split_arrays(clean_images, data_splits, "val")
-    num_classes = int(clean_images.manifest["label"].max()) + 1
-    num_classes = max(num_classes, len(set(clean_images.manifest["class_name"])))
+    class_names = list(image_source.class_names)
     result = train_classifier(
-        train_x, train_y, val_x, val_y, num_classes=num_classes, settings=config.settings(), log=context.log.info
+        train_x, train_y, val_x, val_y, num_classes=len(class_names), settings=config.settings(), log=context.log.info
     )
-    result.info["class_names"] = _class_names(clean_images, num_classes)
+    result.info["class_names"] = class_names
     result.info["settings"] = dataclasses.asdict(config.settings())
     best = result.history.loc[result.history["val_loss"].idxmin()]
     metadata = {
@@ -70,7 +74,3 @@ def trained_model(
     version = weights_fingerprint(result.model)
     return dg.Output(result, data_version=dg.DataVersion(version), metadata=metadata)
 
-
-def _class_names(images: ImageSet, num_classes: int) -> list[str]:
-    names = images.manifest.drop_duplicates("label").set_index("label")["class_name"]
-    return [str(names.get(label, f"class_{label}")) for label in range(num_classes)]

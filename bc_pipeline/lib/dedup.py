@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from bc_pipeline.lib.hashing import hamming
 
@@ -58,6 +56,9 @@ def near_duplicate_pairs(
 
 
 def _components(n: int, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
     graph = coo_matrix((np.ones(len(left), dtype=np.int8), (left, right)), shape=(n, n))
     _, labels = connected_components(graph, directed=False)
     return _renumber_by_first_appearance(labels)

@@ -20,7 +20,6 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pandas as pd
-import scipy.fftpack
 from PIL import Image
 
 HASH_NAMES: tuple[str, ...] = ("phash", "dhash")
@@ -59,6 +58,8 @@ def _pack_bits(bits: np.ndarray) -> np.ndarray:
 
 def hash_batch(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """phash and dhash of an (N, H, W, 3) RGB or (N, H, W) greyscale uint8 batch, as (N,) uint64."""
+    import scipy.fftpack  # imagehash's DCT; imported here to keep module import cheap
+
     grey = images if images.ndim == 3 else greyscale(images)
     phash_px, dhash_px = _thumbnails(grey)
     dct = scipy.fftpack.dct(scipy.fftpack.dct(phash_px, axis=1), axis=2)

@@ -126,6 +126,9 @@ def train_classifier(
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
+    # Resize once, with the model's own layer, instead of in every step of every epoch.
+    train_small = resize_like_model(model, train_images)
+    val_small = resize_like_model(model, val_images)
     class_weight = balanced_class_weights(train_labels, num_classes) if settings.class_weights else None
     callbacks = [
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=settings.patience, restore_best_weights=True),
@@ -134,8 +137,8 @@ def train_classifier(
     ]
     start = time.perf_counter()
     fit = model.fit(
-        _dataset(train_images, train_labels, settings.batch_size, augment=settings.augment, seed=settings.seed),
-        validation_data=_dataset(val_images, val_labels, settings.batch_size, augment=False, seed=0),
+        _dataset(train_small, train_labels, settings.batch_size, augment=settings.augment, seed=settings.seed),
+        validation_data=_dataset(val_small, val_labels, settings.batch_size, augment=False, seed=0),
         epochs=settings.epochs,
         class_weight=class_weight,
         callbacks=callbacks,
@@ -153,6 +156,20 @@ def train_classifier(
         "class_weight": class_weight,
     }
     return TrainedModel(model=model, history=history.astype({"epoch": "int64"}), info=info)
+
+
+def resize_like_model(model: Any, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """Images resized by the model's ``resize`` layer, as float32.
+
+    At the model's own size the layer is the identity, so training on these gives exactly what
+    the model computes when it is handed the original images at inference.
+    """
+    resize = model.get_layer("resize")
+    chunks = [
+        np.asarray(resize(images[start : start + batch_size].astype(np.float32)))
+        for start in range(0, len(images), batch_size)
+    ]
+    return np.concatenate(chunks) if chunks else np.zeros((0, *resize.output_shape[1:]), np.float32)
 
 
 def predict_proba(model: Any, images: np.ndarray, batch_size: int = 256) -> np.ndarray:

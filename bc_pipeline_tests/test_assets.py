@@ -1,0 +1,208 @@
+"""Asset-level tests: materialize the graph on a small real pbc96 subset and assert on the outputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import imagehash
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from bc_pipeline.assets.splits import class_proportions_match, no_group_in_two_splits, no_image_in_two_splits
+from bc_pipeline.definitions import all_asset_checks, all_assets, build_resources
+from bc_pipeline.lib.artifacts import read_artifact
+from bc_pipeline.lib.classes import CLASS_NAMES
+from bc_pipeline.lib.hashing import hash_hex
+from bc_pipeline.resources import ImageSource
+from bc_pipeline_tests.conftest import pbc96_files
+
+TRAIN_CONFIG = {"ops": {"trained_model": {"config": {"epochs": 2, "image_size": 32, "batch_size": 32}}}}
+UP_TO_CLEAN = ["raw_images", "image_hashes", "duplicate_groups", "clean_images"]
+
+
+def _materialize(data_dir: Path, source: ImageSource, selection: list[str] | None = None, **kwargs):
+    resources = build_resources(str(data_dir), source)
+    assets = all_assets
+    checks = all_asset_checks
+    if selection is not None:
+        assets = [a for a in all_assets if a.key.to_user_string() in selection]
+        checks = [c for c in all_asset_checks if any(k.asset_key.to_user_string() in selection for k in c.check_keys)]
+    return dg.materialize([*assets, *checks], resources=resources, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def full_run(pbc_subset_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    data_dir = tmp_path_factory.mktemp("data")
+    source = ImageSource(kind="folder", path=str(pbc_subset_dir), image_size=64)
+    result = _materialize(data_dir, source, run_config=TRAIN_CONFIG)
+    assert result.success
+    return result, data_dir
+
+
+def _metadata(result, asset: str) -> dict:
+    (event,) = [e for e in result.get_asset_materialization_events() if e.asset_key.to_user_string() == asset]
+    return event.materialization.metadata
+
+
+@pytest.mark.slow
+def test_raw_images_loads_every_image_with_manifest_and_grid(full_run):
+    result, data_dir = full_run
+    raw = result.output_for_node("raw_images")
+    assert raw.images.shape == (320, 64, 64, 3) and raw.images.dtype == np.uint8
+    assert raw.manifest["class_name"].value_counts().to_dict() == {name: 40 for name in CLASS_NAMES}
+    assert list(raw.manifest.columns) == ["image_id", "source", "label", "class_name", "orig_height", "orig_width"]
+    assert (raw.manifest[["orig_height", "orig_width"]] == 96).all().all()
+    metadata = _metadata(result, "raw_images")
+    assert metadata["num_images"].value == 320
+    assert metadata["sample_grid"].value.startswith("![sample_grid](data:image/png;base64,")
+    assert (data_dir / "reports" / "raw_images" / "samples.png").stat().st_size > 10_000
+    stored = read_artifact(data_dir / "assets" / "raw_images")
+    np.testing.assert_array_equal(stored.images, raw.images)
+
+
+@pytest.mark.slow
+def test_hashes_match_imagehash_and_are_cached(full_run):
+    result, data_dir = full_run
+    raw = result.output_for_node("raw_images")
+    hashes = result.output_for_node("image_hashes")
+    for i in (0, 57, 319):
+        image = Image.fromarray(raw.images[i])
+        assert hash_hex(hashes["phash"].iat[i]) == str(imagehash.phash(image))
+        assert hash_hex(hashes["dhash"].iat[i]) == str(imagehash.dhash(image))
+    cache = list((data_dir / "cache").glob("image_hashes-*.parquet"))
+    assert len(cache) == 1 and len(pd.read_parquet(cache[0])) == raw.manifest["image_id"].nunique()
+
+
+@pytest.mark.slow
+def test_splits_are_clean_stratified_and_checks_pass(full_run):
+    result, _ = full_run
+    clean = result.output_for_node("clean_images")
+    splits = result.output_for_node("data_splits")
+    assert clean.manifest["image_id"].is_unique
+    assert len(splits) == len(clean.manifest)
+    sizes = splits["split"].value_counts()
+    assert abs(sizes["train"] - 0.8 * len(splits)) <= 8 and abs(sizes["test"] - 0.1 * len(splits)) <= 8
+    evaluations = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert evaluations == {
+        "no_image_in_two_splits": True,
+        "no_group_in_two_splits": True,
+        "class_proportions_match": True,
+    }
+
+
+@pytest.mark.slow
+def test_model_and_report_are_written_and_consistent(full_run):
+    result, data_dir = full_run
+    trained = result.output_for_node("trained_model")
+    assert 1 <= len(trained.history) <= 2
+    model_file = data_dir / "assets" / "trained_model" / "model.keras"
+    assert model_file.stat().st_size > 1_000_000
+    reloaded = read_artifact(data_dir / "assets" / "trained_model")
+    sample = result.output_for_node("raw_images").images[:4].astype(np.float32)
+    np.testing.assert_allclose(reloaded.model.predict(sample, verbose=0), trained.model.predict(sample, verbose=0), atol=1e-5)
+
+    report = result.output_for_node("evaluation_report")
+    splits = result.output_for_node("data_splits")
+    test_size = int((splits["split"] == "test").sum())
+    assert report["test_images"] == test_size
+    assert np.asarray(report["confusion_matrix"]).sum() == test_size
+    diagonal = np.trace(np.asarray(report["confusion_matrix"]))
+    assert report["accuracy"] == pytest.approx(diagonal / test_size)
+    assert [row["class"] for row in report["per_class"]] == list(CLASS_NAMES)
+    folder = data_dir / "reports" / "evaluation_report"
+    for name in ("confusion_matrix.png", "training_curves.png", "report.md", "metrics.json", "per_class.parquet"):
+        assert (folder / name).stat().st_size > 0, name
+    assert json.loads((folder / "metrics.json").read_text())["accuracy"] == report["accuracy"]
+    metadata = _metadata(result, "evaluation_report")
+    assert metadata["confusion_matrix"].value.startswith("![confusion_matrix](data:image/png;base64,")
+    assert len(metadata["per_class"].value.records) == len(CLASS_NAMES)
+
+
+@pytest.mark.slow
+def test_outputs_carry_content_data_versions(full_run):
+    result, _ = full_run
+    versions = {
+        e.asset_key.to_user_string(): e.materialization.tags.get("dagster/data_version")
+        for e in result.get_asset_materialization_events()
+    }
+    assert all(versions.values()), versions
+    assert len(set(versions.values())) == len(versions)
+
+
+def test_split_checks_fail_on_leaky_splits():
+    leaky = pd.DataFrame(
+        {
+            "index": range(6),
+            "image_id": ["a", "a", "b", "c", "d", "e"],
+            "label": [0, 0, 1, 1, 0, 1],
+            "near_group": [0, 0, 1, 1, 2, 3],
+            "split": ["train", "test", "train", "val", "train", "train"],
+        }
+    )
+    assert not no_image_in_two_splits(leaky).passed
+    assert not no_group_in_two_splits(leaky).passed
+    clean = leaky.assign(image_id=list("abcdef"), near_group=range(6))
+    assert no_image_in_two_splits(clean).passed and no_group_in_two_splits(clean).passed
+
+
+def test_proportion_check_detects_a_skewed_split():
+    labels = np.repeat([0, 1], 500)
+    split = np.where(np.arange(1000) % 10 == 0, "test", "train")
+    split[:100][labels[:100] == 0] = "test"  # test becomes mostly class 0
+    table = pd.DataFrame({"index": range(1000), "image_id": [str(i) for i in range(1000)], "label": labels,
+                          "near_group": range(1000), "split": split})
+    assert not class_proportions_match(table).passed
+    balanced = table.assign(split=np.where(np.arange(1000) % 10 == 0, "test", "train"))
+    assert class_proportions_match(balanced).passed
+
+
+def test_planted_duplicates_and_conflicts_are_removed(pbc_subset_dir: Path, tmp_path: Path):
+    source_dir = tmp_path / "source"
+    shutil.copytree(pbc_subset_dir, source_dir)
+    basophil = sorted((source_dir / "basophil").iterdir())
+    shutil.copy(basophil[0], source_dir / "basophil" / "copy_of_first.jpg")  # exact duplicate, same label
+    shutil.copy(basophil[1], source_dir / "platelet" / "mislabelled.jpg")  # same image, two labels
+    result = _materialize(tmp_path / "data", ImageSource(kind="folder", path=str(source_dir)), UP_TO_CLEAN)
+    groups = result.output_for_node("duplicate_groups")
+    clean = result.output_for_node("clean_images")
+    removed = clean.tables["removed"]
+    assert int((groups["exact_size"] > 1).sum()) >= 4
+    assert removed["kind"].value_counts().to_dict() == {"label conflict": 2, "exact duplicate": 1}
+    assert len(clean.manifest) == 322 - 3
+    assert clean.manifest["image_id"].is_unique
+    conflicted_ids = set(removed.loc[removed["kind"] == "label conflict", "image_id"])
+    assert not conflicted_ids & set(clean.manifest["image_id"])
+
+
+def test_new_images_are_hashed_incrementally(pbc_subset_dir: Path, tmp_path: Path):
+    source_dir = tmp_path / "source"
+    shutil.copytree(pbc_subset_dir, source_dir)
+    source = ImageSource(kind="folder", path=str(source_dir))
+    first = _materialize(tmp_path / "data", source, ["raw_images", "image_hashes"])
+    assert _metadata(first, "image_hashes")["hashed_now"].value == 320
+    existing = {p.name for p in source_dir.rglob("*.jpg")}
+    new_files = [(f, label) for f, label in pbc96_files(per_class=60, seed=1) if f.name not in existing][:8]
+    for file, label in new_files:
+        shutil.copy(file, source_dir / CLASS_NAMES[label] / file.name)
+    second = _materialize(tmp_path / "data", source, ["raw_images", "image_hashes"])
+    metadata = _metadata(second, "image_hashes")
+    assert metadata["hashed_now"].value == 8
+    assert metadata["from_cache"].value == 320
+
+
+def test_bad_source_fails_with_a_clear_message(pbc_subset_dir: Path, tmp_path: Path):
+    source_dir = tmp_path / "source"
+    shutil.copytree(pbc_subset_dir, source_dir)
+    (source_dir / "macrophage").mkdir()
+    result = _materialize(
+        tmp_path / "data", ImageSource(kind="folder", path=str(source_dir)), ["raw_images"], raise_on_error=False
+    )
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    message = failure.event_specific_data.error.message
+    assert "unknown class folder 'macrophage'" in message and str(source_dir) in message

@@ -1,0 +1,47 @@
+"""The code location loads, every asset is versioned, and importing it stays light."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import dagster as dg
+
+from bc_pipeline.definitions import defs
+
+EXPECTED_ASSETS = {
+    "raw_images",
+    "image_hashes",
+    "duplicate_groups",
+    "clean_images",
+    "data_splits",
+    "trained_model",
+    "evaluation_report",
+}
+
+
+def test_definitions_load_with_the_whole_graph():
+    dg.Definitions.validate_loadable(defs)
+    graph = defs.resolve_asset_graph()
+    keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
+    assert keys == EXPECTED_ASSETS
+    parents = {key.to_user_string(): {p.to_user_string() for p in graph.get(key).parent_keys} for key in graph.get_all_asset_keys()}
+    assert parents["clean_images"] == {"raw_images", "duplicate_groups"}
+    assert parents["evaluation_report"] == {"clean_images", "data_splits", "trained_model"}
+    checks = {key.name for key in graph.asset_check_keys}
+    assert checks == {"no_image_in_two_splits", "no_group_in_two_splits", "class_proportions_match"}
+
+
+def test_every_asset_has_a_code_version():
+    graph = defs.resolve_asset_graph()
+    missing = [key.to_user_string() for key in graph.get_all_asset_keys() if not graph.get(key).code_version]
+    assert missing == []
+
+
+def test_importing_definitions_does_not_import_tensorflow_or_keras():
+    code = (
+        "import sys, bc_pipeline.definitions; "
+        "print(sorted(m for m in ('tensorflow', 'keras', 'keras_cv', 'sklearn') if m in sys.modules))"
+    )
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert output.strip() == "[]"
