@@ -9,6 +9,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= dev
+# Run config for `make run`: one process for all steps saves a TensorFlow/Dagster start-up per step.
+# Override to change training, e.g. RUN_CONFIG='{"ops": {"trained_model": {"config": {"epochs": 30}}}}'.
+RUN_CONFIG ?= {"execution": {"config": {"in_process": {}}}}
 export DAGSTER_HOME := $(CURDIR)/data/dagster_home
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 # pip's global config here lists local index folders that may not exist; hide that noise only.
@@ -35,7 +38,7 @@ data: install
 
 run: data
 	mkdir -p $(DAGSTER_HOME)
-	$(VENV)/bin/dagster asset materialize --select '*' -m bc_pipeline.definitions
+	$(VENV)/bin/dagster asset materialize --select '*' -m bc_pipeline.definitions --config-json '$(RUN_CONFIG)'
 	@echo
 	@echo "Evaluation report: $(CURDIR)/data/reports/evaluation_report/report.md"
 	@$(PY) -c "import json; m = json.load(open('data/reports/evaluation_report/metrics.json')); print(f\"Test accuracy: {m['accuracy']:.4f} on {m['test_images']} images\")"
@@ -49,6 +52,7 @@ test: install
 
 bench: install
 	$(PY) bench/bench_hashing.py
+	$(PY) bench/bench_dedup.py
 
 clean:
 	rm -rf data/assets data/reports data/cache

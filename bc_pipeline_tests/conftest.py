@@ -40,6 +40,15 @@ def pbc96_files(per_class: int, seed: int = 0) -> list[tuple[Path, int]]:
     return chosen
 
 
+def load_pbc96_arrays(per_class: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A stratified subset read straight into arrays: (images (N, 96, 96, 3) uint8, labels (N,))."""
+    from PIL import Image
+
+    files = pbc96_files(per_class, seed)
+    images = np.stack([np.asarray(Image.open(file).convert("RGB")) for file, _ in files])
+    return images, np.array([label for _, label in files])
+
+
 @pytest.fixture(scope="session")
 def pbc_subset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A class-folder copy of 40 real images per class (320 images), made once per session."""

@@ -44,18 +44,20 @@ def test_cnn_follows_the_seed_design_and_takes_any_input_size():
 
 
 @pytest.mark.slow
-def test_training_learns_a_real_subset_and_logs_each_epoch(pbc_subset_arrays):
+def test_training_learns_a_real_subset_and_logs_each_epoch():
     from bc_pipeline.lib.training import predict_proba, train_classifier
+    from bc_pipeline_tests.conftest import load_pbc96_arrays
 
-    images, labels = pbc_subset_arrays
+    images, labels = load_pbc96_arrays(per_class=80, seed=3)
     order = np.random.default_rng(0).permutation(len(images))
-    train, val = order[:256], order[256:]
+    train, val = order[:512], order[512:]
     lines: list[str] = []
     result = train_classifier(
         images[train], labels[train], images[val], labels[val], num_classes=8,
-        settings=TrainingSettings(epochs=4, batch_size=32, patience=10), log=lines.append,
+        settings=TrainingSettings(epochs=8, batch_size=32, patience=20), log=lines.append,
     )  # fmt: skip
-    assert [line.split(":")[0] for line in lines[1:]] == [f"epoch {i}/4" for i in range(1, 5)]
+    assert [line.split(":")[0] for line in lines[1:]] == [f"epoch {i}/8" for i in range(1, 9)]
     assert result.history["loss"].iloc[-1] < result.history["loss"].iloc[0]
-    train_accuracy = (predict_proba(result.model, images[train]).argmax(1) == labels[train]).mean()
-    assert train_accuracy > 0.3  # well above chance (0.125) after 4 short epochs
+    # Inference-mode accuracy, well above chance (0.125) after 8 short epochs on 512 images.
+    assert (predict_proba(result.model, images[train]).argmax(1) == labels[train]).mean() > 0.5
+    assert (predict_proba(result.model, images[val]).argmax(1) == labels[val]).mean() > 0.35

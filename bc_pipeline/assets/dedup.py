@@ -103,7 +103,8 @@ def duplicate_groups(
     for kind in ("exact", "near"):
         groups = summarize_groups(table, kind)
         metadata[f"largest_{kind}_groups"] = md.table(groups.head(20))
-    examples = _example_groups(table)
+    names = dict(zip(raw_images.manifest["label"], raw_images.manifest["class_name"]))
+    examples = _example_groups(table, names)
     if examples:
         captions = [caption for _, caption in examples]
         png = group_examples(raw_images.images, [members for members, _ in examples], captions)
@@ -111,14 +112,18 @@ def duplicate_groups(
     return dg.Output(table, data_version=dg.DataVersion(fingerprint(table)), metadata=metadata)
 
 
-def _example_groups(table: pd.DataFrame, limit: int = 8) -> list[tuple[list[int], str]]:
+def _example_groups(table: pd.DataFrame, names: dict, limit: int = 8) -> list[tuple[list[int], str]]:
     """Conflicting groups first, then the largest near and exact groups."""
     near = summarize_groups(table, "near")
     if near.empty:
         return []
     near = near.sort_values(["conflict", "size"], ascending=[False, False]).head(limit)
     return [
-        (row.members, f"group {row.group}: labels {row.labels}{' CONFLICT' if row.conflict else ''}")
+        (
+            row.members,
+            f"group {row.group}: {' / '.join(str(names.get(label, label)) for label in row.labels)}"
+            + (" (CONFLICT)" if row.conflict else ""),
+        )
         for row in near.itertuples()
     ]
 

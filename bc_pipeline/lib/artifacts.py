@@ -30,6 +30,9 @@ class ImageSet:
     def __post_init__(self) -> None:
         if len(self.images) != len(self.manifest):
             raise ValueError(f"{len(self.images)} images but {len(self.manifest)} manifest rows")
+        reserved = {"images", "manifest"} & set(self.tables)
+        if reserved:
+            raise ValueError(f"side tables cannot be named {sorted(reserved)}: those names are the image set itself")
 
 
 class ArtifactNotFoundError(FileNotFoundError):

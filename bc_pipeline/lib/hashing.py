@@ -1,11 +1,12 @@
 """Perceptual hashes (phash, dhash) for whole image arrays, bit-for-bit equal to imagehash.
 
-imagehash works on one PIL image at a time and spends most of its time in per-call overhead
-(a 2-D DCT through scipy.fftpack for each 32x32 thumbnail). Here the only per-image work left is
-PIL's greyscale conversion and LANCZOS resize (kept, because reproducing PIL's fixed-point
-resampling in NumPy would not be bit-exact); the DCT, medians and bit packing run once per batch,
-and large inputs are spread over worker processes (the resize holds the GIL, so threads would
-not help; measured in ``bench/bench_hashing.py``).
+Per image, imagehash converts to greyscale, resizes twice with LANCZOS, runs a 2-D DCT through
+scipy.fftpack and builds a bit string. The resizes are most of the cost and stay PIL's own
+(reproducing PIL's fixed-point resampling in NumPy would not be bit-exact); everything else runs
+once per batch: the greyscale conversion (PIL's fixed-point formula, vectorised), the DCT, the
+medians and the bit packing. Large inputs are spread over worker processes (the resize holds the
+GIL, so threads would not help). The biggest saving is not recomputing at all: hashes are cached
+by content id (:func:`hash_with_cache`). ``bench/bench_hashing.py`` measures each of these.
 
 Hashes are stored as uint64 with the first bit of imagehash's flattened array as the most
 significant bit, so ``f"{h:016x}"`` equals ``str(imagehash.phash(image))``.
@@ -38,6 +39,11 @@ def greyscale(images: np.ndarray) -> np.ndarray:
     return (weighted >> 16).astype(np.uint8)
 
 
+def _as_grey(images: np.ndarray) -> np.ndarray:
+    """(N, H, W) greyscale batches pass through; (N, H, W, 3) RGB ones are converted."""
+    return np.ascontiguousarray(images) if images.ndim == 3 else greyscale(images)
+
+
 def _thumbnails(grey: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """32x32 (for phash) and 9x8 (for dhash) LANCZOS thumbnails, as imagehash makes them."""
     n = grey.shape[0]
@@ -60,7 +66,7 @@ def hash_batch(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """phash and dhash of an (N, H, W, 3) RGB or (N, H, W) greyscale uint8 batch, as (N,) uint64."""
     import scipy.fftpack  # imagehash's DCT; imported here to keep module import cheap
 
-    grey = images if images.ndim == 3 else greyscale(images)
+    grey = _as_grey(images)
     phash_px, dhash_px = _thumbnails(grey)
     dct = scipy.fftpack.dct(scipy.fftpack.dct(phash_px, axis=1), axis=2)
     low = dct[:, :_HASH_SIZE, :_HASH_SIZE]
@@ -101,7 +107,7 @@ def _hash_batches(
     images: np.ndarray, starts: list[int], batch_size: int, workers: int
 ) -> Iterator[tuple[int, tuple[np.ndarray, np.ndarray]]]:
     # Workers get greyscale batches: a third of the bytes to send, and PIL's conversion done once.
-    batches = (greyscale(images[s : s + batch_size]) for s in starts)
+    batches = (_as_grey(images[s : s + batch_size]) for s in starts)
     if workers <= 1:
         yield from zip(starts, map(hash_batch, batches))
         return

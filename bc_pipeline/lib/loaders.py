@@ -96,11 +96,14 @@ def load_source(
 def _open_npz(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise ImageSourceError(f"{path}: file not found")
+    # An .npz is a zip archive; anything else (a bare .npy, text, a truncated download) is not.
+    if not zipfile.is_zipfile(path):
+        raise ImageSourceError(f"{path}: not a readable .npz archive (not a zip file)")
     try:
         with np.load(path, allow_pickle=False) as archive:
             return {key: archive[key] for key in archive.files}
     except ValueError as error:
-        if "pickle" in str(error):
+        if "allow_pickle" in str(error):
             raise ImageSourceError(f"{path}: holds pickled object arrays; expected plain uint8 arrays") from None
         raise ImageSourceError(f"{path}: not a readable .npz archive ({error})") from None
     except (OSError, zipfile.BadZipFile, EOFError) as error:

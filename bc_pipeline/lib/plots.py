@@ -55,20 +55,24 @@ def class_sample_grid(
 def group_examples(
     images: np.ndarray, groups: Sequence[Sequence[int]], captions: Sequence[str], *, max_members: int = 6
 ) -> bytes:
-    """One row per group showing its members side by side."""
+    """One row per group showing its members side by side, the group's caption on the left."""
     plt = _pyplot()
     rows = max(1, len(groups))
-    figure, axes = plt.subplots(rows, max_members, figsize=(max_members * 1.2, rows * 1.35), squeeze=False)
+    columns = max(2, min(max_members, max((len(g) for g in groups), default=2)))
+    figure, axes = plt.subplots(rows, columns, figsize=(1.5 + columns * 1.6, rows * 1.7), squeeze=False)
     for row in range(rows):
-        members = list(groups[row])[:max_members] if row < len(groups) else []
-        for column in range(max_members):
+        members = list(groups[row])[:columns] if row < len(groups) else []
+        for column in range(columns):
             axis = axes[row, column]
-            axis.axis("off")
-            if column < len(members):
-                axis.imshow(images[members[column]])
-                axis.set_title(f"#{members[column]}", fontsize=7)
+            if column >= len(members):
+                axis.axis("off")
+                continue
+            axis.imshow(images[members[column]])
+            axis.set_xticks([])
+            axis.set_yticks([])
+            axis.set_title(f"#{members[column]}", fontsize=8)
         if row < len(captions):
-            axes[row, 0].text(0, -0.35, captions[row], transform=axes[row, 0].transAxes, fontsize=7)
+            axes[row, 0].set_ylabel(captions[row], rotation=0, ha="right", va="center", fontsize=8)
     figure.tight_layout()
     return figure_png(figure)
 
@@ -95,14 +99,17 @@ def confusion_matrix_figure(confusion: np.ndarray, class_names: Sequence[str]) -
 
 
 def training_curves_figure(history: pd.DataFrame) -> bytes:
-    """Loss and accuracy per epoch, training and validation."""
+    """Loss and accuracy per epoch, training and validation; the restored (best) epoch marked."""
     plt = _pyplot()
     figure, (loss_axis, acc_axis) = plt.subplots(1, 2, figsize=(10, 3.6))
+    best_epoch = int(history.loc[history["val_loss"].idxmin(), "epoch"]) if "val_loss" in history else None
     for axis, metric in ((loss_axis, "loss"), (acc_axis, "accuracy")):
         for prefix, style in (("", "-"), ("val_", "--")):
             column = prefix + metric
             if column in history:
                 axis.plot(history["epoch"], history[column], style, marker="o", label=column)
+        if best_epoch is not None:
+            axis.axvline(best_epoch, color="grey", linestyle=":", label=f"best (epoch {best_epoch})")
         axis.set_xlabel("epoch")
         axis.set_title(metric)
         axis.grid(alpha=0.3)

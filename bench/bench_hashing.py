@@ -1,0 +1,131 @@
+"""Benchmark perceptual hashing of the PBC images (phash + dhash per image).
+
+Measures images per second for
+  (a) the plain per-image loop ``imagehash.phash(Image.fromarray(x)); imagehash.dhash(...)``,
+  (b) ``compute_hashes(workers=1)`` (batched DCT, one process),
+  (c) ``compute_hashes()`` with the default workers (all cores, process pool),
+  (d) ``hash_with_cache`` on a warm cache where 1% of the images are new,
+each repeated ``--repeats`` times (best time reported), and checks that (b) and (c) equal (a)
+bit for bit.
+
+Run: ``.venv/bin/python bench/bench_hashing.py [--limit N]`` (or ``make bench``). The images come
+from ``$BC_SHARED_DATASETS/pbc96`` (default ``../shared/datasets/pbc96``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import imagehash
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from bc_pipeline.lib.hashing import compute_hashes, hash_hex, hash_with_cache
+from bc_pipeline.lib.loaders import load_folder
+from bc_pipeline.settings import shared_datasets_dir
+
+
+def imagehash_loop(images: np.ndarray) -> tuple[list[str], list[str]]:
+    phash, dhash = [], []
+    for x in images:
+        image = Image.fromarray(x)
+        phash.append(str(imagehash.phash(image)))
+        dhash.append(str(imagehash.dhash(image)))
+    return phash, dhash
+
+
+def best_of(repeats: int, fn: Callable[[], Any]) -> tuple[float, Any]:
+    """Best wall time over ``repeats`` runs, and the result of the last run."""
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def mismatches(reference: tuple[list[str], list[str]], hashes: tuple[np.ndarray, np.ndarray]) -> int:
+    """Images whose phash or dhash differs from the imagehash strings."""
+    ref_p, ref_d = reference
+    phash, dhash = hashes
+    return sum(
+        hash_hex(p) != rp or hash_hex(d) != rd for p, d, rp, rd in zip(phash, dhash, ref_p, ref_d, strict=True)
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--limit", type=int, default=None, help="benchmark only the first N images")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per measurement (best is reported)")
+    parser.add_argument("--new-fraction", type=float, default=0.01, help="share of new images for (d)")
+    args = parser.parse_args(argv)
+
+    root = shared_datasets_dir() / "pbc96"
+    if not root.is_dir():
+        print(f"error: {root} not found (set BC_SHARED_DATASETS)", file=sys.stderr)
+        return 1
+    start = time.perf_counter()
+    loaded = load_folder(Path(root))
+    load_s = time.perf_counter() - start
+    images = loaded.images
+    ids = loaded.manifest["image_id"].astype(str).to_numpy()
+    if args.limit is not None:
+        images, ids = images[: args.limit], ids[: args.limit]
+    n = len(images)
+    cores = os.cpu_count() or 1
+    print(f"pbc96: {len(loaded.images)} images loaded in {load_s:.1f} s from {root}; benchmarking {n}")
+    print(
+        f"python {platform.python_version()}, numpy {np.__version__}, imagehash {imagehash.__version__}, "
+        f"{cores} cores, best of {args.repeats}"
+    )
+
+    rows = []
+    t_a, reference = best_of(args.repeats, lambda: imagehash_loop(images))
+    rows.append(("(a) imagehash per-image loop", n, t_a, ""))
+
+    t_b, serial = best_of(args.repeats, lambda: compute_hashes(images, workers=1))
+    rows.append(("(b) compute_hashes(workers=1)", n, t_b, ""))
+
+    t_c, pooled = best_of(args.repeats, lambda: compute_hashes(images))
+    rows.append((f"(c) compute_hashes(workers={cores})", n, t_c, ""))
+
+    # (d): a cache holding every image except a random 1%, as after a previous run on older data.
+    rng = np.random.default_rng(0)
+    new = rng.choice(n, size=max(1, round(n * args.new_fraction)), replace=False)
+    old = np.setdiff1d(np.arange(n), new)
+    cache = pd.DataFrame(
+        {"image_id": pd.Series(ids[old], dtype="string"), "phash": serial[0][old], "dhash": serial[1][old]}
+    ).drop_duplicates("image_id")
+    t_d, (cached_hashes, _, hashed) = best_of(args.repeats, lambda: hash_with_cache(images, ids, cache))
+    expected_new = len(set(ids[new]) - set(ids[old]))
+    rows.append((f"(d) hash_with_cache, warm, {len(new)} new", n, t_d, f"hashed {hashed}"))
+
+    width = max(len(r[0]) for r in rows)
+    print()
+    print(f"{'method':<{width}}  {'images':>7}  {'best s':>8}  {'images/s':>10}  {'vs (a)':>7}  note")
+    print(f"{'-' * width}  {'-' * 7}  {'-' * 8}  {'-' * 10}  {'-' * 7}  ----")
+    for name, count, seconds, note in rows:
+        print(f"{name:<{width}}  {count:>7}  {seconds:>8.3f}  {count / seconds:>10.0f}  {t_a / seconds:>6.1f}x  {note}")
+    print()
+
+    bad_b = mismatches(reference, serial)
+    bad_c = mismatches(reference, pooled)
+    cached = (cached_hashes["phash"].to_numpy(), cached_hashes["dhash"].to_numpy())
+    bad_d = mismatches(reference, cached)
+    print(f"(b) equals (a) bit for bit: {bad_b == 0} ({bad_b} of {n} images differ)")
+    print(f"(c) equals (a) bit for bit: {bad_c == 0} ({bad_c} of {n} images differ)")
+    print(f"(d) equals (a) bit for bit: {bad_d == 0}; hashed {hashed} (expected {expected_new} new unique ids)")
+    ok = bad_b == bad_c == bad_d == 0 and hashed == expected_new
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":  # required: compute_hashes starts "spawn" worker processes
+    raise SystemExit(main())
