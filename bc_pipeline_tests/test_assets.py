@@ -22,17 +22,21 @@ from bc_pipeline.resources import ImageSource
 from bc_pipeline_tests.conftest import pbc96_files
 
 TRAIN_CONFIG = {"ops": {"trained_model": {"config": {"epochs": 2, "image_size": 32, "batch_size": 32}}}}
-UP_TO_CLEAN = ["raw_images", "image_hashes", "duplicate_groups", "clean_images"]
+UP_TO_CLEAN = [
+    "raw_images",
+    "image_hashes",
+    "duplicate_groups",
+    "image_colour_stats",
+    "corruption_report",
+    "outlier_report",
+    "clean_images",
+]
 
 
 def _materialize(data_dir: Path, source: ImageSource, selection: list[str] | None = None, **kwargs):
+    """Materialize ``selection`` (default: everything) with artifacts under ``data_dir``."""
     resources = build_resources(str(data_dir), source)
-    assets = all_assets
-    checks = all_asset_checks
-    if selection is not None:
-        assets = [a for a in all_assets if a.key.to_user_string() in selection]
-        checks = [c for c in all_asset_checks if any(k.asset_key.to_user_string() in selection for k in c.check_keys)]
-    return dg.materialize([*assets, *checks], resources=resources, **kwargs)
+    return dg.materialize([*all_assets, *all_asset_checks], resources=resources, selection=selection, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +96,7 @@ def test_splits_are_clean_stratified_and_checks_pass(full_run):
         "no_image_in_two_splits": True,
         "no_group_in_two_splits": True,
         "class_proportions_match": True,
+        "no_flagged_image_in_splits": True,
     }
 
 
@@ -206,3 +211,19 @@ def test_bad_source_fails_with_a_clear_message(pbc_subset_dir: Path, tmp_path: P
     (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     message = failure.event_specific_data.error.message
     assert "unknown class folder 'macrophage'" in message and str(source_dir) in message
+
+
+def test_unreachable_default_dataset_fails_with_a_clear_message(monkeypatch, tmp_path: Path):
+    import subprocess
+
+    from bc_pipeline.lib import bloodmnist
+
+    def offline(command, **kwargs):
+        return subprocess.CompletedProcess(command, 1, "", "ERROR: No matching distribution found")
+
+    monkeypatch.setattr(bloodmnist.subprocess, "run", offline)
+    result = _materialize(tmp_path / "data", ImageSource(kind="bloodmnist"), ["raw_images"], raise_on_error=False)
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    message = failure.event_specific_data.error.message
+    assert "default dataset unavailable" in message and "BC_SOURCE=folder" in message

@@ -13,6 +13,10 @@ EXPECTED_ASSETS = {
     "raw_images",
     "image_hashes",
     "duplicate_groups",
+    "image_colour_stats",
+    "corruption_report",
+    "noise_templates",
+    "outlier_report",
     "clean_images",
     "data_splits",
     "trained_model",
@@ -26,10 +30,16 @@ def test_definitions_load_with_the_whole_graph():
     keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
     assert keys == EXPECTED_ASSETS
     parents = {key.to_user_string(): {p.to_user_string() for p in graph.get(key).parent_keys} for key in graph.get_all_asset_keys()}
-    assert parents["clean_images"] == {"raw_images", "duplicate_groups"}
+    assert parents["clean_images"] == {"raw_images", "duplicate_groups", "outlier_report", "corruption_report"}
+    assert parents["trained_model"] == {"clean_images", "data_splits", "noise_templates"}
     assert parents["evaluation_report"] == {"clean_images", "data_splits", "trained_model"}
     checks = {key.name for key in graph.asset_check_keys}
-    assert checks == {"no_image_in_two_splits", "no_group_in_two_splits", "class_proportions_match"}
+    assert checks == {
+        "no_image_in_two_splits",
+        "no_group_in_two_splits",
+        "class_proportions_match",
+        "no_flagged_image_in_splits",
+    }
 
 
 def test_every_asset_has_a_code_version():

@@ -61,3 +61,45 @@ def test_training_learns_a_real_subset_and_logs_each_epoch():
     # Inference-mode accuracy, well above chance (0.125) after 8 short epochs on 512 images.
     assert (predict_proba(result.model, images[train]).argmax(1) == labels[train]).mean() > 0.5
     assert (predict_proba(result.model, images[val]).argmax(1) == labels[val]).mean() > 0.35
+
+
+def test_template_augmentation_blends_a_recovered_template_with_a_bounded_weight():
+    import tensorflow as tf
+
+    from bc_pipeline.lib.training import _template_blender
+
+    rng = np.random.default_rng(0)
+    templates = rng.uniform(0, 255, size=(2, 8, 8, 3)).astype(np.float32)
+    images = rng.uniform(0, 255, size=(200, 8, 8, 3)).astype(np.float32)
+    tf.random.set_seed(1)
+    blend = _template_blender(templates, probability=1.0, max_weight=0.3)
+    weights = []
+    for image in images:
+        out = blend(tf.constant(image), 0)[0].numpy()
+        # out = (1 - w) x + w T_k for one k: solve w for each template, keep the exact one.
+        fits = []
+        for template in templates:
+            d = (template - image).ravel()
+            w = float(((out - image).ravel() @ d) / (d @ d))
+            fits.append((np.abs(image + w * (template - image) - out).max(), w))
+        error, w = min(fits)
+        assert error < 1e-3
+        weights.append(w)
+    assert 0.0 <= min(weights) and max(weights) <= 0.3 + 1e-6 and np.std(weights) > 0.05
+    never = _template_blender(templates, probability=0.0, max_weight=0.3)
+    np.testing.assert_array_equal(never(tf.constant(images[0]), 0)[0].numpy(), images[0])
+
+
+def test_template_augmentation_is_off_by_default_and_skipped_without_templates():
+    from bc_pipeline.lib.model import build_cnn
+    from bc_pipeline.lib.training import _templates_for
+
+    assert TrainingConfig().template_augmentation is False
+    model = build_cnn(8, image_size=32)
+    lines: list[str] = []
+    on = TrainingSettings(template_augmentation=True)
+    assert _templates_for(model, np.zeros((0, 96, 96, 3), np.uint8), on, lines.append) is None
+    assert "no corruption templates" in lines[-1]
+    resized = _templates_for(model, np.zeros((2, 96, 96, 3), np.uint8), on, lines.append)
+    assert resized.shape == (2, 32, 32, 3)
+    assert _templates_for(model, np.zeros((2, 96, 96, 3), np.uint8), TrainingSettings(), lines.append) is None

@@ -1,4 +1,4 @@
-"""Stage 2: perceptual hashes, duplicate groups, and the clean image set."""
+"""Stage 2: perceptual hashes and duplicate groups."""
 
 import time
 
@@ -9,7 +9,6 @@ from pydantic import Field
 
 from bc_pipeline.assets import _metadata as md
 from bc_pipeline.lib.artifacts import ImageSet
-from bc_pipeline.lib.cleaning import removal_counts, select_clean
 from bc_pipeline.lib.dedup import duplicate_counts, find_duplicates, summarize_groups
 from bc_pipeline.lib.hashing import HASH_ALGORITHM_VERSION, hash_hex, hash_with_cache
 from bc_pipeline.lib.plots import group_examples
@@ -126,30 +125,3 @@ def _example_groups(table: pd.DataFrame, names: dict, limit: int = 8) -> list[tu
         )
         for row in near.itertuples()
     ]
-
-
-@dg.asset(
-    code_version="1",
-    group_name="dedup",
-    kinds={"numpy", "parquet"},
-    description="One image per exact-duplicate group; identical images with different labels dropped.",
-)
-def clean_images(
-    context: dg.AssetExecutionContext, raw_images: ImageSet, duplicate_groups: pd.DataFrame
-) -> dg.Output[ImageSet]:
-    keep, removed = select_clean(duplicate_groups)
-    kept_rows = duplicate_groups.set_index("index").loc[keep]
-    manifest = raw_images.manifest.iloc[keep].reset_index(drop=True)
-    manifest.insert(0, "raw_index", keep)
-    manifest["near_group"] = kept_rows["near_group"].to_numpy(np.int64)
-    images = np.ascontiguousarray(raw_images.images[keep])
-    reasons = removal_counts(removed)
-    context.log.info(f"kept {len(keep)} of {len(duplicate_groups)} images; removed {reasons or 'none'}")
-    metadata = {
-        "num_images": len(keep),
-        "num_removed": len(removed),
-        "removed_by_reason": dg.MetadataValue.json(reasons),
-        "removed": md.table(removed),
-    }
-    value = ImageSet(images=images, manifest=manifest, tables={"removed": removed})
-    return dg.Output(value, data_version=dg.DataVersion(fingerprint(images, manifest)), metadata=metadata)

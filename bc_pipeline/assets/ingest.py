@@ -4,6 +4,7 @@ import dagster as dg
 
 from bc_pipeline.assets import _metadata as md
 from bc_pipeline.lib.artifacts import ImageSet
+from bc_pipeline.lib.bloodmnist import FetchError
 from bc_pipeline.lib.loaders import ImageSourceError
 from bc_pipeline.lib.plots import class_sample_grid
 from bc_pipeline.lib.storage import fingerprint
@@ -23,6 +24,8 @@ def raw_images(
         loaded = image_source.load(storage.root, log=context.log.info)
     except ImageSourceError as error:
         raise dg.Failure(description=f"bad image source: {error}", allow_retries=False) from None
+    except FetchError as error:
+        raise dg.Failure(description=f"default dataset unavailable: {error}", allow_retries=False) from None
     manifest = loaded.manifest
     counts = manifest.groupby("class_name").size().reindex(image_source.class_names, fill_value=0)
     context.log.info(f"loaded {len(manifest)} images, skipped {len(loaded.skipped)}")

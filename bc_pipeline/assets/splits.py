@@ -2,6 +2,8 @@
 
 import dagster as dg
 import pandas as pd
+
+from bc_pipeline.assets.cleaning import flagged_images
 from pydantic import Field, model_validator
 
 from bc_pipeline.assets import _metadata as md
@@ -86,4 +88,21 @@ def class_proportions_match(data_splits: pd.DataFrame) -> dg.AssetCheckResult:
             "violations": dg.MetadataValue.json(violations),
             "gaps_points": md.table(gaps.round(3).rename_axis("label").reset_index()),
         },
+    )
+
+
+@dg.asset_check(
+    asset=data_splits,
+    blocking=True,
+    additional_ins={"outlier_report": dg.AssetIn(), "corruption_report": dg.AssetIn()},
+    description="No image flagged as an outlier or as corrupted reaches any split.",
+)
+def no_flagged_image_in_splits(
+    data_splits: pd.DataFrame, outlier_report: pd.DataFrame, corruption_report: pd.DataFrame
+) -> dg.AssetCheckResult:
+    flagged_ids = set(outlier_report["image_id"].astype(str)) | set(corruption_report["image_id"].astype(str))
+    leaked = sorted(set(data_splits["image_id"].astype(str)) & flagged_ids)
+    return dg.AssetCheckResult(
+        passed=not leaked,
+        metadata={"flagged_images": len(flagged_ids), "leaked": len(leaked), "examples": dg.MetadataValue.json(leaked[:20])},
     )

@@ -29,6 +29,12 @@ class TrainingConfig(dg.Config):
     augment: bool = Field(default=_DEFAULTS.augment, description="Random flips and 90-degree turns.")
     class_weights: bool = Field(default=_DEFAULTS.class_weights, description="Balanced class weights in the loss.")
     seed: int = _DEFAULTS.seed
+    template_augmentation: bool = Field(
+        default=_DEFAULTS.template_augmentation,
+        description="Superimpose a recovered noise template on training images with a random weight.",
+    )
+    template_probability: float = Field(default=_DEFAULTS.template_probability, ge=0, le=1)
+    template_max_weight: float = Field(default=_DEFAULTS.template_max_weight, ge=0, lt=1)
 
     def settings(self) -> TrainingSettings:
         return TrainingSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainingSettings)})
@@ -41,7 +47,7 @@ def split_arrays(images: ImageSet, splits: pd.DataFrame, split: str) -> tuple[np
 
 
 @dg.asset(
-    code_version="1",
+    code_version="2",
     group_name="training",
     kinds={"tensorflow", "keras"},
     description="The from-scratch CNN (32-64-128-256-512 conv blocks), saved as .keras with its history.",
@@ -51,14 +57,16 @@ def trained_model(
     config: TrainingConfig,
     clean_images: ImageSet,
     data_splits: pd.DataFrame,
+    noise_templates: np.ndarray,
     image_source: ImageSource,
 ) -> dg.Output[TrainedModel]:
     train_x, train_y = split_arrays(clean_images, data_splits, "train")
     val_x, val_y = split_arrays(clean_images, data_splits, "val")
     class_names = list(image_source.class_names)
     result = train_classifier(
-        train_x, train_y, val_x, val_y, num_classes=len(class_names), settings=config.settings(), log=context.log.info
-    )
+        train_x, train_y, val_x, val_y, num_classes=len(class_names), settings=config.settings(),
+        templates=noise_templates, log=context.log.info,
+    )  # fmt: skip
     result.info["class_names"] = class_names
     result.info["settings"] = dataclasses.asdict(config.settings())
     best = result.history.loc[result.history["val_loss"].idxmin()]
@@ -69,6 +77,7 @@ def trained_model(
         "best_epoch": result.info["best_epoch"],
         "best_val_accuracy": round(float(best["val_accuracy"]), 4),
         "train_seconds": result.info["train_seconds"],
+        "augmentation_templates": result.info["augmentation_templates"],
         "history": md.table(result.history.round(4)),
     }
     version = weights_fingerprint(result.model)

@@ -1,4 +1,7 @@
-"""Choose which raw images go on to training: one per exact-duplicate group, conflicts dropped.
+"""Choose which raw images go on to training.
+
+Flagged images (outliers, corrupted blends) go first, with all their copies; of what is left, one
+image per exact-duplicate group is kept and identical images with different labels are dropped.
 
 Near duplicates are kept (they are often distinct cells that merely look alike, and they are
 useful training data); :mod:`bc_pipeline.lib.splits` keeps each near-duplicate group inside one
@@ -15,12 +18,21 @@ EXACT_DUPLICATE = "exact duplicate"
 LABEL_CONFLICT = "label conflict"
 
 
-def select_clean(duplicates: pd.DataFrame) -> tuple[np.ndarray, pd.DataFrame]:
-    """Return (raw indices to keep, table of removed images with their reason).
+def select_clean(
+    duplicates: pd.DataFrame, flagged: pd.DataFrame | None = None
+) -> tuple[np.ndarray, pd.DataFrame]:
+    """Return (raw indices to keep, table of removed images with their kind and reason).
 
-    ``duplicates`` is the table of :func:`bc_pipeline.lib.dedup.find_duplicates`.
+    ``duplicates`` is the table of :func:`bc_pipeline.lib.dedup.find_duplicates`; ``flagged``
+    (optional) lists images to drop whatever else holds, with columns index, kind, reason.
     """
-    table = duplicates.sort_values("index")
+    flagged = flagged if flagged is not None else pd.DataFrame(columns=["index", "kind", "reason"])
+    flagged = flagged.drop_duplicates("index")
+    is_flagged = duplicates["index"].isin(set(flagged["index"].tolist()))
+    dropped = duplicates.loc[is_flagged, ["index", "image_id", "label"]].merge(
+        flagged[["index", "kind", "reason"]], on="index"
+    )
+    table = duplicates[~is_flagged].sort_values("index")
     first_in_group = table.groupby("exact_group")["index"].transform("min")
     conflict = table["exact_conflict"].to_numpy()
     repeat = (table["index"] != first_in_group).to_numpy()
@@ -41,7 +53,8 @@ def select_clean(duplicates: pd.DataFrame) -> tuple[np.ndarray, pd.DataFrame]:
     removed["kind"] = kinds[removed_mask]
     removed["reason"] = reasons[removed_mask]
     keep = table.loc[~removed_mask, "index"].to_numpy(dtype=np.int64)
-    return keep, removed.reset_index(drop=True)[REMOVED_COLUMNS]
+    removed = pd.concat([dropped[REMOVED_COLUMNS], removed[REMOVED_COLUMNS]], ignore_index=True)
+    return keep, removed.sort_values("index").reset_index(drop=True)
 
 
 def removal_counts(removed: pd.DataFrame) -> dict[str, int]:

@@ -80,14 +80,10 @@ def load_source(
     """Load any supported source; see the module docstring for the layouts."""
     if image_size < 8:
         raise ImageSourceError(f"image_size must be at least 8 pixels, got {image_size}")
-    path = Path(path)
-    if kind == "npz":
-        return load_npz(path, image_size=image_size, class_names=class_names, on_bad_item=on_bad_item)
-    if kind == "folder":
-        return load_folder(path, image_size=image_size, class_names=class_names, on_bad_item=on_bad_item)
-    if kind == "bloodmnist":
-        return load_bloodmnist(path, image_size=image_size, class_names=class_names, on_bad_item=on_bad_item)
-    raise ImageSourceError(f"unknown source kind {kind!r}: use 'npz', 'folder' or 'bloodmnist'")
+    loader = _LOADERS.get(kind)
+    if loader is None:
+        raise ImageSourceError(f"unknown source kind {kind!r}: use one of {sorted(_LOADERS)}")
+    return loader(Path(path), image_size=image_size, class_names=class_names, on_bad_item=on_bad_item)
 
 
 # --- npz sources -------------------------------------------------------------------------------
@@ -273,6 +269,9 @@ def _read_image_file(file: Path, image_size: int) -> tuple[np.ndarray | None, st
     except (OSError, SyntaxError, ValueError) as error:
         return None, f"unreadable or truncated image ({error})"
     return to_rgb_square(np.asarray(rgb), image_size), f"{height}x{width}"
+
+
+_LOADERS = {"npz": load_npz, "folder": load_folder, "bloodmnist": load_bloodmnist}
 
 
 # --- shared ------------------------------------------------------------------------------------

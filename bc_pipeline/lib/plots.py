@@ -116,3 +116,53 @@ def training_curves_figure(history: pd.DataFrame) -> bytes:
         axis.legend()
     figure.tight_layout()
     return figure_png(figure)
+
+
+def score_histogram(scores: np.ndarray, label: str, threshold: float | None = None) -> bytes:
+    """Distribution of a per-image score on a log scale, so the tail of rare images is visible."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(7, 3.2))
+    axis.hist(scores, bins=80, log=True, color="tab:blue")
+    if threshold is not None:
+        axis.axvline(threshold, color="tab:red", linestyle="--", label=f"threshold {threshold}")
+        axis.legend()
+    axis.set_xlabel(label)
+    axis.set_ylabel("images (log)")
+    figure.tight_layout()
+    return figure_png(figure)
+
+
+def template_grid(templates: np.ndarray) -> bytes:
+    """The recovered templates side by side."""
+    plt = _pyplot()
+    count = len(templates)
+    figure, axes = plt.subplots(1, count, figsize=(2.2 * count, 2.4), squeeze=False)
+    for k, axis in enumerate(axes[0]):
+        axis.imshow(np.clip(np.rint(templates[k]), 0, 255).astype(np.uint8))
+        axis.set_title(f"template {k}", fontsize=9)
+        axis.axis("off")
+    figure.tight_layout()
+    return figure_png(figure)
+
+
+def decomposition_examples(images: np.ndarray, templates: np.ndarray, rows: pd.DataFrame) -> bytes:
+    """Rows of A = a*B + (1-a)*C: the corrupted image, its base, the template, the reconstruction."""
+    plt = _pyplot()
+    count = max(1, len(rows))
+    figure, axes = plt.subplots(count, 4, figsize=(8, 2.2 * count), squeeze=False)
+    for axis_row, row in zip(axes, rows.itertuples()):
+        a, b = images[row.index].astype(np.float64), images[row.base_index].astype(np.float64)
+        c = templates[row.template]
+        rebuilt = row.weight * b + (1 - row.weight) * c
+        panels = [
+            (a, f"A: image {row.index}"),
+            (b, f"B: base {row.base_index}"),
+            (c, f"C: template {row.template}"),
+            (rebuilt, f"{row.weight:.2f}*B + {1 - row.weight:.2f}*C"),
+        ]
+        for axis, (picture, title) in zip(axis_row, panels):
+            axis.imshow(np.clip(np.rint(picture), 0, 255).astype(np.uint8))
+            axis.set_title(title, fontsize=8)
+            axis.axis("off")
+    figure.tight_layout()
+    return figure_png(figure)

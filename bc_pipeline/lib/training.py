@@ -20,7 +20,7 @@ class TrainingSettings:
     """Everything that decides a training run (mirrored by the asset's pydantic Config)."""
 
     image_size: int = 32
-    epochs: int = 15
+    epochs: int = 13
     batch_size: int = 64
     learning_rate: float = 1e-3
     patience: int = 4
@@ -29,6 +29,10 @@ class TrainingSettings:
     augment: bool = True
     class_weights: bool = True
     seed: int = 0
+    # Superimpose a recovered corruption template on training images (off by default).
+    template_augmentation: bool = False
+    template_probability: float = 0.5
+    template_max_weight: float = 0.5
 
 
 @dataclass
@@ -50,12 +54,21 @@ def balanced_class_weights(labels: np.ndarray, num_classes: int) -> dict[int, fl
 
 
 def _dataset(
-    images: np.ndarray, labels: np.ndarray, batch_size: int, *, augment: bool, seed: int
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    *,
+    augment: bool,
+    seed: int,
+    templates: np.ndarray | None = None,
+    template_probability: float = 0.0,
+    template_max_weight: float = 0.0,
 ) -> Any:
     """Batches of float32 images; with ``augment``, shuffled and randomly flipped / turned by 90 deg.
 
     A blood cell has no preferred orientation, so the eight flips and right-angle turns of an
     image are all valid training examples; they are exact (no interpolation) and cheap on CPU.
+    With ``templates``, a random template is also blended over a share of the images.
     """
     import tensorflow as tf
 
@@ -63,8 +76,31 @@ def _dataset(
     if augment:
         data = data.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
         data = data.map(_flip_and_turn, num_parallel_calls=tf.data.AUTOTUNE)
+    if templates is not None and len(templates):
+        blend = _template_blender(templates, template_probability, template_max_weight)
+        data = data.map(blend, num_parallel_calls=tf.data.AUTOTUNE)
     data = data.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
     return data.prefetch(tf.data.AUTOTUNE)
+
+
+def _template_blender(templates: np.ndarray, probability: float, max_weight: float) -> Any:
+    """x -> (1 - w) x + w T_k for a random template k and w ~ U(0, max_weight), with ``probability``.
+
+    This is the augmentation one course team tried with the noise they recovered: it shows the
+    network cells seen through the same kind of overlay as the corrupted images, so it learns to
+    look past it instead of being thrown by it.
+    """
+    import tensorflow as tf
+
+    stack = tf.constant(np.asarray(templates, dtype=np.float32))
+
+    def blend(image: Any, label: Any) -> tuple[Any, Any]:
+        k = tf.random.uniform([], 0, tf.shape(stack)[0], dtype=tf.int32)
+        on = tf.cast(tf.random.uniform([]) < probability, tf.float32)
+        weight = on * tf.random.uniform([], 0.0, max_weight)
+        return (1.0 - weight) * tf.cast(image, tf.float32) + weight * stack[k], label
+
+    return blend
 
 
 def _flip_and_turn(image: Any, label: Any) -> tuple[Any, Any]:
@@ -105,6 +141,7 @@ def train_classifier(
     *,
     num_classes: int,
     settings: TrainingSettings,
+    templates: np.ndarray | None = None,
     log: Log = print,
 ) -> TrainedModel:
     """Fit the CNN with Adam, class weights, LR reduction on plateau and early stopping on val loss."""
@@ -129,15 +166,21 @@ def train_classifier(
     # Resize once, with the model's own layer, instead of in every step of every epoch.
     train_small = resize_like_model(model, train_images)
     val_small = resize_like_model(model, val_images)
+    templates_small = _templates_for(model, templates, settings, log)
     class_weight = balanced_class_weights(train_labels, num_classes) if settings.class_weights else None
     callbacks = [
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=settings.patience, restore_best_weights=True),
         keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=max(1, settings.patience // 2)),
         _epoch_logger(log, settings.epochs),
     ]
+    train_data = _dataset(
+        train_small, train_labels, settings.batch_size, augment=settings.augment, seed=settings.seed,
+        templates=templates_small, template_probability=settings.template_probability,
+        template_max_weight=settings.template_max_weight,
+    )  # fmt: skip
     start = time.perf_counter()
     fit = model.fit(
-        _dataset(train_small, train_labels, settings.batch_size, augment=settings.augment, seed=settings.seed),
+        train_data,
         validation_data=_dataset(val_small, val_labels, settings.batch_size, augment=False, seed=0),
         epochs=settings.epochs,
         class_weight=class_weight,
@@ -154,8 +197,20 @@ def train_classifier(
         "best_epoch": int(history["val_loss"].idxmin() + 1),
         "parameters": int(model.count_params()),
         "class_weight": class_weight,
+        "augmentation_templates": 0 if templates_small is None else int(len(templates_small)),
     }
     return TrainedModel(model=model, history=history.astype({"epoch": "int64"}), info=info)
+
+
+def _templates_for(model: Any, templates: np.ndarray | None, settings: TrainingSettings, log: Log) -> np.ndarray | None:
+    if not settings.template_augmentation:
+        return None
+    if templates is None or len(templates) == 0:
+        log("template augmentation is on, but no corruption templates were recovered: skipping it")
+        return None
+    log(f"template augmentation: {len(templates)} templates, p={settings.template_probability}, "
+        f"weight up to {settings.template_max_weight}")  # fmt: skip
+    return resize_like_model(model, templates)
 
 
 def resize_like_model(model: Any, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:

@@ -1,0 +1,179 @@
+"""Stage 2b: outliers (not blood-cell images) and corrupted images (cell + template blends).
+
+Order in the graph: colour statistics -> corruption report -> outlier report. A corrupted image is
+as atypical as a photograph, but it contains a real cell; only images that no blend explains can
+be called "not a blood-cell image at all".
+"""
+
+import time
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+from pydantic import Field
+
+from bc_pipeline.assets import _metadata as md
+from bc_pipeline.lib import corruption, outliers
+from bc_pipeline.lib.artifacts import ImageSet
+from bc_pipeline.lib.plots import decomposition_examples, score_histogram, template_grid
+from bc_pipeline.lib.storage import fingerprint
+from bc_pipeline.resources import PipelineStorage
+
+
+@dg.asset(
+    code_version="1",
+    group_name="anomalies",
+    kinds={"parquet"},
+    description="Stain tint and robust colour atypicality of every raw image (computed once per distinct image).",
+)
+def image_colour_stats(
+    context: dg.AssetExecutionContext, raw_images: ImageSet, duplicate_groups: pd.DataFrame, storage: PipelineStorage
+) -> dg.Output[pd.DataFrame]:
+    start = time.perf_counter()
+    stats = outliers.colour_stats(raw_images.images, duplicate_groups)
+    context.log.info(f"colour statistics of {len(stats)} images in {time.perf_counter() - start:.1f}s")
+    png = score_histogram(
+        stats["atypicality"].to_numpy(), "atypicality (robust z of colour log-likelihood)", outliers.CANDIDATE_ATYPICALITY
+    )
+    metadata = {
+        "median_atypicality": round(float(stats["atypicality"].median()), 3),
+        "max_atypicality": round(float(stats["atypicality"].max()), 3),
+        "tinted_share": round(outliers.tinted_share(stats), 3),
+        **md.image(png, storage.report_dir("image_colour_stats") / "atypicality.png", "atypicality_histogram"),
+    }
+    return dg.Output(stats, data_version=dg.DataVersion(fingerprint(stats)), metadata=metadata)
+
+
+class CorruptionConfig(dg.Config):
+    candidate_atypicality: float = Field(
+        default=outliers.CANDIDATE_ATYPICALITY,
+        gt=0,
+        description="Images more atypical than this are examined as possible blends.",
+    )
+    link_threshold: float = Field(default=corruption.CorruptionSettings.link_threshold, gt=0, lt=1)
+    min_score: float = Field(default=corruption.CorruptionSettings.min_score, gt=0, le=1)
+    min_weight: float = Field(default=corruption.CorruptionSettings.min_weight, ge=0, lt=1)
+    max_weight: float = Field(default=corruption.CorruptionSettings.max_weight, gt=0, le=1)
+
+    def settings(self) -> corruption.CorruptionSettings:
+        return corruption.CorruptionSettings(
+            link_threshold=self.link_threshold,
+            min_score=self.min_score,
+            min_weight=self.min_weight,
+            max_weight=self.max_weight,
+        )
+
+
+@dg.asset(
+    code_version="1",
+    group_name="anomalies",
+    kinds={"parquet"},
+    description="Images that are a blend A = a*B + (1-a)*C of a clean cell B and a fixed template C: "
+    "base, estimated weight, template and score for each.",
+)
+def corruption_report(
+    context: dg.AssetExecutionContext,
+    config: CorruptionConfig,
+    raw_images: ImageSet,
+    image_colour_stats: pd.DataFrame,
+) -> dg.Output[pd.DataFrame]:
+    start = time.perf_counter()
+    candidates, pool = outliers.candidates_and_pool(image_colour_stats, config.candidate_atypicality)
+    context.log.info(f"{len(candidates)} atypical distinct images examined against {len(pool)} clean ones")
+    result = corruption.find_corruptions(raw_images.images, candidates, pool, settings=config.settings())
+    report = outliers.expand_to_copies(result.report, image_colour_stats)
+    seconds = time.perf_counter() - start
+    context.log.info(
+        f"{len(report)} corrupted images ({len(result.report)} distinct), {len(result.templates)} templates, {seconds:.1f}s"
+    )
+    metadata = {
+        "corrupted_images": len(report),
+        "distinct_corrupted": len(result.report),
+        "templates": len(result.templates),
+        "candidates": len(candidates),
+        "seconds": round(seconds, 2),
+        "per_template": md.table(result.template_summary.round(4)),
+        "preview": md.table(report.head(30).round(4)),
+    }
+    return dg.Output(report, data_version=dg.DataVersion(fingerprint(report)), metadata=metadata)
+
+
+@dg.asset(
+    code_version="1",
+    group_name="anomalies",
+    kinds={"numpy"},
+    description="The recovered corruption templates (one per cluster of corrupted images), as images.",
+)
+def noise_templates(
+    context: dg.AssetExecutionContext,
+    raw_images: ImageSet,
+    corruption_report: pd.DataFrame,
+    storage: PipelineStorage,
+) -> dg.Output[np.ndarray]:
+    templates = corruption.templates_from_report(raw_images.images, corruption_report)
+    folder = storage.report_dir("noise_templates")
+    metadata: dict = {"templates": len(templates)}
+    if len(templates):
+        metadata.update(md.image(template_grid(templates), folder / "templates.png", "templates"))
+        examples = outliers.decomposition_rows(corruption_report)
+        png = decomposition_examples(raw_images.images, templates, examples)
+        metadata.update(md.image(png, folder / "decompositions.png", "decompositions"))
+    else:
+        context.log.info("no corrupted images: no templates to recover")
+    stored = np.clip(np.rint(templates), 0, 255).astype(np.uint8)
+    return dg.Output(stored, data_version=dg.DataVersion(fingerprint(stored)), metadata=metadata)
+
+
+class OutlierConfig(dg.Config):
+    outlier_atypicality: float = Field(
+        default=outliers.OUTLIER_ATYPICALITY,
+        gt=0,
+        description="Unexplained, untinted images beyond this robust z are outliers.",
+    )
+    extreme_atypicality: float = Field(
+        default=outliers.EXTREME_ATYPICALITY, gt=0, description="Unexplained images beyond this are outliers."
+    )
+    min_tinted_share: float = Field(
+        default=outliers.MIN_TINTED_SHARE,
+        ge=0,
+        le=1,
+        description="Fail when fewer distinct images than this share show the stain tint (not a smear data set).",
+    )
+
+
+@dg.asset(
+    code_version="1",
+    group_name="anomalies",
+    kinds={"parquet"},
+    description="Images that are not blood-cell images at all (and are not explained as blends).",
+)
+def outlier_report(
+    context: dg.AssetExecutionContext,
+    config: OutlierConfig,
+    image_colour_stats: pd.DataFrame,
+    corruption_report: pd.DataFrame,
+) -> dg.Output[pd.DataFrame]:
+    tinted = outliers.tinted_share(image_colour_stats)
+    if tinted < config.min_tinted_share:
+        raise dg.Failure(
+            description=(
+                f"these images do not look like stained blood smears: only {tinted:.0%} of the distinct images "
+                f"have the stain tint (expected at least {config.min_tinted_share:.0%}); treating them all as "
+                "outliers would leave nothing to train on. Is the image source pointing at the right data?"
+            ),
+            allow_retries=False,
+        )
+    report = outliers.find_outliers(
+        image_colour_stats,
+        corrupted=corruption_report["index"].to_numpy(),
+        outlier_atypicality=config.outlier_atypicality,
+        extreme_atypicality=config.extreme_atypicality,
+    )
+    context.log.info(f"{len(report)} outliers among {len(image_colour_stats)} images")
+    metadata = {
+        "outliers": len(report),
+        "distinct_outliers": int(report["image_id"].nunique()),
+        "tinted_share": round(tinted, 3),
+        "outliers_table": md.table(report.head(30).round(3)),
+    }
+    return dg.Output(report, data_version=dg.DataVersion(fingerprint(report)), metadata=metadata)
