@@ -53,6 +53,7 @@ test: install
 bench: install
 	$(PY) bench/bench_hashing.py
 	$(PY) bench/bench_dedup.py
+	$(PY) bench/bench_anomalies.py
 
 clean:
 	rm -rf data/assets data/reports data/cache
