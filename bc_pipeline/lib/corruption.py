@@ -161,10 +161,7 @@ def _solve(a_images: np.ndarray, b_images: np.ndarray, weights: np.ndarray | Non
         shared = float((da * db).sum() / max((db * db).sum(), 1e-9))
         weights = np.full(len(a_images), np.clip(shared, 0.0, 0.99))
     template = estimate_template(a_images, b_images, weights)
-    # a_i minimising ||(A_i - C) - a_i (B_i - C)||^2
-    da, db = a_images - template, b_images - template
-    weights = np.clip((da * db).sum(axis=1) / np.maximum((db * db).sum(axis=1), 1e-9), 0.0, 1.0)
-    return template, weights
+    return template, _weights_against(a_images, b_images, template)
 
 
 def estimate_template(a_images: np.ndarray, b_images: np.ndarray, weights: np.ndarray) -> np.ndarray:
