@@ -16,14 +16,24 @@ import warnings
 import dagster as dg
 
 from bc_pipeline import settings
-from bc_pipeline.assets import anomalies, cleaning, dedup, evaluation, ingest, splits, training
+from bc_pipeline.assets import (
+    anomalies,
+    augmentation,
+    balancing,
+    cleaning,
+    dedup,
+    evaluation,
+    ingest,
+    splits,
+    training,
+)
 from bc_pipeline.io_managers import ArtifactIOManager
 from bc_pipeline.resources import ImageSource, PipelineStorage
 
 # Data versions on outputs are how unchanged results stop downstream work; the API is marked beta.
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
 
-ASSET_MODULES = [ingest, dedup, anomalies, cleaning, splits, training, evaluation]
+ASSET_MODULES = [ingest, dedup, anomalies, cleaning, splits, balancing, augmentation, training, evaluation]
 
 
 def build_resources(data_dir: str | None = None, source: ImageSource | None = None) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -30,6 +31,17 @@ class PipelineStorage(dg.ConfigurableResource):
     def cache_dir(self) -> Path:
         path = self.root / "cache"
         path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def staging_dir(self, name: str) -> Path:
+        """An empty folder on the data directory's file system, for files an asset writes one by one.
+
+        The IO manager then renames it into place, so the artifact appears complete or not at all.
+        Left-overs of a killed run are removed here, the next time the same asset runs.
+        """
+        path = self.cache_dir() / "staging" / name
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
         return path
 
 

@@ -110,8 +110,8 @@ def test_training_with_template_augmentation_uses_the_recovered_templates(an2dl_
     path = shared_datasets_dir() / "an2dl_style" / "training_set.npz"
     config = {"epochs": 1, "image_size": 32, "template_augmentation": True, "template_probability": 1.0}
     result = _materialize(
-        data_dir, ImageSource(kind="npz", path=str(path)), ["trained_model"],
-        run_config={"ops": {"trained_model": {"config": config}}},
+        data_dir, ImageSource(kind="npz", path=str(path)), ["balanced_train_set", "augmented_train_set", "trained_model"],
+        run_config={"ops": {"trained_model": {"config": config}, "augmented_train_set": {"config": {"copies": 0}}}},
     )  # fmt: skip
     assert result.success
     assert result.output_for_node("trained_model").info["augmentation_templates"] == 2

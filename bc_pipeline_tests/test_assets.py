@@ -21,7 +21,14 @@ from bc_pipeline.lib.hashing import hash_hex
 from bc_pipeline.resources import ImageSource
 from bc_pipeline_tests.conftest import pbc96_files
 
-TRAIN_CONFIG = {"ops": {"trained_model": {"config": {"epochs": 2, "image_size": 32, "batch_size": 32}}}}
+TRAIN_CONFIG = {
+    "ops": {
+        "balanced_train_set": {"config": {"strategy": "oversample+class_weights", "target_ratio": 1.0}},
+        "augmented_train_set": {"config": {"policy": "light", "copies": 2, "shard_size": 200}},
+        "robustness_eval_sets": {"config": {"policies": ["strong", "gridmask"]}},
+        "trained_model": {"config": {"epochs": 2, "image_size": 32, "batch_size": 32, "batch_augment": "mixup+cutmix"}},
+    }
+}
 UP_TO_CLEAN = [
     "raw_images",
     "image_hashes",
@@ -97,6 +104,7 @@ def test_splits_are_clean_stratified_and_checks_pass(full_run):
         "no_group_in_two_splits": True,
         "class_proportions_match": True,
         "no_flagged_image_in_splits": True,
+        "shards_match_balanced_set": True,
     }
 
 
@@ -119,11 +127,24 @@ def test_model_and_report_are_written_and_consistent(full_run):
     diagonal = np.trace(np.asarray(report["confusion_matrix"]))
     assert report["accuracy"] == pytest.approx(diagonal / test_size)
     assert [row["class"] for row in report["per_class"]] == list(CLASS_NAMES)
+    # Robust accuracy: the model's accuracy on the stored 'strong' copy of the test split.
+    robust = result.output_for_node("robustness_eval_sets")
+    strong = robust.manifest.index[(robust.manifest["policy"] == "strong") & (robust.manifest["split"] == "test")]
+    expected = (trained.model.predict(robust.images[strong].astype(np.float32), verbose=0).argmax(1)
+                == robust.manifest.loc[strong, "label"].to_numpy()).mean()  # fmt: skip
+    assert report["robust_accuracy"] == pytest.approx(expected)
+    table = {(r["policy"], r["split"]): r for r in report["robustness"]}
+    assert set(table) == {(p, s) for p in ("strong", "gridmask") for s in ("val", "test")}
+    assert table[("strong", "test")]["accuracy"] == pytest.approx(expected)
+    assert table[("strong", "test")]["images"] == test_size
+    assert all(0 <= row["robust_recall"] <= 1 for row in report["per_class"] if row["support"])
     folder = data_dir / "reports" / "evaluation_report"
-    for name in ("confusion_matrix.png", "training_curves.png", "report.md", "metrics.json", "per_class.parquet"):
+    for name in ("confusion_matrix.png", "training_curves.png", "report.md", "metrics.json", "per_class.parquet", "robustness.parquet"):
         assert (folder / name).stat().st_size > 0, name
     assert json.loads((folder / "metrics.json").read_text())["accuracy"] == report["accuracy"]
+    assert "robust accuracy" in (folder / "report.md").read_text()
     metadata = _metadata(result, "evaluation_report")
+    assert metadata["robust_accuracy"].value == pytest.approx(report["robust_accuracy"], abs=1e-4)
     assert metadata["confusion_matrix"].value.startswith("![confusion_matrix](data:image/png;base64,")
     assert len(metadata["per_class"].value.records) == len(CLASS_NAMES)
 

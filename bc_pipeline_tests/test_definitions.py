@@ -19,6 +19,9 @@ EXPECTED_ASSETS = {
     "outlier_report",
     "clean_images",
     "data_splits",
+    "balanced_train_set",
+    "augmented_train_set",
+    "robustness_eval_sets",
     "trained_model",
     "evaluation_report",
 }
@@ -31,14 +34,20 @@ def test_definitions_load_with_the_whole_graph():
     assert keys == EXPECTED_ASSETS
     parents = {key.to_user_string(): {p.to_user_string() for p in graph.get(key).parent_keys} for key in graph.get_all_asset_keys()}
     assert parents["clean_images"] == {"raw_images", "duplicate_groups", "outlier_report", "corruption_report"}
-    assert parents["trained_model"] == {"clean_images", "data_splits", "noise_templates"}
-    assert parents["evaluation_report"] == {"clean_images", "data_splits", "trained_model"}
+    assert parents["balanced_train_set"] == {"clean_images", "data_splits"}
+    assert parents["augmented_train_set"] == {"balanced_train_set"}
+    assert parents["robustness_eval_sets"] == {"clean_images", "data_splits"}
+    assert parents["trained_model"] == {
+        "balanced_train_set", "augmented_train_set", "clean_images", "data_splits", "noise_templates"
+    }  # fmt: skip
+    assert parents["evaluation_report"] == {"clean_images", "data_splits", "trained_model", "robustness_eval_sets"}
     checks = {key.name for key in graph.asset_check_keys}
     assert checks == {
         "no_image_in_two_splits",
         "no_group_in_two_splits",
         "class_proportions_match",
         "no_flagged_image_in_splits",
+        "shards_match_balanced_set",
     }
 
 

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 
 from bc_pipeline.assets.training import TrainingConfig
-from bc_pipeline.lib.training import TrainingSettings, balanced_class_weights
+from bc_pipeline.lib.balancing import class_weights
+from bc_pipeline.lib.training import TrainingSettings
 
 
 def test_balanced_class_weights_equalise_class_mass():
     labels = np.array([0] * 60 + [1] * 30 + [3] * 10)
-    weights = balanced_class_weights(labels, num_classes=4)
+    weights = class_weights(labels, num_classes=4)
     assert set(weights) == {0, 1, 3}
     mass = {c: weights[c] * np.sum(labels == c) for c in weights}
     assert np.allclose(list(mass.values()), len(labels) / 3)

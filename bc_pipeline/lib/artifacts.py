@@ -8,6 +8,8 @@ around these, so the formats can be used and tested without Dagster.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,28 @@ class ImageSet:
             raise ValueError(f"side tables cannot be named {sorted(reserved)}: those names are the image set itself")
 
 
+@dataclass
+class ShardSet:
+    """Image shards on disk: ``manifest`` has one row per shard (file, labels_file, copy, policy, count).
+
+    Shards are ``.npy`` files of uint8 images (n, H, W, 3) with a matching int64 labels file, written
+    one at a time so that K augmented copies of a large set never have to fit in memory together.
+    ``directory`` is where the files are now: a staging folder while the asset runs, the artifact
+    folder once stored. :meth:`load` memory-maps one shard.
+    """
+
+    directory: Path
+    manifest: pd.DataFrame
+
+    def load(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        row = self.manifest.iloc[shard]
+        images = np.load(self.directory / row["file"], mmap_mode="r", allow_pickle=False)
+        return images, np.load(self.directory / row["labels_file"], allow_pickle=False)
+
+    def __len__(self) -> int:
+        return int(self.manifest["count"].sum()) if len(self.manifest) else 0
+
+
 class ArtifactNotFoundError(FileNotFoundError):
     pass
 
@@ -56,6 +80,12 @@ def write_artifact(base: Path, value: Any) -> Path:
             value.history.to_parquet(tmp / "history.parquet", engine="pyarrow", index=False)
             (tmp / "info.json").write_text(json.dumps(value.info, indent=2, default=str))
         return base
+    if isinstance(value, ShardSet):
+        with atomic_path(base) as tmp:
+            _move_dir(Path(value.directory), tmp)
+            value.manifest.to_parquet(tmp / "shards.parquet", engine="pyarrow", index=False)
+        value.directory = base
+        return base
     if isinstance(value, pd.DataFrame):
         return save_parquet(base.with_suffix(".parquet"), value)
     if isinstance(value, np.ndarray):
@@ -71,6 +101,8 @@ def read_artifact(base: Path, *, what: str = "artifact") -> Any:
         tables = {p.stem: pd.read_parquet(p) for p in sorted(base.glob("*.parquet")) if p.stem != "manifest"}
         images = np.load(base / "images.npy", mmap_mode="r", allow_pickle=False)
         return ImageSet(images=images, manifest=pd.read_parquet(base / "manifest.parquet"), tables=tables)
+    if (base / "shards.parquet").is_file():
+        return ShardSet(directory=base, manifest=pd.read_parquet(base / "shards.parquet"))
     if (base / "model.keras").is_file():
         import keras
 
@@ -83,6 +115,15 @@ def read_artifact(base: Path, *, what: str = "artifact") -> Any:
         if base.with_suffix(suffix).is_file():
             return reader(base.with_suffix(suffix))
     raise ArtifactNotFoundError(f"{what}: nothing stored at {base}; materialize it first")
+
+
+def _move_dir(source: Path, target: Path) -> None:
+    """Rename ``source`` to ``target`` (a copy then delete when they are on different file systems)."""
+    try:
+        os.replace(source, target)
+    except OSError:
+        shutil.copytree(source, target)
+        shutil.rmtree(source, ignore_errors=True)
 
 
 def _load_npy(path: Path) -> np.ndarray:

@@ -45,22 +45,84 @@ def evaluate_predictions(y_true: np.ndarray, y_pred: np.ndarray, class_names: Se
     )
 
 
-def report_markdown(evaluation: Evaluation, *, title: str, images: dict[str, str]) -> str:
-    """A self-contained Markdown report; ``images`` maps captions to file names beside it."""
+def policy_scores(
+    y_true: np.ndarray, y_pred: np.ndarray, sets: pd.DataFrame, clean_accuracy: dict[str, float]
+) -> pd.DataFrame:
+    """Accuracy and weighted F1 per (policy, split) of the perturbed eval sets, and the drop from clean.
+
+    ``sets`` has a ``policy`` and a ``split`` column, row-aligned with ``y_true`` / ``y_pred``;
+    ``clean_accuracy`` maps each split to the accuracy on its untouched images.
+    """
+    from sklearn.metrics import f1_score
+
+    rows = []
+    for (policy, split), members in sets.groupby(["policy", "split"], sort=False).groups.items():
+        truth, guess = y_true[members], y_pred[members]
+        accuracy = float(np.mean(truth == guess)) if len(members) else float("nan")
+        rows.append(
+            {
+                "policy": policy,
+                "split": split,
+                "images": len(members),
+                "accuracy": accuracy,
+                "weighted_f1": float(f1_score(truth, guess, average="weighted", zero_division=0)),
+                "drop_from_clean": clean_accuracy.get(split, float("nan")) - accuracy,
+            }
+        )
+    return pd.DataFrame(rows, columns=["policy", "split", "images", "accuracy", "weighted_f1", "drop_from_clean"])
+
+
+def per_class_recall(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """Recall (per-class accuracy) of each class; NaN for a class with no images."""
+    support = np.bincount(y_true, minlength=num_classes)
+    hits = np.bincount(y_true[y_true == y_pred], minlength=num_classes)
+    return np.divide(hits, support, out=np.full(num_classes, np.nan), where=support > 0)
+
+
+def report_markdown(
+    evaluation: Evaluation,
+    *,
+    title: str,
+    images: dict[str, str],
+    robust_accuracy: float | None = None,
+    robustness: pd.DataFrame | None = None,
+) -> str:
+    """A self-contained Markdown report; ``images`` maps captions to file names beside it.
+
+    With ``robustness`` (see :func:`policy_scores`) the report gains the robust accuracy and a
+    table per perturbation policy; a ``robust_recall`` column in ``per_class`` is shown too.
+    """
+    per_class = evaluation.per_class
+    robust_column = "robust_recall" in per_class
+    header = "| class | precision | recall | f1 | support |" + (" robust recall |" if robust_column else "")
     lines = [
         f"# {title}",
         "",
         f"- accuracy: **{evaluation.accuracy:.4f}**",
+        *([f"- robust accuracy (test split, 'strong' perturbations): **{robust_accuracy:.4f}**"] if robust_accuracy is not None else []),
         *(f"- weighted {name}: {value:.4f}" for name, value in evaluation.weighted.items()),
         "",
-        "| class | precision | recall | f1 | support |",
-        "|---|---|---|---|---|",
+        header,
+        "|---" * (6 if robust_column else 5) + "|",
         *(
             f"| {r['class']} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['support']} |"
-            for r in evaluation.per_class.to_dict("records")
+            + (f" {r['robust_recall']:.3f} |" if robust_column else "")
+            for r in per_class.to_dict("records")
         ),
         "",
-        *(f"![{caption}]({file})" for caption, file in images.items()),
-        "",
     ]
+    if robustness is not None and len(robustness):
+        lines += [
+            "## Accuracy under each perturbation policy",
+            "",
+            "| policy | split | images | accuracy | weighted f1 | drop from clean |",
+            "|---|---|---|---|---|---|",
+            *(
+                f"| {r['policy']} | {r['split']} | {r['images']} | {r['accuracy']:.4f} | {r['weighted_f1']:.4f} "
+                f"| {r['drop_from_clean']:+.4f} |"
+                for r in robustness.to_dict("records")
+            ),
+            "",
+        ]
+    lines += [*(f"![{caption}]({file})" for caption, file in images.items()), ""]
     return "\n".join(lines)

@@ -166,3 +166,27 @@ def decomposition_examples(images: np.ndarray, templates: np.ndarray, rows: pd.D
             axis.axis("off")
     figure.tight_layout()
     return figure_png(figure)
+
+
+def image_rows(rows: Sequence[tuple[str, np.ndarray]], *, columns: int = 8, title: str | None = None) -> bytes:
+    """One row of images per (caption, images) pair; the caption sits left of its row.
+
+    The shape of the sample grids of the balancing and augmentation stages: a class's synthetic
+    samples, or the same images under each augmentation policy, one row each.
+    """
+    plt = _pyplot()
+    count = max(1, len(rows))
+    figure, axes = plt.subplots(count, columns, figsize=(1.6 + columns * 1.1, count * 1.15), squeeze=False)
+    for axis_row, (caption, images) in zip(axes, [*rows, *[("", np.zeros((0,)))] * (count - len(rows))]):
+        for column, axis in enumerate(axis_row):
+            axis.set_xticks([])
+            axis.set_yticks([])
+            for spine in axis.spines.values():
+                spine.set_visible(False)
+            if column < len(images):
+                axis.imshow(np.asarray(images[column]))
+        axis_row[0].set_ylabel(caption, rotation=0, ha="right", va="center", fontsize=8)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    return figure_png(figure)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from bc_pipeline.lib.augmentation import batch_mixer
 from bc_pipeline.lib.model import build_cnn, configure_devices
 
 Log = Callable[[str], None]
@@ -27,8 +28,12 @@ class TrainingSettings:
     dropout: float = 0.4
     convs_per_block: int = 1
     augment: bool = True
-    class_weights: bool = True
     seed: int = 0
+    # Batch-level augmentation in the input pipeline: none | mixup | cutmix | mixup+cutmix.
+    batch_augment: str = "none"
+    batch_augment_probability: float = 0.5
+    # Train on the balanced set itself as well as on its stored augmented copies.
+    include_original: bool = True
     # Superimpose a recovered corruption template on training images (off by default).
     template_augmentation: bool = False
     template_probability: float = 0.5
@@ -44,31 +49,28 @@ class TrainedModel:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def balanced_class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
-    """n / (k * n_c) for each present class, so every class weighs the same in the loss."""
-    counts = np.bincount(labels, minlength=num_classes)
-    present = counts > 0
-    weights = np.zeros(num_classes)
-    weights[present] = len(labels) / (present.sum() * counts[present])
-    return {c: float(weights[c]) for c in range(num_classes) if present[c]}
-
-
 def _dataset(
     images: np.ndarray,
     labels: np.ndarray,
     batch_size: int,
     *,
+    num_classes: int,
     augment: bool,
     seed: int,
+    repeat: bool = False,
     templates: np.ndarray | None = None,
     template_probability: float = 0.0,
     template_max_weight: float = 0.0,
+    batch_augment: str = "none",
+    batch_augment_probability: float = 0.0,
 ) -> Any:
-    """Batches of float32 images; with ``augment``, shuffled and randomly flipped / turned by 90 deg.
+    """Batches of (float32 images, one-hot labels), prefetched so the model never waits for them.
 
-    A blood cell has no preferred orientation, so the eight flips and right-angle turns of an
-    image are all valid training examples; they are exact (no interpolation) and cheap on CPU.
-    With ``templates``, a random template is also blended over a share of the images.
+    With ``augment`` the images are shuffled and randomly flipped / turned by 90 degrees: a blood
+    cell has no preferred orientation, so all eight symmetries are valid examples, and they are
+    exact and cheap. With ``templates`` a random corruption template is blended over a share of the
+    images; with ``batch_augment`` (mixup, cutmix) a share of the batches mix images and labels.
+    Labels are one-hot throughout so that mixed (soft) labels and plain ones share the same loss.
     """
     import tensorflow as tf
 
@@ -76,11 +78,27 @@ def _dataset(
     if augment:
         data = data.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
         data = data.map(_flip_and_turn, num_parallel_calls=tf.data.AUTOTUNE)
+    if repeat:
+        data = data.repeat()
     if templates is not None and len(templates):
         blend = _template_blender(templates, template_probability, template_max_weight)
         data = data.map(blend, num_parallel_calls=tf.data.AUTOTUNE)
-    data = data.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
+    data = data.batch(batch_size, drop_remainder=batch_augment != "none").map(
+        lambda x, y: (tf.cast(x, tf.float32), tf.one_hot(y, num_classes)), num_parallel_calls=tf.data.AUTOTUNE
+    )
+    if batch_augment != "none":
+        data = data.map(_sometimes(batch_mixer(batch_augment, seed=seed), batch_augment_probability))
     return data.prefetch(tf.data.AUTOTUNE)
+
+
+def _sometimes(mix: Callable[[Any, Any], tuple[Any, Any]], probability: float) -> Callable[[Any, Any], tuple[Any, Any]]:
+    """Apply ``mix`` to a batch with ``probability``; otherwise pass it through."""
+    import tensorflow as tf
+
+    def maybe(images: Any, labels: Any) -> tuple[Any, Any]:
+        return tf.cond(tf.random.uniform([]) < probability, lambda: mix(images, labels), lambda: (images, labels))
+
+    return maybe
 
 
 def _template_blender(templates: np.ndarray, probability: float, max_weight: float) -> Any:
@@ -141,17 +159,26 @@ def train_classifier(
     *,
     num_classes: int,
     settings: TrainingSettings,
+    class_weight: dict[int, float] | None = None,
+    augmented: Sequence[tuple[np.ndarray, np.ndarray]] = (),
     templates: np.ndarray | None = None,
     log: Log = print,
 ) -> TrainedModel:
-    """Fit the CNN with Adam, class weights, LR reduction on plateau and early stopping on val loss."""
+    """Fit the CNN with Adam, LR reduction on plateau and early stopping on validation loss.
+
+    ``train_images`` is the (balanced) training set and ``augmented`` its stored augmented copies,
+    as (images, labels) shards. Training draws from all of them (the originals only if
+    ``settings.include_original``), and an epoch is one training set's worth of steps, so adding
+    copies adds variety, not time per epoch.
+    """
     if len(train_images) == 0 or len(val_images) == 0:
         raise ValueError("training needs a non-empty train and validation split")
+    if not settings.include_original and not augmented:
+        raise ValueError("include_original is off and there are no augmented copies: nothing to train on")
     device = configure_devices()
     import keras
 
     keras.utils.set_random_seed(settings.seed)
-    log(f"training on {device}: {len(train_images)} train / {len(val_images)} val images at {settings.image_size}px")
     model = build_cnn(
         num_classes,
         image_size=settings.image_size,
@@ -160,28 +187,30 @@ def train_classifier(
     )
     model.compile(
         optimizer=keras.optimizers.Adam(settings.learning_rate),
-        loss="sparse_categorical_crossentropy",
+        loss="categorical_crossentropy",
         metrics=["accuracy"],
     )
-    # Resize once, with the model's own layer, instead of in every step of every epoch.
-    train_small = resize_like_model(model, train_images)
+    pool_x, pool_y = _training_pool(model, train_images, train_labels, augmented, settings.include_original)
+    log(f"training on {device}: {len(pool_x)} images to draw from ({len(augmented)} augmented shards), "
+        f"{len(train_images)} per epoch, {len(val_images)} val, at {settings.image_size}px")  # fmt: skip
     val_small = resize_like_model(model, val_images)
     templates_small = _templates_for(model, templates, settings, log)
-    class_weight = balanced_class_weights(train_labels, num_classes) if settings.class_weights else None
     callbacks = [
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=settings.patience, restore_best_weights=True),
         keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=max(1, settings.patience // 2)),
         _epoch_logger(log, settings.epochs),
     ]
     train_data = _dataset(
-        train_small, train_labels, settings.batch_size, augment=settings.augment, seed=settings.seed,
-        templates=templates_small, template_probability=settings.template_probability,
-        template_max_weight=settings.template_max_weight,
+        pool_x, pool_y, settings.batch_size, num_classes=num_classes, augment=settings.augment, seed=settings.seed,
+        repeat=True, templates=templates_small, template_probability=settings.template_probability,
+        template_max_weight=settings.template_max_weight, batch_augment=settings.batch_augment,
+        batch_augment_probability=settings.batch_augment_probability,
     )  # fmt: skip
     start = time.perf_counter()
     fit = model.fit(
         train_data,
-        validation_data=_dataset(val_small, val_labels, settings.batch_size, augment=False, seed=0),
+        steps_per_epoch=max(1, -(-len(train_images) // settings.batch_size)),
+        validation_data=_dataset(val_small, val_labels, settings.batch_size, num_classes=num_classes, augment=False, seed=0),
         epochs=settings.epochs,
         class_weight=class_weight,
         callbacks=callbacks,
@@ -197,9 +226,29 @@ def train_classifier(
         "best_epoch": int(history["val_loss"].idxmin() + 1),
         "parameters": int(model.count_params()),
         "class_weight": class_weight,
+        "pool_images": int(len(pool_x)),
+        "augmented_shards": len(augmented),
         "augmentation_templates": 0 if templates_small is None else int(len(templates_small)),
     }
     return TrainedModel(model=model, history=history.astype({"epoch": "int64"}), info=info)
+
+
+def _training_pool(
+    model: Any,
+    images: np.ndarray,
+    labels: np.ndarray,
+    augmented: Sequence[tuple[np.ndarray, np.ndarray]],
+    include_original: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Everything training draws from, resized once to the model's input size.
+
+    Resizing each shard as it is read keeps only the small images in memory (a 32px float copy is
+    a ninth of the 96px uint8 one). At the model's own size nothing is resized and the uint8
+    shards are kept as they are.
+    """
+    parts = ([(images, labels)] if include_original else []) + list(augmented)
+    xs = [resize_like_model(model, x) for x, _ in parts]
+    return np.concatenate(xs), np.concatenate([np.asarray(y, np.int64) for _, y in parts])
 
 
 def _templates_for(model: Any, templates: np.ndarray | None, settings: TrainingSettings, log: Log) -> np.ndarray | None:
@@ -214,17 +263,21 @@ def _templates_for(model: Any, templates: np.ndarray | None, settings: TrainingS
 
 
 def resize_like_model(model: Any, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    """Images resized by the model's ``resize`` layer, as float32.
+    """Images resized by the model's ``resize`` layer, as float32 (unchanged if already that size).
 
-    At the model's own size the layer is the identity, so training on these gives exactly what
-    the model computes when it is handed the original images at inference.
+    Training on these gives exactly what the model computes when it is handed the original images
+    at inference. Images already at the model's size are returned as they are (uint8 stays uint8,
+    a quarter of the memory); the input pipeline casts each batch.
     """
     resize = model.get_layer("resize")
+    size = (resize.height, resize.width)
+    if tuple(images.shape[1:3]) == size:
+        return np.asarray(images)
     chunks = [
         np.asarray(resize(images[start : start + batch_size].astype(np.float32)))
         for start in range(0, len(images), batch_size)
     ]
-    return np.concatenate(chunks) if chunks else np.zeros((0, *resize.output_shape[1:]), np.float32)
+    return np.concatenate(chunks) if chunks else np.zeros((0, *size, images.shape[-1]), np.float32)
 
 
 def predict_proba(model: Any, images: np.ndarray, batch_size: int = 256) -> np.ndarray:

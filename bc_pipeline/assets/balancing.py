@@ -1,0 +1,98 @@
+"""Stage 4a: the balanced training set (class weights, augmented oversampling or SMOTE)."""
+
+from typing import Literal
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+from pydantic import Field
+
+from bc_pipeline.assets import _metadata as md
+from bc_pipeline.assets.training import split_arrays
+from bc_pipeline.lib.artifacts import ImageSet
+from bc_pipeline.lib.balancing import balance
+from bc_pipeline.lib.plots import image_rows
+from bc_pipeline.lib.storage import fingerprint
+from bc_pipeline.resources import ImageSource, PipelineStorage
+
+Strategy = Literal["none", "class_weights", "oversample", "smote", "oversample+class_weights", "smote+class_weights"]
+
+
+class BalanceConfig(dg.Config):
+    """How the training split is balanced. Validation and test always keep the natural class mix."""
+
+    strategy: Strategy = Field(
+        default="class_weights",
+        description="none | class_weights | oversample (geometric repeats) | smote | oversample/smote+class_weights.",
+    )
+    target_ratio: float = Field(
+        default=1.0, gt=0, le=1, description="Raise each minority class to this share of the majority count."
+    )
+    smote_neighbors: int = Field(default=5, ge=1, description="k of SMOTE's nearest neighbours within a class.")
+    seed: int = 0
+
+
+@dg.asset(
+    code_version="1",
+    group_name="balancing",
+    kinds={"numpy", "parquet"},
+    description="The training split, balanced by the configured strategy, with the class weights training uses.",
+)
+def balanced_train_set(
+    context: dg.AssetExecutionContext,
+    config: BalanceConfig,
+    clean_images: ImageSet,
+    data_splits: pd.DataFrame,
+    image_source: ImageSource,
+    storage: PipelineStorage,
+) -> dg.Output[ImageSet]:
+    class_names = list(image_source.class_names)
+    images, labels = split_arrays(clean_images, data_splits, "train")
+    rows = data_splits.loc[data_splits["split"] == "train", "index"].to_numpy()
+    result = balance(
+        images, labels, num_classes=len(class_names), strategy=config.strategy, target_ratio=config.target_ratio,
+        smote_neighbors=config.smote_neighbors, seed=config.seed, log=context.log.info,
+    )  # fmt: skip
+    manifest = pd.DataFrame(
+        {
+            # Row in clean_images; -1 for SMOTE samples, which mix two images.
+            "clean_index": np.where(result.source >= 0, rows[np.maximum(result.source, 0)], -1),
+            "label": result.labels,
+            "origin": result.origin.astype(str),
+            "transform": result.transform.astype(str),
+        }
+    )
+    counts = result.counts.assign(**{"class": [class_names[i] for i in result.counts["label"]]})
+    counts = counts[["class", "label", "before", "after", "weight"]]
+    context.log.info(f"{config.strategy}: {len(labels)} -> {len(result.labels)} training images")
+    metadata = {
+        "strategy": config.strategy,
+        "images_before": len(labels),
+        "images_after": len(result.labels),
+        "class_counts": md.table(counts),
+        "class_weights": dg.MetadataValue.json(
+            {class_names[c]: round(w, 4) for c, w in (result.class_weight or {}).items()}
+        ),
+    }
+    added = np.nonzero(result.origin != "real")[0]
+    if len(added):
+        grid = _added_samples_grid(result.images, result.labels, added, class_names, seed=config.seed)
+        folder = storage.report_dir("balanced_train_set")
+        metadata.update(md.image(grid, folder / "added_samples.png", "added_samples"))
+    value = ImageSet(images=result.images, manifest=manifest, tables={"class_counts": counts})
+    version = fingerprint(result.images, manifest, counts)
+    return dg.Output(value, data_version=dg.DataVersion(version), metadata=metadata)
+
+
+def _added_samples_grid(
+    images: np.ndarray, labels: np.ndarray, added: np.ndarray, class_names: list[str], *, seed: int
+) -> bytes:
+    """Eight of the added (synthetic or repeated) images of each class that received any."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for label, name in enumerate(class_names):
+        members = added[labels[added] == label]
+        if len(members):
+            chosen = np.sort(rng.choice(members, size=min(8, len(members)), replace=False))
+            rows.append((f"{name} (+{len(members)})", images[chosen]))
+    return image_rows(rows, title="Added training images per class")
