@@ -54,6 +54,9 @@ bench: install
 	$(PY) bench/bench_hashing.py
 	$(PY) bench/bench_dedup.py
 	$(PY) bench/bench_anomalies.py
+	$(PY) bench/bench_augmentation.py
+	$(PY) bench/bench_smote.py
+	$(PY) bench/bench_input_pipeline.py
 
 clean:
 	rm -rf data/assets data/reports data/cache

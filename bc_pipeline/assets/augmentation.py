@@ -11,7 +11,7 @@ from pydantic import Field, field_validator
 from bc_pipeline.assets import _metadata as md
 from bc_pipeline.assets.training import split_arrays
 from bc_pipeline.lib.artifacts import ImageSet, ShardSet
-from bc_pipeline.lib.augmentation import IMAGE_PRESETS, PRESETS, augment_images, check_image_preset
+from bc_pipeline.lib.augmentation import IMAGE_PRESETS, PRESETS, check_image_preset, make_augmenter
 from bc_pipeline.lib.plots import image_rows
 from bc_pipeline.lib.storage import fingerprint, save_npy
 from bc_pipeline.resources import PipelineStorage
@@ -63,10 +63,10 @@ def augmented_train_set(
     rows, versions, seconds = [], [], 0.0
     spans = [(start, min(start + config.shard_size, len(images))) for start in range(0, len(images), config.shard_size)]
     for copy in range(config.copies):
+        augment = make_augmenter(config.policy, seed=config.seed * 1_009 + copy)
         for part, (start, stop) in enumerate(spans):
             began = time.perf_counter()
-            seed = config.seed * 1_000_003 + copy * 1_009 + part
-            shard = augment_images(np.asarray(images[start:stop]), config.policy, seed=seed)
+            shard = augment(np.asarray(images[start:stop]))
             seconds += time.perf_counter() - began
             name = f"copy{copy:02d}_part{part:03d}"
             save_npy(staging / f"{name}.images.npy", shard)
@@ -131,15 +131,16 @@ def robustness_eval_sets(
     data_splits: pd.DataFrame,
     storage: PipelineStorage,
 ) -> dg.Output[ImageSet]:
+    splits = {split: split_arrays(clean_images, data_splits, split) for split in ("val", "test")}
     parts, frames = [], []
-    for split in ("val", "test"):
-        images, labels = split_arrays(clean_images, data_splits, split)
-        rows = data_splits.loc[data_splits["split"] == split, "index"].to_numpy()
-        for number, policy in enumerate(config.policies):
+    for number, policy in enumerate(config.policies):
+        augment = make_augmenter(policy, seed=config.seed * 1_009 + number)  # traced once for both splits
+        for split, (images, labels) in splits.items():
             began = time.perf_counter()
-            parts.append(augment_images(images, policy, seed=config.seed * 1_009 + number))
+            parts.append(augment(images))
             rate = len(images) / (time.perf_counter() - began)
             context.log.info(f"{split} x {policy}: {len(images)} images ({rate:.0f} images/s)")
+            rows = data_splits.loc[data_splits["split"] == split, "index"].to_numpy()
             frames.append(pd.DataFrame({"policy": policy, "split": split, "clean_index": rows, "label": labels}))
     manifest = pd.concat(frames, ignore_index=True)
     images = np.concatenate(parts) if parts else np.zeros((0, *clean_images.images.shape[1:]), np.uint8)
