@@ -223,7 +223,8 @@ def smote(
 
     Each class is resampled on its own: imbalanced-learn's SMOTE interpolates only between members
     of the class it is filling, so running it per class gives the same kind of samples while only
-    one class's pixels are ever held as float32 (pbc96's whole training split would be 1.3 GB).
+    one class's pixels are ever held as float32 (pbc96's whole training split would be 1.3 GB); the
+    neighbour search and the resampled copy put the peak at a few times that one class's floats.
     SMOTE needs a second class to be present, so a single row labelled with another class rides
     along; it is never used to make samples. The float results are rounded and clipped back to uint8
     (interpolation between two images cannot leave the pixel range; the clip only guards rounding).
@@ -244,9 +245,8 @@ def smote(
         y_fit = np.concatenate([np.full(len(members), label), [filler_label]])
         sampler = SMOTE(sampling_strategy={label: int(goal[label])}, k_neighbors=k, random_state=seed + int(label))
         resampled, _ = sampler.fit_resample(x_fit, y_fit)
-        synthetic = resampled[len(x_fit) :]
-        del x, x_fit, resampled
-        made.append(np.clip(np.rint(synthetic), 0, 255).astype(np.uint8).reshape(-1, *shape))
+        made.append(np.clip(np.rint(resampled[len(x_fit) :]), 0, 255).astype(np.uint8).reshape(-1, *shape))
+        del x, x_fit, resampled, sampler  # free this class's floats before the next class's
         made_labels.append(np.full(missing, label, np.int64))
         log(f"smote: class {label} {len(members)} -> {goal[label]} ({missing} synthetic, k={k})")
     if not made:
