@@ -128,7 +128,8 @@ def measure_size(
     steps = args.steps or -(-len(pool) // settings.batch_size)
     train_steps = args.train_steps if image_size <= 32 else args.train_steps_96
     notes = [
-        f"{image_size} px: pool {pool.shape} {pool.dtype} ({pool.nbytes / 2**20:.0f} MiB, resized in {resize_s:.1f} s), "
+        f"{image_size} px: pool {pool.shape} {pool.dtype} ({pool.nbytes / 2**20:.0f} MiB, "
+        f"resized in {resize_s:.1f} s), "
         f"batch {settings.batch_size}, batch_augment_probability {settings.batch_augment_probability}, "
         f"pipeline {steps} batches, training {train_steps} steps"
     ]

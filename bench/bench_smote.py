@@ -151,12 +151,15 @@ def mem_available_bytes() -> int | None:
     return None
 
 
-def run_child(variant: str, data: Path, trace: bool) -> dict:
+def run_child(variant: str, data: Path, trace: bool, timeout: float) -> dict:
     command = [sys.executable, __file__, "--child", variant, "--data", str(data)]
     if not trace:
         command.append("--no-tracemalloc")
     wall = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"variant": variant, "error": f"timed out after {timeout:.0f} s (--child-timeout)"}
     wall = time.perf_counter() - wall
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -191,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="subprocess runs per variant (best time is reported)")
     parser.add_argument("--limit", type=int, default=None, help="use a random N images instead of all")
     parser.add_argument("--no-tracemalloc", action="store_true", help="do not trace numpy allocations")
+    parser.add_argument("--child-timeout", type=float, default=1800, help="seconds before a variant is given up")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -232,7 +236,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     print()
 
-    variants = ["per-class"] if args.per_class_only else [v for v in VARIANTS if not (args.no_float64 and v == "naive-float64")]
+    variants = list(VARIANTS)
+    if args.per_class_only:
+        variants = ["per-class"]
+    elif args.no_float64:
+        variants.remove("naive-float64")
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench_smote_") as tmp:
         np.save(Path(tmp) / "images.npy", images)
@@ -249,9 +257,10 @@ def main(argv: list[str] | None = None) -> int:
                         runs.append({"variant": variant, "error": f"not run: needs ~{gib(need)} GiB, "
                                      f"{gib(available)} GiB available"})  # fmt: skip
                         break
-                run = run_child(variant, Path(tmp), not args.no_tracemalloc)
+                run = run_child(variant, Path(tmp), not args.no_tracemalloc, args.child_timeout)
                 runs.append(run)
-                print(f"  {variant}: {run.get('seconds', run.get('error'))}", file=sys.stderr, flush=True)
+                done = f"{run['seconds']:.1f} s" if "seconds" in run else run.get("error")
+                print(f"  {variant}: {done}", file=sys.stderr, flush=True)
                 if "error" in run:
                     break
             good = [r for r in runs if "error" not in r]

@@ -223,8 +223,9 @@ def smote(
 
     Each class is resampled on its own: imbalanced-learn's SMOTE interpolates only between members
     of the class it is filling, so running it per class gives the same kind of samples while only
-    one class's pixels are ever held as float32 (pbc96's whole training split would be 1.3 GB); the
-    neighbour search and the resampled copy put the peak at a few times that one class's floats.
+    one class's pixels are ever held as float32 (pbc96's whole training split would be 1.3 GB).
+    imbalanced-learn still copies the class several times and builds the new rows in float64, so
+    the peak is 5-10x one class's floats (bench_smote: 1.46 GiB on pbc96 against 6.34 GiB one-shot).
     SMOTE needs a second class to be present, so a single row labelled with another class rides
     along; it is never used to make samples. The float results are rounded and clipped back to uint8
     (interpolation between two images cannot leave the pixel range; the clip only guards rounding).
