@@ -33,6 +33,7 @@ import numpy as np
 from bc_pipeline.lib.augmentation import IMAGE_PRESETS, augment_images, batch_mixer, build_preset
 from bc_pipeline.lib.loaders import load_folder
 from bc_pipeline.settings import shared_datasets_dir
+from _common import best_of, table, timed
 
 BATCH = 64
 NUM_CLASSES = 8
@@ -74,23 +75,6 @@ def mixed_batches(images: np.ndarray, labels: np.ndarray, name: str, *, seed: in
     return made
 
 
-def timed(fn: Callable[[], Any]) -> tuple[float, float, Any]:
-    """(wall s, process CPU s over all threads, result) of one call."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    result = fn()
-    return time.perf_counter() - wall, time.process_time() - cpu, result
-
-
-def best_of(repeats: int, fn: Callable[[], Any]) -> tuple[float, float, Any]:
-    """The run with the best wall time: (wall s, its CPU s, its result)."""
-    best = (float("inf"), 0.0, None)
-    for _ in range(repeats):
-        run = timed(fn)
-        if run[0] < best[0]:
-            best = run
-    return best
-
-
 def check(name: str, images: np.ndarray, out: np.ndarray) -> str:
     """'' if ``out`` is a plausible augmentation of ``images``, else what is wrong."""
     if out.shape != images.shape or out.dtype != np.uint8:
@@ -99,14 +83,6 @@ def check(name: str, images: np.ndarray, out: np.ndarray) -> str:
     if changed < 0.5:
         return f"{name}: only {changed:.0%} of the images were changed"
     return ""
-
-
-def table(header: list[str], rows: list[list[str]]) -> None:
-    """Print rows under a header: first column left-aligned, the others right-aligned."""
-    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
-    for line in [header, ["-" * w for w in widths], *rows]:
-        cells = [f"{c:<{w}}" if j == 0 else f"{c:>{w}}" for j, (c, w) in enumerate(zip(line, widths, strict=True))]
-        print("  ".join(cells))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,34 +41,10 @@ from bc_pipeline.lib.loaders import load_folder
 from bc_pipeline.lib.model import build_cnn, configure_devices
 from bc_pipeline.lib.training import TrainingSettings, _dataset, resize_like_model
 from bc_pipeline.settings import shared_datasets_dir
+from _common import best_of, table, timed
 
 NUM_CLASSES = 8
 BATCH_AUGMENTS = ("none", "mixup", "cutmix", "mixup+cutmix")
-
-
-def timed(fn: Callable[[], Any]) -> tuple[float, float, Any]:
-    """(wall s, process CPU s over all threads, result) of one call."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    result = fn()
-    return time.perf_counter() - wall, time.process_time() - cpu, result
-
-
-def best_of(repeats: int, fn: Callable[[], Any]) -> tuple[float, float, Any]:
-    """The run with the best wall time: (wall s, its CPU s, its result)."""
-    best = (float("inf"), 0.0, None)
-    for _ in range(repeats):
-        run = timed(fn)
-        if run[0] < best[0]:
-            best = run
-    return best
-
-
-def table(header: list[str], rows: list[list[str]]) -> None:
-    """Print rows under a header: first column left-aligned, the others right-aligned."""
-    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
-    for line in [header, ["-" * w for w in widths], *rows]:
-        cells = [f"{c:<{w}}" if j == 0 else f"{c:>{w}}" for j, (c, w) in enumerate(zip(line, widths, strict=True))]
-        print("  ".join(cells))
 
 
 def compiled_model(settings: TrainingSettings) -> Any:

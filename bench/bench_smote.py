@@ -34,6 +34,7 @@ import numpy as np
 
 from bc_pipeline.lib.balancing import target_counts
 from bc_pipeline.settings import shared_datasets_dir
+from _common import table
 
 NUM_CLASSES = 8
 NEIGHBORS = 5
@@ -177,14 +178,6 @@ def run_child(variant: str, data: Path, trace: bool, timeout: float) -> dict:
 
 def gib(value: float | None) -> str:
     return "-" if value is None else f"{value / GIB:.2f}"
-
-
-def table(header: list[str], rows: list[list[str]]) -> None:
-    """Print rows under a header: first column left-aligned, the others right-aligned."""
-    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
-    for line in [header, ["-" * w for w in widths], *rows]:
-        cells = [f"{c:<{w}}" if j == 0 else f"{c:>{w}}" for j, (c, w) in enumerate(zip(line, widths, strict=True))]
-        print("  ".join(cells))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,7 +62,7 @@ def _dataset(
     template_probability: float = 0.0,
     template_max_weight: float = 0.0,
     batch_augment: str = "none",
-    batch_augment_probability: float = 0.0,
+    batch_augment_probability: float = 0.5,
 ) -> Any:
     """Batches of (float32 images, one-hot labels), prefetched so the model never waits for them.
 
