@@ -9,9 +9,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= dev
-# Run config for `make run`: one process for all steps saves a TensorFlow/Dagster start-up per step.
-# Override to change training, e.g. RUN_CONFIG='{"ops": {"trained_model": {"config": {"epochs": 30}}}}'.
-RUN_CONFIG ?= {"execution": {"config": {"in_process": {}}}}
+# Run config for `make run`, e.g. RUN_CONFIG='{"ops": {"trained_model": {"config": {"epochs": 30}}}}'.
+RUN_CONFIG ?= {}
+# Models (partitions of trained_model, see bc_pipeline/lib/zoo.py) that `make run` trains and compares.
+MODELS ?= custom_cnn
 export DAGSTER_HOME := $(CURDIR)/data/dagster_home
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 # pip's global config here lists local index folders that may not exist; hide that noise only.
@@ -36,15 +37,21 @@ install: $(VENV)/.installed-$(EXTRAS)
 data: install
 	$(PY) -m bc_pipeline.lib.bloodmnist
 
-run: data
-	mkdir -p $(DAGSTER_HOME)
-	$(VENV)/bin/dagster asset materialize --select '*' -m bc_pipeline.definitions --config-json '$(RUN_CONFIG)'
+# The first model's run materializes everything; each further model only trains, evaluates and
+# refreshes the leaderboard and the submission (bc_pipeline/run.py).
+run: data $(DAGSTER_HOME)/dagster.yaml
+	$(PY) -m bc_pipeline.run --models $(MODELS) --config-json '$(RUN_CONFIG)'
 	@echo
-	@echo "Evaluation report: $(CURDIR)/data/reports/evaluation_report/report.md"
-	@$(PY) -c "import json; m = json.load(open('data/reports/evaluation_report/metrics.json')); print(f\"Test accuracy: {m['accuracy']:.4f} on {m['test_images']} images\")"
+	@echo "Leaderboard: $(CURDIR)/data/reports/model_leaderboard/leaderboard.md"
+	@echo "Reports:     $(CURDIR)/data/reports/evaluation_report/<model>/report.md"
+	@echo "Submission:  $(CURDIR)/data/submission/ (model.py + model.keras, zipped as submission.zip)"
+	@$(PY) -c "import pandas as pd; t = pd.read_parquet('data/reports/model_leaderboard/leaderboard.parquet'); print(t[['rank', 'model', 'accuracy', 'robust_accuracy', 'accuracy_tta', 'train_seconds']].to_string(index=False))"
 
-dev: install
+$(DAGSTER_HOME)/dagster.yaml:
 	mkdir -p $(DAGSTER_HOME)
+	cp bc_pipeline/instance/dagster.yaml $@
+
+dev: install $(DAGSTER_HOME)/dagster.yaml
 	$(VENV)/bin/dagster dev
 
 test: install

@@ -50,7 +50,7 @@ def _materialize(data_dir: Path, source: ImageSource, selection: list[str] | Non
 def full_run(pbc_subset_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     data_dir = tmp_path_factory.mktemp("data")
     source = ImageSource(kind="folder", path=str(pbc_subset_dir), image_size=64)
-    result = _materialize(data_dir, source, run_config=TRAIN_CONFIG)
+    result = _materialize(data_dir, source, run_config=TRAIN_CONFIG, partition_key="custom_cnn")
     assert result.success
     return result, data_dir
 
@@ -113,9 +113,9 @@ def test_model_and_report_are_written_and_consistent(full_run):
     result, data_dir = full_run
     trained = result.output_for_node("trained_model")
     assert 1 <= len(trained.history) <= 2
-    model_file = data_dir / "assets" / "trained_model" / "model.keras"
+    model_file = data_dir / "assets" / "trained_model" / "custom_cnn" / "model.keras"
     assert model_file.stat().st_size > 1_000_000
-    reloaded = read_artifact(data_dir / "assets" / "trained_model")
+    reloaded = read_artifact(data_dir / "assets" / "trained_model" / "custom_cnn")
     sample = result.output_for_node("raw_images").images[:4].astype(np.float32)
     np.testing.assert_allclose(reloaded.model.predict(sample, verbose=0), trained.model.predict(sample, verbose=0), atol=1e-5)
 
@@ -133,13 +133,14 @@ def test_model_and_report_are_written_and_consistent(full_run):
     expected = (trained.model.predict(robust.images[strong].astype(np.float32), verbose=0).argmax(1)
                 == robust.manifest.loc[strong, "label"].to_numpy()).mean()  # fmt: skip
     assert report["robust_accuracy"] == pytest.approx(expected)
-    table = {(r["policy"], r["split"]): r for r in report["robustness"]}
+    table = {(r["policy"], r["split"]): r for r in report["robustness"] if not r["tta"]}
     assert set(table) == {(p, s) for p in ("strong", "gridmask") for s in ("val", "test")}
     assert table[("strong", "test")]["accuracy"] == pytest.approx(expected)
     assert table[("strong", "test")]["images"] == test_size
     assert all(0 <= row["robust_recall"] <= 1 for row in report["per_class"] if row["support"])
-    folder = data_dir / "reports" / "evaluation_report"
-    for name in ("confusion_matrix.png", "training_curves.png", "report.md", "metrics.json", "per_class.parquet", "robustness.parquet"):
+    folder = data_dir / "reports" / "evaluation_report" / "custom_cnn"
+    for name in ("confusion_matrix.png", "training_curves.png", "gradcam.png", "report.md", "metrics.json",
+                 "per_class.parquet", "robustness.parquet"):  # fmt: skip
         assert (folder / name).stat().st_size > 0, name
     assert json.loads((folder / "metrics.json").read_text())["accuracy"] == report["accuracy"]
     assert "robust accuracy" in (folder / "report.md").read_text()
@@ -147,6 +148,51 @@ def test_model_and_report_are_written_and_consistent(full_run):
     assert metadata["robust_accuracy"].value == pytest.approx(report["robust_accuracy"], abs=1e-4)
     assert metadata["confusion_matrix"].value.startswith("![confusion_matrix](data:image/png;base64,")
     assert len(metadata["per_class"].value.records) == len(CLASS_NAMES)
+
+
+@pytest.mark.slow
+def test_tta_scores_average_the_views_of_the_test_split(full_run):
+    from bc_pipeline.lib.interpret import TTA_VIEWS, tta_view
+    from bc_pipeline.lib.training import predict_proba
+    from bc_pipeline.assets.training import split_arrays
+
+    result, _ = full_run
+    model = result.output_for_node("trained_model").model
+    report = result.output_for_node("evaluation_report")
+    test_x, test_y = split_arrays(result.output_for_node("clean_images"), result.output_for_node("data_splits"), "test")
+    mean = np.mean([predict_proba(model, tta_view(test_x, view)) for view in TTA_VIEWS], axis=0)
+    assert report["accuracy_tta"] == pytest.approx(float(np.mean(mean.argmax(1) == test_y)))
+    assert {r["tta"] for r in report["robustness"]} == {True, False}
+    assert report["inference_images_per_second"] > 0 and report["parameters"] > 1_000_000
+
+
+@pytest.mark.slow
+def test_a_second_model_partition_joins_the_leaderboard_and_the_best_is_packaged(full_run, pbc_subset_dir):
+    result, data_dir = full_run
+    board = result.output_for_node("model_leaderboard")
+    assert list(board["model"]) == ["custom_cnn"] and board["rank"].tolist() == [1]
+    assert (data_dir / "submission" / "model.py").is_file()
+    assert result.output_for_node("submission_package")["model"] == "custom_cnn"
+
+    source = ImageSource(kind="folder", path=str(pbc_subset_dir), image_size=64)
+    second = _materialize(
+        data_dir, source, ["trained_model", "evaluation_report", "model_leaderboard", "submission_package"],
+        partition_key="mobilenetv3small",
+        run_config={"ops": {"trained_model": {"config": {"epochs": 1, "image_size": 32, "batch_size": 32}},
+                            "evaluation_report": {"config": {"tta": False, "gradcam_per_class": 0}}}},
+    )  # fmt: skip
+    assert second.success
+    board = second.output_for_node("model_leaderboard")
+    assert sorted(board["model"]) == ["custom_cnn", "mobilenetv3small"]
+    assert board["accuracy"].is_monotonic_decreasing and board["rank"].tolist() == [1, 2]
+    mobile = board.set_index("model").loc["mobilenetv3small"]
+    assert mobile["parameters"] < 1_500_000 and np.isnan(mobile["accuracy_tta"])
+    assert (data_dir / "assets" / "trained_model" / "mobilenetv3small" / "model.keras").is_file()
+    assert (data_dir / "reports" / "model_leaderboard" / "leaderboard.png").stat().st_size > 10_000
+    packaged = second.output_for_node("submission_package")["model"]
+    assert packaged == board.iloc[0]["model"]
+    info = json.loads((data_dir / "submission" / "info.json").read_text())
+    assert info["model"] == packaged
 
 
 @pytest.mark.slow

@@ -24,6 +24,8 @@ EXPECTED_ASSETS = {
     "robustness_eval_sets",
     "trained_model",
     "evaluation_report",
+    "model_leaderboard",
+    "submission_package",
 }
 
 
@@ -41,6 +43,8 @@ def test_definitions_load_with_the_whole_graph():
         "balanced_train_set", "augmented_train_set", "clean_images", "data_splits", "noise_templates"
     }  # fmt: skip
     assert parents["evaluation_report"] == {"clean_images", "data_splits", "trained_model", "robustness_eval_sets"}
+    assert parents["model_leaderboard"] == {"evaluation_report"}
+    assert parents["submission_package"] == {"model_leaderboard", "trained_model"}
     checks = {key.name for key in graph.asset_check_keys}
     assert checks == {
         "no_image_in_two_splits",
@@ -64,3 +68,29 @@ def test_importing_definitions_does_not_import_tensorflow_or_keras():
     )
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert output.strip() == "[]"
+
+
+def test_training_and_evaluation_are_partitioned_by_the_model_registry():
+    from bc_pipeline.lib.zoo import REGISTRY
+
+    graph = defs.resolve_asset_graph()
+    for name in ("trained_model", "evaluation_report"):
+        partitions = graph.get(dg.AssetKey(name)).partitions_def
+        assert partitions is not None and partitions.get_partition_keys() == list(REGISTRY)
+    for name in ("model_leaderboard", "submission_package", "clean_images"):
+        assert graph.get(dg.AssetKey(name)).partitions_def is None
+    # One training at a time on the accelerator: trained_model is in the "gpu" pool.
+    assert graph.get(dg.AssetKey("trained_model")).pools == {"gpu"}
+
+
+def test_make_run_passes_each_run_only_the_config_of_its_assets_and_refuses_unknown_models(capsys):
+    import pytest
+
+    from bc_pipeline.run import PER_MODEL, _config_for, main
+
+    config = {"ops": {"robustness_eval_sets": {"config": {"policies": ["strong"]}}, "trained_model": {"config": {"epochs": 1}}}}
+    assert _config_for(config, None) == config
+    assert _config_for(config, PER_MODEL) == {"ops": {"trained_model": {"config": {"epochs": 1}}}}
+    with pytest.raises(SystemExit):
+        main(["--models", "alexnet"])
+    assert "unknown model(s) alexnet" in capsys.readouterr().err

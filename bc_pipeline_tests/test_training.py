@@ -1,13 +1,13 @@
-"""The CNN, its class weights, its config, and a saved model that predicts like the original."""
+"""Training: config, schedules (phases, rates), losses, optimizers, checkpoints and resume."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from bc_pipeline.assets.training import TrainingConfig
+from bc_pipeline.assets.training import PhaseConfig, TrainingConfig
 from bc_pipeline.lib.balancing import class_weights
-from bc_pipeline.lib.training import TrainingSettings
+from bc_pipeline.lib.training import Phase, TrainingSettings
 
 
 def test_balanced_class_weights_equalise_class_mass():
@@ -19,49 +19,168 @@ def test_balanced_class_weights_equalise_class_mass():
 
 
 def test_config_maps_onto_every_training_setting():
-    config = TrainingConfig(epochs=3, image_size=48, learning_rate=0.01, augment=False)
+    config = TrainingConfig(
+        epochs=3, learning_rate=0.01, augment=False, optimizer="lion", loss="focal",
+        phases=[PhaseConfig(trainable="frozen", epochs=2), PhaseConfig(trainable="last:10", learning_rate=1e-4)],
+    )  # fmt: skip
     settings = config.settings()
     assert isinstance(settings, TrainingSettings)
-    assert (settings.epochs, settings.image_size, settings.learning_rate, settings.augment) == (3, 48, 0.01, False)
+    assert (settings.epochs, settings.learning_rate, settings.augment) == (3, 0.01, False)
+    assert (settings.optimizer, settings.loss) == ("lion", "focal")
+    assert settings.phases == (Phase("frozen", 1e-3, 2, 4), Phase("last:10", 1e-4, 5, 4))
     assert TrainingConfig().settings() == TrainingSettings()
+    assert config.spec("resnet50").image_size == 96 and TrainingConfig(image_size=48).spec("resnet50").image_size == 48
     with pytest.raises(Exception):
         TrainingConfig(image_size=16)
 
 
-def test_cnn_follows_the_seed_design_and_takes_any_input_size():
-    from bc_pipeline.lib.model import build_cnn
+def test_default_schedule_is_one_phase_from_scratch_and_three_when_pretrained(tmp_path):
+    from bc_pipeline.lib.training import default_phases
+    from bc_pipeline.lib.zoo import model_spec
 
-    model = build_cnn(8, image_size=32)
-    convs = [layer for layer in model.layers if layer.__class__.__name__ == "Conv2D"]
-    assert [layer.filters for layer in convs] == [32, 64, 128, 256, 512]
-    assert sum(layer.__class__.__name__ == "BatchNormalization" for layer in model.layers) == 5
-    assert sum(layer.__class__.__name__ == "MaxPooling2D" for layer in model.layers) == 5
-    for size in (28, 96):
-        out = model.predict(np.zeros((2, size, size, 3), np.float32), verbose=0)
-        assert out.shape == (2, 8)
-        np.testing.assert_allclose(out.sum(axis=1), 1.0, atol=1e-5)
-    with pytest.raises(ValueError, match="too small"):
-        build_cnn(8, image_size=16)
+    settings = TrainingSettings(epochs=9, learning_rate=1e-3)
+    assert default_phases(model_spec("custom_cnn"), settings) == (Phase("all", 1e-3, 9, 4),)
+    weights = tmp_path / "w.h5"
+    weights.write_bytes(b"x")
+    phases = default_phases(model_spec("resnet50", weights=str(weights)), settings)
+    assert [p.trainable for p in phases] == ["frozen", "last:30%", "all"]
+    assert [p.learning_rate for p in phases] == pytest.approx([1e-3, 1e-4, 1e-5])
+    assert sum(p.epochs for p in phases) == 9
+
+
+def test_focal_loss_is_cross_entropy_at_gamma_zero_and_down_weights_easy_examples():
+    from bc_pipeline.lib.training import make_loss
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(64, 8)).astype(np.float32)
+    probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    labels = np.eye(8, dtype=np.float32)[rng.integers(0, 8, 64)]
+    cross_entropy = float(make_loss("categorical_crossentropy")(labels, probabilities))
+    assert float(make_loss("focal", gamma=0.0, label_smoothing=0.0)(labels, probabilities)) == pytest.approx(cross_entropy, rel=1e-5)
+    assert float(make_loss("focal", gamma=2.0)(labels, probabilities)) < cross_entropy
+    smoothed = float(make_loss("categorical_crossentropy", label_smoothing=0.1)(labels, probabilities))
+    assert float(make_loss("focal", gamma=0.0, label_smoothing=0.1)(labels, probabilities)) == pytest.approx(smoothed, rel=1e-5)
+    with pytest.raises(ValueError, match="unknown loss"):
+        make_loss("hinge")
+
+
+def test_optimizers_and_cyclical_rate():
+    from bc_pipeline.lib.callbacks import cyclical_rate
+    from bc_pipeline.lib.training import make_optimizer
+
+    assert [type(make_optimizer(n, 1e-3, 1e-4)).__name__ for n in ("adam", "adamw", "lion")] == ["Adam", "AdamW", "Lion"]
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        make_optimizer("sgd", 1e-3)
+    rates = [cyclical_rate(step, 0.1, 1.0, period=10) for step in range(21)]
+    assert rates[0] == pytest.approx(0.1) and rates[5] == pytest.approx(1.0) and rates[10] == pytest.approx(0.1)
+    assert rates[:11] == pytest.approx(rates[10:])
+
+
+def _subset(per_class: int = 40):
+    from bc_pipeline_tests.conftest import load_pbc96_arrays
+
+    images, labels = load_pbc96_arrays(per_class=per_class, seed=3)
+    order = np.random.default_rng(0).permutation(len(images))
+    cut = int(0.8 * len(order))
+    return images[order[:cut]], labels[order[:cut]], images[order[cut:]], labels[order[cut:]]
 
 
 @pytest.mark.slow
 def test_training_learns_a_real_subset_and_logs_each_epoch():
     from bc_pipeline.lib.training import predict_proba, train_classifier
-    from bc_pipeline_tests.conftest import load_pbc96_arrays
+    from bc_pipeline.lib.zoo import model_spec
 
-    images, labels = load_pbc96_arrays(per_class=80, seed=3)
-    order = np.random.default_rng(0).permutation(len(images))
-    train, val = order[:512], order[512:]
+    train_x, train_y, val_x, val_y = _subset(per_class=80)
     lines: list[str] = []
     result = train_classifier(
-        images[train], labels[train], images[val], labels[val], num_classes=8,
+        train_x, train_y, val_x, val_y, num_classes=8, spec=model_spec("custom_cnn"),
         settings=TrainingSettings(epochs=8, batch_size=32, patience=20), log=lines.append,
     )  # fmt: skip
-    assert [line.split(":")[0] for line in lines[1:]] == [f"epoch {i}/8" for i in range(1, 9)]
+    epochs = [line.split(":")[0] for line in lines if line.startswith("epoch")]
+    assert epochs == [f"epoch {i} (phase 1)" for i in range(1, 9)]
     assert result.history["loss"].iloc[-1] < result.history["loss"].iloc[0]
+    assert list(result.history["epoch"]) == list(range(1, 9)) and set(result.history["phase"]) == {1}
     # Inference-mode accuracy, well above chance (0.125) after 8 short epochs on 512 images.
-    assert (predict_proba(result.model, images[train]).argmax(1) == labels[train]).mean() > 0.5
-    assert (predict_proba(result.model, images[val]).argmax(1) == labels[val]).mean() > 0.35
+    assert (predict_proba(result.model, train_x).argmax(1) == train_y).mean() > 0.5
+    assert (predict_proba(result.model, val_x).argmax(1) == val_y).mean() > 0.35
+
+
+@pytest.mark.slow
+def test_a_frozen_phase_trains_only_the_head_and_the_next_phase_unfreezes():
+    import keras
+
+    from bc_pipeline.lib.training import train_classifier
+    from bc_pipeline.lib.zoo import build_model, model_spec
+
+    train_x, train_y, val_x, val_y = _subset()
+    spec = model_spec("custom_cnn")
+    keras.utils.set_random_seed(0)
+    initial = build_model(spec, 8)
+    frozen_only = TrainingSettings(phases=(Phase("frozen", 1e-3, 1, 5),), batch_size=32, lr_schedule="constant")
+    result = train_classifier(train_x, train_y, val_x, val_y, num_classes=8, spec=spec, settings=frozen_only, log=lambda _: None)
+    for before, after in zip(initial.get_layer("backbone").get_weights(), result.model.get_layer("backbone").get_weights()):
+        np.testing.assert_array_equal(before, after)
+    head_changed = [not np.array_equal(b, a) for b, a in
+                    zip(initial.get_layer("head").get_weights(), result.model.get_layer("head").get_weights())]  # fmt: skip
+    assert any(head_changed)
+
+    lines: list[str] = []
+    two = TrainingSettings(phases=(Phase("frozen", 1e-3, 1, 5), Phase("last:4", 1e-3, 1, 5)), batch_size=32)
+    result = train_classifier(train_x, train_y, val_x, val_y, num_classes=8, spec=spec, settings=two, log=lines.append)
+    changed = [not np.array_equal(b, a) for b, a in
+               zip(initial.get_layer("backbone").get_weights(), result.model.get_layer("backbone").get_weights())]  # fmt: skip
+    # Blocks 0-3 (conv kernel, bn gamma/beta/mean/variance each) stay; the last block trained.
+    assert changed[:20] == [False] * 20 and any(changed[20:])
+    assert [line.split(":")[0] for line in lines if line.startswith("phase")] == ["phase 1", "phase 2"]
+    assert list(result.history["phase"]) == [1, 2] and list(result.history["epoch"]) == [1, 2]
+
+
+class _Interrupted(RuntimeError):
+    pass
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("phases", "interrupt_at"),
+    [((Phase("all", 1e-3, 4, 9),), 3), ((Phase("frozen", 1e-3, 2, 9), Phase("all", 1e-4, 2, 9)), 3)],
+    ids=["mid-phase", "between-phases"],
+)
+def test_an_interrupted_training_resumes_after_its_last_saved_epoch(tmp_path, phases, interrupt_at):
+    from bc_pipeline.lib.training import train_classifier
+    from bc_pipeline.lib.zoo import model_spec
+
+    train_x, train_y, val_x, val_y = _subset()
+    settings = TrainingSettings(phases=phases, batch_size=32, lr_schedule="constant")
+    spec = model_spec("custom_cnn")
+    checkpoints = tmp_path / "checkpoints"
+
+    def killed(line: str) -> None:  # the run dies while finishing epoch `interrupt_at`
+        if line.startswith(f"epoch {interrupt_at} "):
+            raise _Interrupted(line)
+
+    with pytest.raises(_Interrupted):
+        train_classifier(train_x, train_y, val_x, val_y, num_classes=8, spec=spec, settings=settings,
+                         checkpoint_dir=checkpoints, log=killed)  # fmt: skip
+    assert (checkpoints / "state.json").is_file()
+    lines: list[str] = []
+    result = train_classifier(train_x, train_y, val_x, val_y, num_classes=8, spec=spec, settings=settings,
+                              checkpoint_dir=checkpoints, log=lines.append)  # fmt: skip
+    assert any(line.startswith(f"resuming from the checkpoint after epoch {interrupt_at - 1}") for line in lines)
+    trained = [int(line.split()[1]) for line in lines if line.startswith("epoch")]
+    assert trained == list(range(interrupt_at, 5))  # epochs 1..interrupt_at-1 are not run again
+    assert list(result.history["epoch"]) == [1, 2, 3, 4]
+    assert result.info["resumed_from_epoch"] == interrupt_at - 1
+    assert not checkpoints.exists()  # cleared once training completed
+    # A checkpoint made with other settings is not resumed.
+    with pytest.raises(_Interrupted):
+        train_classifier(train_x, train_y, val_x, val_y, num_classes=8, spec=spec, settings=settings,
+                         checkpoint_dir=checkpoints, log=killed)  # fmt: skip
+    other: list[str] = []
+    train_classifier(train_x, train_y, val_x, val_y, num_classes=8, spec=spec,
+                     settings=TrainingSettings(phases=phases, batch_size=32, seed=1, lr_schedule="constant"),
+                     checkpoint_dir=checkpoints, log=other.append)  # fmt: skip
+    assert any("discarding the checkpoint" in line for line in other)
+    assert [int(line.split()[1]) for line in other if line.startswith("epoch")][0] == 1
 
 
 def test_template_augmentation_blends_a_recovered_template_with_a_bounded_weight():
@@ -92,11 +211,11 @@ def test_template_augmentation_blends_a_recovered_template_with_a_bounded_weight
 
 
 def test_template_augmentation_is_off_by_default_and_skipped_without_templates():
-    from bc_pipeline.lib.model import build_cnn
     from bc_pipeline.lib.training import _templates_for
+    from bc_pipeline.lib.zoo import build_model, model_spec
 
     assert TrainingConfig().template_augmentation is False
-    model = build_cnn(8, image_size=32)
+    model = build_model(model_spec("custom_cnn"), 8)
     lines: list[str] = []
     on = TrainingSettings(template_augmentation=True)
     assert _templates_for(model, np.zeros((0, 96, 96, 3), np.uint8), on, lines.append) is None

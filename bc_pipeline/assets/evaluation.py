@@ -1,89 +1,244 @@
-"""Stage 5: score the trained model on the untouched test split and write the report."""
+"""Stage 5: score each trained model, compare them, and package the best one.
+
+- ``evaluation_report`` (per model): clean and robust accuracy with and without test-time
+  augmentation, P/R/F1, confusion matrix, training curves and Grad-CAM examples.
+- ``model_leaderboard``: every evaluated model in one table, and accuracy against cost.
+- ``submission_package``: the chosen model as the course platform took it (``model.py``).
+"""
+
+import time
 
 import dagster as dg
 import numpy as np
 import pandas as pd
+from pydantic import Field
 
 from bc_pipeline.assets import _metadata as md
 from bc_pipeline.assets.training import split_arrays
-from bc_pipeline.lib.artifacts import ImageSet
+from bc_pipeline.io_managers import ALL_PARTITIONS
+from bc_pipeline.lib.artifacts import ImageSet, PartitionedArtifacts
 from bc_pipeline.lib.evaluation import evaluate_predictions, per_class_recall, policy_scores, report_markdown
-from bc_pipeline.lib.plots import confusion_matrix_figure, training_curves_figure
+from bc_pipeline.lib.leaderboard import RANK_COLUMNS, leaderboard_figure, leaderboard_markdown, leaderboard_table
+from bc_pipeline.lib.plots import confusion_matrix_figure, gradcam_grid, training_curves_figure
 from bc_pipeline.lib.storage import fingerprint, save_bytes, save_json, save_parquet
 from bc_pipeline.lib.training import TrainedModel, predict_proba
+from bc_pipeline.partitions import model_partitions
 from bc_pipeline.resources import PipelineStorage
 
 
-# The perturbation whose test-split accuracy is reported as "robust accuracy".
-ROBUST_POLICY = "strong"
+class EvaluationConfig(dg.Config):
+    robust_policy: str = Field(default="strong", description="Perturbation whose test accuracy is 'robust accuracy'.")
+    tta: bool = Field(default=True, description="Also score with test-time augmentation (flips, small rotations).")
+    tta_views: list[str] = Field(
+        default=["identity", "flip_lr", "flip_ud", "rotate+10", "rotate-10"], description="Views averaged by TTA."
+    )
+    gradcam_per_class: int = Field(default=1, ge=0, le=4, description="Correct and wrong Grad-CAM examples per class.")
 
 
 @dg.asset(
-    code_version="2",
+    code_version="3",
     group_name="evaluation",
     kinds={"parquet", "markdown"},
-    description="Clean and robust (perturbed) test accuracy, per-policy table, P/R/F1, confusion matrix, training curves.",
+    partitions_def=model_partitions,
+    description="Per model: clean and robust test accuracy with and without TTA, P/R/F1, confusion, Grad-CAM.",
 )
 def evaluation_report(
     context: dg.AssetExecutionContext,
+    config: EvaluationConfig,
     clean_images: ImageSet,
     data_splits: pd.DataFrame,
     trained_model: TrainedModel,
     robustness_eval_sets: ImageSet,
     storage: PipelineStorage,
 ) -> dg.Output[dict]:
+    from bc_pipeline.lib.interpret import grad_cam, gradcam_examples, predict_tta
+
+    name, model = context.partition_key, trained_model.model
+    class_names = trained_model.info["class_names"]
     test_x, test_y = split_arrays(clean_images, data_splits, "test")
     val_x, val_y = split_arrays(clean_images, data_splits, "val")
-    class_names = trained_model.info["class_names"]
-    predicted = predict_proba(trained_model.model, test_x).argmax(axis=1)
-    result = evaluate_predictions(test_y, predicted, class_names)
-    context.log.info(f"test accuracy {result.accuracy:.4f} on {len(test_y)} images")
-    clean_val = float(np.mean(predict_proba(trained_model.model, val_x).argmax(axis=1) == val_y)) if len(val_y) else float("nan")
+    start = time.perf_counter()
+    test_proba = predict_proba(model, test_x)
+    images_per_second = len(test_x) / max(time.perf_counter() - start, 1e-9)
+    plain = evaluate_predictions(test_y, test_proba.argmax(axis=1), class_names)
+    context.log.info(f"{name}: test accuracy {plain.accuracy:.4f} on {len(test_y)} images ({images_per_second:.0f} images/s)")
+
+    def scores(predict) -> dict:
+        """Clean test/val and perturbed-set predictions of one predictor (plain or TTA)."""
+        test_pred = predict(test_x).argmax(axis=1)
+        val_acc = float(np.mean(predict(val_x).argmax(axis=1) == val_y)) if len(val_y) else float("nan")
+        robust_pred = predict(robustness_eval_sets.images).argmax(axis=1)
+        return {"test": test_pred, "val_accuracy": val_acc, "robust": robust_pred}
+
+    runs = {"plain": scores(lambda x: test_proba if x is test_x else predict_proba(model, x))}
+    if config.tta:
+        context.log.info(f"test-time augmentation over {len(config.tta_views)} views")
+        runs["tta"] = scores(lambda x: predict_tta(model, x, views=tuple(config.tta_views)))
     robust = robustness_eval_sets.manifest
     robust_y = robust["label"].to_numpy(np.int64)
-    robust_pred = predict_proba(trained_model.model, robustness_eval_sets.images).argmax(axis=1)
-    robustness = policy_scores(robust_y, robust_pred, robust, {"val": clean_val, "test": result.accuracy})
-    for row in robustness.itertuples():
-        context.log.info(f"{row.split} x {row.policy}: accuracy {row.accuracy:.4f} ({row.drop_from_clean:+.4f} below clean)")
-    headline = robust.index[(robust["split"] == "test") & (robust["policy"] == ROBUST_POLICY)].to_numpy()
-    robust_accuracy = float(np.mean(robust_pred[headline] == robust_y[headline])) if len(headline) else None
-    if len(headline):
-        recall = per_class_recall(robust_y[headline], robust_pred[headline], len(class_names))
-        result.per_class["robust_recall"] = recall
+    headline = robust.index[(robust["split"] == "test") & (robust["policy"] == config.robust_policy)].to_numpy()
 
-    folder = storage.report_dir("evaluation_report")
-    confusion_png = confusion_matrix_figure(result.confusion, class_names)
-    curves_png = training_curves_figure(trained_model.history)
-    save_parquet(folder / "per_class.parquet", result.per_class)
+    results, tables = {}, []
+    for kind, run in runs.items():
+        evaluation = evaluate_predictions(test_y, run["test"], class_names)
+        table = policy_scores(robust_y, run["robust"], robust, {"val": run["val_accuracy"], "test": evaluation.accuracy})
+        tables.append(table.assign(tta=kind == "tta"))
+        robust_accuracy = float(np.mean(run["robust"][headline] == robust_y[headline])) if len(headline) else None
+        if len(headline):
+            evaluation.per_class["robust_recall"] = per_class_recall(robust_y[headline], run["robust"][headline], len(class_names))
+        results[kind] = (evaluation, robust_accuracy)
+        context.log.info(f"{kind}: accuracy {evaluation.accuracy:.4f}, robust ({config.robust_policy}) {robust_accuracy}")
+    robustness = pd.concat(tables, ignore_index=True)
+
+    folder = storage.report_dir(f"evaluation_report/{name}")
+    evaluation, robust_accuracy = results["plain"]
+    tta_eval, tta_robust = results.get("tta", (None, None))
+    images = {"confusion matrix": "confusion_matrix.png", "training curves": "training_curves.png"}
+    pngs = {
+        "confusion_matrix": confusion_matrix_figure(evaluation.confusion, class_names),
+        "training_curves": training_curves_figure(trained_model.history),
+    }
+    if config.gradcam_per_class:
+        picks = gradcam_examples(test_y, runs["plain"]["test"], len(class_names), per_class=config.gradcam_per_class)
+        if len(picks):
+            rows = picks["index"].to_numpy()
+            heatmaps = grad_cam(model, test_x[rows], runs["plain"]["test"][rows])
+            titles = [_gradcam_title(class_names, test_y[i], runs["plain"]["test"][i]) for i in rows]
+            pngs["gradcam"] = gradcam_grid(test_x[rows], heatmaps, titles, title=f"{name}: Grad-CAM on test images")
+            images["Grad-CAM, correct and wrong predictions per class"] = "gradcam.png"
+    save_parquet(folder / "per_class.parquet", evaluation.per_class)
     save_parquet(folder / "robustness.parquet", robustness)
+    info = trained_model.info
     summary = {
-        "accuracy": result.accuracy,
+        "model": name,
+        "accuracy": evaluation.accuracy,
+        "accuracy_tta": tta_eval.accuracy if tta_eval else None,
         "robust_accuracy": robust_accuracy,
-        "robust_policy": ROBUST_POLICY,
-        "robustness": robustness.to_dict("records"),
-        "weighted": result.weighted,
+        "robust_accuracy_tta": tta_robust,
+        "robust_policy": config.robust_policy,
+        "weighted": evaluation.weighted,
+        "weighted_tta": tta_eval.weighted if tta_eval else None,
         "test_images": int(len(test_y)),
-        "per_class": result.per_class.to_dict("records"),
-        "confusion_matrix": result.confusion.tolist(),
+        "inference_images_per_second": round(images_per_second, 1),
+        "parameters": info.get("parameters"),
+        "train_seconds": info.get("train_seconds"),
+        "epochs_run": info.get("epochs_run"),
+        "image_size": (info.get("spec") or {}).get("image_size"),
+        "device": info.get("device"),
+        "per_class": evaluation.per_class.to_dict("records"),
+        "per_class_tta": tta_eval.per_class.to_dict("records") if tta_eval else None,
+        "robustness": robustness.to_dict("records"),
+        "confusion_matrix": evaluation.confusion.tolist(),
         "class_names": class_names,
-        "training": {k: v for k, v in trained_model.info.items() if k != "class_weight"},
+        "training": {k: v for k, v in info.items() if k != "class_weight"},
     }
     save_json(folder / "metrics.json", summary)
-    images = {"confusion matrix": "confusion_matrix.png", "training curves": "training_curves.png"}
     report = report_markdown(
-        result, title="bc_pipeline evaluation (test split)", images=images,
-        robust_accuracy=robust_accuracy, robustness=robustness,
+        evaluation, title=f"bc_pipeline evaluation of {name} (test split)", images=images,
+        robust_accuracy=robust_accuracy, robust_policy=config.robust_policy, robustness=robustness,
+        tta=tta_eval, robust_accuracy_tta=tta_robust,
     )  # fmt: skip
     save_bytes(folder / "report.md", report.encode())
     metadata = {
-        "accuracy": round(result.accuracy, 4),
-        "robust_accuracy": round(robust_accuracy, 4) if robust_accuracy is not None else None,
+        "accuracy": round(evaluation.accuracy, 4),
+        "accuracy_tta": round(tta_eval.accuracy, 4) if tta_eval else None,
+        "robust_accuracy": _round(robust_accuracy),
+        "robust_accuracy_tta": _round(tta_robust),
+        "inference_images_per_second": round(images_per_second, 1),
         "robustness": md.table(robustness.round(4)),
-        **{f"weighted_{k}": round(v, 4) for k, v in result.weighted.items()},
+        **{f"weighted_{k}": round(v, 4) for k, v in evaluation.weighted.items()},
         "test_images": len(test_y),
-        "per_class": md.table(result.per_class),
-        **md.image(confusion_png, folder / "confusion_matrix.png", "confusion_matrix"),
-        **md.image(curves_png, folder / "training_curves.png", "training_curves"),
+        "per_class": md.table(evaluation.per_class),
+        **{key: value for png_name, png in pngs.items() for key, value in md.image(png, folder / f"{png_name}.png", png_name).items()},
         "report_path": dg.MetadataValue.path(str(folder / "report.md")),
     }
     return dg.Output(summary, data_version=dg.DataVersion(fingerprint(summary)), metadata=metadata)
+
+
+def _gradcam_title(class_names: list[str], truth: int, predicted: int) -> str:
+    return f"{class_names[truth]} ok" if truth == predicted else f"{class_names[truth]} -> {class_names[predicted]}"
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+class LeaderboardConfig(dg.Config):
+    rank_by: str = Field(default="accuracy", description=f"Column to rank by: one of {', '.join(RANK_COLUMNS)}.")
+
+
+@dg.asset(
+    code_version="1",
+    group_name="evaluation",
+    kinds={"parquet", "markdown"},
+    ins={"evaluation_report": dg.AssetIn(metadata=ALL_PARTITIONS)},
+    description="All evaluated models ranked: accuracy, robust accuracy, parameters, training time, images/s.",
+)
+def model_leaderboard(
+    context: dg.AssetExecutionContext,
+    config: LeaderboardConfig,
+    evaluation_report: PartitionedArtifacts,
+    storage: PipelineStorage,
+) -> dg.Output[pd.DataFrame]:
+    if not len(evaluation_report):
+        raise dg.Failure(description="no model has been evaluated yet: materialize evaluation_report for a partition first")
+    if config.rank_by not in RANK_COLUMNS:
+        raise dg.Failure(description=f"rank_by must be one of {', '.join(RANK_COLUMNS)}, not {config.rank_by!r}")
+    table = leaderboard_table({name: evaluation_report[name] for name in evaluation_report}, rank_by=config.rank_by)
+    folder = storage.report_dir("model_leaderboard")
+    png = leaderboard_figure(table)
+    save_parquet(folder / "leaderboard.parquet", table)
+    save_bytes(folder / "leaderboard.md", leaderboard_markdown(table, rank_by=config.rank_by, missing=evaluation_report.missing).encode())
+    context.log.info(f"best by {config.rank_by}: {table.iloc[0]['model']} ({table.iloc[0][config.rank_by]:.4f})")
+    metadata = {
+        "models": len(table),
+        "best_model": str(table.iloc[0]["model"]),
+        "rank_by": config.rank_by,
+        "not_evaluated": ", ".join(evaluation_report.missing) or "none",
+        "leaderboard": md.table(table.round(4)),
+        **md.image(png, folder / "leaderboard.png", "accuracy_vs_cost"),
+        "report_path": dg.MetadataValue.path(str(folder / "leaderboard.md")),
+    }
+    return dg.Output(table, data_version=dg.DataVersion(fingerprint(table)), metadata=metadata)
+
+
+class SubmissionConfig(dg.Config):
+    model: str = Field(default="", description="Model partition to package; empty: the leaderboard's best.")
+
+
+@dg.asset(
+    code_version="1",
+    group_name="evaluation",
+    kinds={"keras"},
+    ins={"trained_model": dg.AssetIn(metadata=ALL_PARTITIONS)},
+    description="The best model as a folder (and zip) with model.py: Model().predict(uint8 N x 96 x 96 x 3) -> classes.",
+)
+def submission_package(
+    context: dg.AssetExecutionContext,
+    config: SubmissionConfig,
+    model_leaderboard: pd.DataFrame,
+    trained_model: PartitionedArtifacts,
+    storage: PipelineStorage,
+) -> dg.Output[dict]:
+    from bc_pipeline.lib.model import weights_fingerprint
+    from bc_pipeline.lib.submission import write_submission
+
+    name = config.model or str(model_leaderboard.iloc[0]["model"])
+    if name not in trained_model:
+        raise dg.Failure(description=f"model {name!r} has no trained model stored; trained: {', '.join(trained_model) or 'none'}")
+    chosen = trained_model[name]
+    row = model_leaderboard.loc[model_leaderboard["model"] == name]
+    scores = row.iloc[0].to_dict() if len(row) else {}
+    folder = storage.root / "submission"
+    write_submission(chosen.model, chosen.info["class_names"], folder, info={"model": name, **scores})
+    context.log.info(f"packaged {name} in {folder}")
+    summary = {"model": name, "folder": str(folder), "accuracy": scores.get("accuracy"), "robust_accuracy": scores.get("robust_accuracy")}
+    metadata = {
+        "model": name,
+        "folder": dg.MetadataValue.path(str(folder)),
+        "zip": dg.MetadataValue.path(str(folder / "submission.zip")),
+        "accuracy": _round(scores.get("accuracy")),
+        "robust_accuracy": _round(scores.get("robust_accuracy")),
+    }
+    version = fingerprint(name, weights_fingerprint(chosen.model))
+    return dg.Output(summary, data_version=dg.DataVersion(version), metadata=metadata)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,39 @@ def read_artifact(base: Path, *, what: str = "artifact") -> Any:
         if base.with_suffix(suffix).is_file():
             return reader(base.with_suffix(suffix))
     raise ArtifactNotFoundError(f"{what}: nothing stored at {base}; materialize it first")
+
+
+def artifact_exists(base: Path) -> bool:
+    """Whether :func:`write_artifact` has stored something at ``base``."""
+    folder_markers = ("images.npy", "shards.parquet", "model.keras")
+    if any((base / marker).is_file() for marker in folder_markers):
+        return True
+    return any(base.with_suffix(suffix).is_file() for suffix in (".parquet", ".npy", ".json"))
+
+
+class PartitionedArtifacts(Mapping[str, Any]):
+    """The stored partitions of one asset, read lazily: ``artifacts[key]`` loads only that one.
+
+    A leaderboard needs every model's small report, a submission only the best model: neither
+    should load all the models. Partitions never materialized are left out and named in
+    ``missing``, so the caller can say which ones it could not use.
+    """
+
+    def __init__(self, base: Path, keys: Sequence[str], *, what: str = "artifact") -> None:
+        self.base, self.what = Path(base), what
+        self.keys_present = [k for k in keys if artifact_exists(self.base / k)]
+        self.missing = [k for k in keys if k not in self.keys_present]
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.keys_present:
+            raise KeyError(f"{self.what}: partition {key!r} is not stored; stored: {self.keys_present}")
+        return read_artifact(self.base / key, what=f"{self.what}[{key}]")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys_present)
+
+    def __len__(self) -> int:
+        return len(self.keys_present)
 
 
 def _move_dir(source: Path, target: Path) -> None:

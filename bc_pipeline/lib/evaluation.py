@@ -85,24 +85,49 @@ def report_markdown(
     title: str,
     images: dict[str, str],
     robust_accuracy: float | None = None,
+    robust_policy: str = "strong",
     robustness: pd.DataFrame | None = None,
+    tta: Evaluation | None = None,
+    robust_accuracy_tta: float | None = None,
 ) -> str:
     """A self-contained Markdown report; ``images`` maps captions to file names beside it.
 
     With ``robustness`` (see :func:`policy_scores`) the report gains the robust accuracy and a
-    table per perturbation policy; a ``robust_recall`` column in ``per_class`` is shown too.
+    table per perturbation policy; a ``robust_recall`` column in ``per_class`` is shown too. With
+    ``tta`` (the same split scored with test-time augmentation) both are shown side by side.
     """
-    per_class = evaluation.per_class
+    lines = [f"# {title}", "", "| | without TTA |" + (" with TTA |" if tta else ""), "|---|---|" + ("---|" if tta else "")]
+    rows = [("accuracy", evaluation.accuracy, tta.accuracy if tta else None)]
+    if robust_accuracy is not None:
+        rows.append((f"robust accuracy ('{robust_policy}' perturbations)", robust_accuracy, robust_accuracy_tta))
+    rows += [(f"weighted {k}", v, tta.weighted[k] if tta else None) for k, v in evaluation.weighted.items()]
+    for name, value, with_tta in rows:
+        lines.append(f"| {name} | **{value:.4f}** |" + (f" {with_tta:.4f} |" if tta and with_tta is not None else (" |" if tta else "")))
+    lines += ["", *_per_class_lines(evaluation.per_class)]
+    if tta is not None:
+        lines += ["### With test-time augmentation", "", *_per_class_lines(tta.per_class)]
+    if robustness is not None and len(robustness):
+        has_tta = "tta" in robustness
+        lines += [
+            "## Accuracy under each perturbation policy",
+            "",
+            "| policy | split | tta | images | accuracy | weighted f1 | drop from clean |",
+            "|---|---|---|---|---|---|---|",
+            *(
+                f"| {r['policy']} | {r['split']} | {'yes' if has_tta and r['tta'] else 'no'} | {r['images']} "
+                f"| {r['accuracy']:.4f} | {r['weighted_f1']:.4f} | {r['drop_from_clean']:+.4f} |"
+                for r in robustness.to_dict("records")
+            ),
+            "",
+        ]
+    lines += [*(f"![{caption}]({file})" for caption, file in images.items()), ""]
+    return "\n".join(lines)
+
+
+def _per_class_lines(per_class: pd.DataFrame) -> list[str]:
     robust_column = "robust_recall" in per_class
-    header = "| class | precision | recall | f1 | support |" + (" robust recall |" if robust_column else "")
-    lines = [
-        f"# {title}",
-        "",
-        f"- accuracy: **{evaluation.accuracy:.4f}**",
-        *([f"- robust accuracy (test split, 'strong' perturbations): **{robust_accuracy:.4f}**"] if robust_accuracy is not None else []),
-        *(f"- weighted {name}: {value:.4f}" for name, value in evaluation.weighted.items()),
-        "",
-        header,
+    return [
+        "| class | precision | recall | f1 | support |" + (" robust recall |" if robust_column else ""),
         "|---" * (6 if robust_column else 5) + "|",
         *(
             f"| {r['class']} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['support']} |"
@@ -111,18 +136,3 @@ def report_markdown(
         ),
         "",
     ]
-    if robustness is not None and len(robustness):
-        lines += [
-            "## Accuracy under each perturbation policy",
-            "",
-            "| policy | split | images | accuracy | weighted f1 | drop from clean |",
-            "|---|---|---|---|---|---|",
-            *(
-                f"| {r['policy']} | {r['split']} | {r['images']} | {r['accuracy']:.4f} | {r['weighted_f1']:.4f} "
-                f"| {r['drop_from_clean']:+.4f} |"
-                for r in robustness.to_dict("records")
-            ),
-            "",
-        ]
-    lines += [*(f"![{caption}]({file})" for caption, file in images.items()), ""]
-    return "\n".join(lines)

@@ -99,7 +99,7 @@ def confusion_matrix_figure(confusion: np.ndarray, class_names: Sequence[str]) -
 
 
 def training_curves_figure(history: pd.DataFrame) -> bytes:
-    """Loss and accuracy per epoch, training and validation; the restored (best) epoch marked."""
+    """Loss and accuracy per epoch, training and validation; the best epoch and phase starts marked."""
     plt = _pyplot()
     figure, (loss_axis, acc_axis) = plt.subplots(1, 2, figsize=(10, 3.6))
     best_epoch = int(history.loc[history["val_loss"].idxmin(), "epoch"]) if "val_loss" in history else None
@@ -110,12 +110,22 @@ def training_curves_figure(history: pd.DataFrame) -> bytes:
                 axis.plot(history["epoch"], history[column], style, marker="o", label=column)
         if best_epoch is not None:
             axis.axvline(best_epoch, color="grey", linestyle=":", label=f"best (epoch {best_epoch})")
+        for start in _phase_starts(history):
+            axis.axvline(start - 0.5, color="tab:purple", alpha=0.4, linestyle="-.")
         axis.set_xlabel("epoch")
         axis.set_title(metric)
         axis.grid(alpha=0.3)
         axis.legend()
     figure.tight_layout()
     return figure_png(figure)
+
+
+def _phase_starts(history: pd.DataFrame) -> list[int]:
+    """First epoch of every phase after the first (a fine-tuning schedule changes course there)."""
+    if "phase" not in history or history["phase"].nunique() < 2:
+        return []
+    changes = history["phase"].ne(history["phase"].shift()) & history.index.to_series().gt(history.index[0])
+    return history.loc[changes, "epoch"].astype(int).tolist()
 
 
 def score_histogram(scores: np.ndarray, label: str, threshold: float | None = None) -> bytes:
@@ -186,6 +196,38 @@ def image_rows(rows: Sequence[tuple[str, np.ndarray]], *, columns: int = 8, titl
             if column < len(images):
                 axis.imshow(np.asarray(images[column]))
         axis_row[0].set_ylabel(caption, rotation=0, ha="right", va="center", fontsize=8)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    return figure_png(figure)
+
+
+def gradcam_grid(
+    images: np.ndarray, heatmaps: np.ndarray, titles: Sequence[str], *, columns: int = 4, title: str | None = None
+) -> bytes:
+    """Each image with its Grad-CAM heatmap laid over it (jet, semi-transparent), a caption above.
+
+    The image stays visible under the heatmap so one can tell whether the model looks at the
+    cell's nucleus and cytoplasm or at the background around it.
+    """
+    plt = _pyplot()
+    count = len(images)
+    columns = max(1, min(columns, count or 1))
+    rows = max(1, -(-count // columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(columns * 1.9, rows * 2.05), squeeze=False)
+    for position, axis in enumerate(axes.flat):
+        axis.axis("off")
+        if position >= count:
+            continue
+        image = np.asarray(images[position])
+        height, width = image.shape[:2]
+        axis.imshow(image)
+        axis.imshow(
+            np.asarray(heatmaps[position]), cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0,
+            extent=(-0.5, width - 0.5, height - 0.5, -0.5), interpolation="bilinear",
+        )  # fmt: skip
+        if position < len(titles):
+            axis.set_title(titles[position], fontsize=7)
     if title:
         figure.suptitle(title, fontsize=10)
     figure.tight_layout()

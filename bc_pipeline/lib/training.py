@@ -1,32 +1,68 @@
-"""Train a classifier on in-memory uint8 images with class weights and early stopping."""
+"""Train a zoo model on in-memory uint8 images: phases, optimizers, losses, schedules, checkpoints."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from bc_pipeline.lib.augmentation import batch_mixer
-from bc_pipeline.lib.model import build_cnn, configure_devices
+from bc_pipeline.lib.model import configure_devices
+from bc_pipeline.lib.checkpoint import Checkpoint, new_state
+from bc_pipeline.lib.storage import fingerprint
+from bc_pipeline.lib.zoo import ModelSpec, build_model, set_trainable
 
 Log = Callable[[str], None]
 
 
-@dataclass
-class TrainingSettings:
-    """Everything that decides a training run (mirrored by the asset's pydantic Config)."""
+@dataclass(frozen=True)
+class Phase:
+    """One stage of a training schedule.
 
-    image_size: int = 32
+    ``trainable``: ``frozen`` (only the head trains), ``last:N`` or ``last:N%`` (the head and the
+    backbone's last N layers, or that share of them) or ``all``. Each phase starts a fresh
+    optimizer at ``learning_rate`` and restores its best weights (lowest validation loss) when it
+    ends, after ``epochs`` or after ``patience`` epochs without improvement.
+    """
+
+    trainable: str = "all"
+    learning_rate: float = 1e-3
+    epochs: int = 13
+    patience: int = 4
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """Everything that decides a training run (mirrored by the asset's pydantic Config).
+
+    Without ``phases`` the schedule is :func:`default_phases`: one phase of ``epochs`` at
+    ``learning_rate`` from scratch, or frozen / last 30% / all with the rate divided by ten at each
+    step for a pretrained backbone (the reports' fine-tuning recipe).
+    """
+
     epochs: int = 13
     batch_size: int = 64
     learning_rate: float = 1e-3
     patience: int = 4
-    dropout: float = 0.4
-    convs_per_block: int = 1
+    phases: tuple[Phase, ...] = ()
+    # plateau (halve on a validation plateau) | constant | exponential (per epoch, within each
+    # phase) | cyclical (triangular, per batch, between min_factor x rate and the phase's rate).
+    lr_schedule: str = "plateau"
+    lr_decay: float = 0.85
+    cycle_epochs: int = 4
+    cycle_min_factor: float = 0.1
+    optimizer: str = "adam"  # adam | adamw | lion
+    weight_decay: float = 1e-4  # adamw and lion only
+    loss: str = "categorical_crossentropy"  # or focal
+    focal_gamma: float = 2.0
+    focal_alpha: float = 1.0
+    label_smoothing: float = 0.0
     augment: bool = True
     seed: int = 0
     # Batch-level augmentation in the input pipeline: none | mixup | cutmix | mixup+cutmix.
@@ -38,6 +74,9 @@ class TrainingSettings:
     template_augmentation: bool = False
     template_probability: float = 0.5
     template_max_weight: float = 0.5
+    # auto: float16 compute and XLA on a GPU, plain float32 on a CPU (where both only slow down).
+    mixed_precision: str = "auto"  # auto | on | off
+    jit_compile: str = "auto"  # auto | on | off
 
 
 @dataclass
@@ -129,26 +168,48 @@ def _flip_and_turn(image: Any, label: Any) -> tuple[Any, Any]:
     return tf.image.rot90(image, turns), label
 
 
-def _epoch_logger(log: Log, epochs: int) -> Any:
+def default_phases(spec: ModelSpec, settings: TrainingSettings) -> tuple[Phase, ...]:
+    """The schedule used when ``settings.phases`` is empty (see :class:`TrainingSettings`)."""
+    if settings.phases:
+        return settings.phases
+    lr, patience = settings.learning_rate, settings.patience
+    if not spec.pretrained:
+        return (Phase("all", lr, settings.epochs, patience),)
+    third = max(1, settings.epochs // 3)
+    return (
+        Phase("frozen", lr, third, patience),
+        Phase("last:30%", lr / 10, third, patience),
+        Phase("all", lr / 100, max(1, settings.epochs - 2 * third), patience),
+    )
+
+
+def make_optimizer(name: str, learning_rate: float, weight_decay: float = 0.0) -> Any:
+    """Adam, AdamW (decoupled weight decay) or Lion (sign updates: use a 3-10x smaller rate)."""
     import keras
 
-    class EpochLogger(keras.callbacks.Callback):
-        """Sends one line per epoch to the caller's log (the Dagster log in the pipeline)."""
+    if name == "adam":
+        return keras.optimizers.Adam(learning_rate)
+    if name == "adamw":
+        return keras.optimizers.AdamW(learning_rate, weight_decay=weight_decay)
+    if name == "lion":
+        return keras.optimizers.Lion(learning_rate, weight_decay=weight_decay or None)
+    raise ValueError(f"unknown optimizer {name!r} (adam, adamw or lion)")
 
-        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-            self._start = time.perf_counter()
 
-        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            logs = logs or {}
-            seconds = time.perf_counter() - self._start
-            lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-            log(
-                f"epoch {epoch + 1}/{epochs}: loss {logs.get('loss', float('nan')):.4f} "
-                f"acc {logs.get('accuracy', float('nan')):.4f} | val_loss {logs.get('val_loss', float('nan')):.4f} "
-                f"val_acc {logs.get('val_accuracy', float('nan')):.4f} | lr {lr:.2e} | {seconds:.1f}s"
-            )
+def make_loss(name: str, *, label_smoothing: float = 0.0, gamma: float = 2.0, alpha: float = 1.0) -> Any:
+    """Categorical cross-entropy or focal loss, both on one-hot (or mixed) labels.
 
-    return EpochLogger()
+    Focal loss scales each example's cross-entropy by ``alpha * (1 - p_true) ** gamma``: examples
+    the model already gets right weigh less, hard ones (rare classes, perturbed images) more. At
+    gamma 0 and alpha 1 it is cross-entropy. Keras' built-in losses keep saved models loadable.
+    """
+    import keras
+
+    if name == "categorical_crossentropy":
+        return keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
+    if name == "focal":
+        return keras.losses.CategoricalFocalCrossentropy(alpha=alpha, gamma=gamma, label_smoothing=label_smoothing)
+    raise ValueError(f"unknown loss {name!r} (categorical_crossentropy or focal)")
 
 
 def train_classifier(
@@ -158,18 +219,24 @@ def train_classifier(
     val_labels: np.ndarray,
     *,
     num_classes: int,
+    spec: ModelSpec,
     settings: TrainingSettings,
     class_weight: dict[int, float] | None = None,
     augmented: Sequence[tuple[np.ndarray, np.ndarray]] = (),
     templates: np.ndarray | None = None,
+    checkpoint_dir: Path | None = None,
     log: Log = print,
 ) -> TrainedModel:
-    """Fit the CNN with Adam, LR reduction on plateau and early stopping on validation loss.
+    """Build ``spec`` and fit it phase by phase, early-stopped on validation loss.
 
     ``train_images`` is the (balanced) training set and ``augmented`` its stored augmented copies,
     as (images, labels) shards. Training draws from all of them (the originals only if
     ``settings.include_original``), and an epoch is one training set's worth of steps, so adding
     copies adds variety, not time per epoch.
+
+    With ``checkpoint_dir`` the model, its optimizer and the schedule's progress are saved after
+    every epoch; called again with the same data and settings, training resumes after the last
+    saved epoch instead of starting over. The folder is emptied when training completes.
     """
     if len(train_images) == 0 or len(val_images) == 0:
         raise ValueError("training needs a non-empty train and validation split")
@@ -178,59 +245,142 @@ def train_classifier(
     device = configure_devices()
     import keras
 
-    keras.utils.set_random_seed(settings.seed)
-    model = build_cnn(
-        num_classes,
-        image_size=settings.image_size,
-        convs_per_block=settings.convs_per_block,
-        dropout=settings.dropout,
-    )
-    model.compile(
-        optimizer=keras.optimizers.Adam(settings.learning_rate),
-        loss="categorical_crossentropy",
-        metrics=["accuracy"],
-    )
-    pool_x, pool_y = _training_pool(model, train_images, train_labels, augmented, settings.include_original)
-    log(f"training on {device}: {len(pool_x)} images to draw from ({len(augmented)} augmented shards), "
-        f"{len(train_images)} per epoch, {len(val_images)} val, at {settings.image_size}px")  # fmt: skip
-    val_small = resize_like_model(model, val_images)
-    templates_small = _templates_for(model, templates, settings, log)
-    callbacks = [
-        keras.callbacks.EarlyStopping(monitor="val_loss", patience=settings.patience, restore_best_weights=True),
-        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=max(1, settings.patience // 2)),
-        _epoch_logger(log, settings.epochs),
-    ]
-    train_data = _dataset(
-        pool_x, pool_y, settings.batch_size, num_classes=num_classes, augment=settings.augment, seed=settings.seed,
-        repeat=True, templates=templates_small, template_probability=settings.template_probability,
-        template_max_weight=settings.template_max_weight, batch_augment=settings.batch_augment,
-        batch_augment_probability=settings.batch_augment_probability,
-    )  # fmt: skip
-    start = time.perf_counter()
-    fit = model.fit(
-        train_data,
-        steps_per_epoch=max(1, -(-len(train_images) // settings.batch_size)),
-        validation_data=_dataset(val_small, val_labels, settings.batch_size, num_classes=num_classes, augment=False, seed=0),
-        epochs=settings.epochs,
-        class_weight=class_weight,
-        callbacks=callbacks,
-        shuffle=False,  # the tf.data pipeline shuffles
-        verbose=0,
-    )
-    history = pd.DataFrame(fit.history)
-    history.insert(0, "epoch", np.arange(1, len(history) + 1))
+    on_gpu = device.startswith("GPU")
+    phases = default_phases(spec, settings)
+    checkpoint = Checkpoint(checkpoint_dir, _run_key(spec, settings, class_weight, train_labels, val_labels, augmented))
+    previous_policy = keras.config.dtype_policy().name
+    if _enabled(settings.mixed_precision, on_gpu):
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        keras.utils.set_random_seed(settings.seed)
+        resumed = checkpoint.load(log)
+        model, state = resumed if resumed else (build_model(spec, num_classes), new_state())
+        pool_x, pool_y = _training_pool(model, train_images, train_labels, augmented, settings.include_original)
+        log(f"training {spec.name} on {device}: {len(pool_x)} images to draw from ({len(augmented)} augmented "
+            f"shards), {len(train_images)} per epoch, {len(val_images)} val, at {spec.image_size}px, "
+            f"{len(phases)} phase(s), {keras.config.dtype_policy().name}")  # fmt: skip
+        steps = max(1, -(-len(train_images) // settings.batch_size))
+        templates_small = _templates_for(model, templates, settings, log)
+        train_data = _dataset(
+            pool_x, pool_y, settings.batch_size, num_classes=num_classes, augment=settings.augment, seed=settings.seed,
+            repeat=True, templates=templates_small,
+            template_probability=settings.template_probability, template_max_weight=settings.template_max_weight,
+            batch_augment=settings.batch_augment, batch_augment_probability=settings.batch_augment_probability,
+        )  # fmt: skip
+        val_data = _dataset(
+            resize_like_model(model, val_images), val_labels, settings.batch_size,
+            num_classes=num_classes, augment=False, seed=0,
+        )  # fmt: skip
+        start = time.perf_counter()
+        for index in range(state["phase"], len(phases)):
+            model = _run_phase(
+                model, index, phases[index], state, spec=spec, settings=settings, steps=steps, on_gpu=on_gpu,
+                train_data=train_data, val_data=val_data, class_weight=class_weight, checkpoint=checkpoint, log=log,
+            )  # fmt: skip
+        seconds = time.perf_counter() - start
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+    checkpoint.clear()
+    history = pd.DataFrame(state["history"]).astype({"epoch": "int64", "phase": "int64"})
     info = {
+        "model_name": spec.name,
+        "spec": asdict(spec),
+        "phases": [asdict(p) for p in phases],
         "device": device,
-        "train_seconds": round(time.perf_counter() - start, 1),
+        "train_seconds": round(seconds + state["seconds_before_resume"], 1),
+        "resumed_from_epoch": state["resumed_from_epoch"],
         "epochs_run": int(len(history)),
-        "best_epoch": int(history["val_loss"].idxmin() + 1),
+        "best_epoch": int(history.loc[history["val_loss"].idxmin(), "epoch"]),
         "parameters": int(model.count_params()),
         "class_weight": class_weight,
         "pool_images": int(len(pool_x)),
         "augmented_shards": len(augmented),
         "augmentation_templates": 0 if templates_small is None else int(len(templates_small)),
     }
-    return TrainedModel(model=model, history=history.astype({"epoch": "int64"}), info=info)
+    return TrainedModel(model=model, history=history, info=info)
+
+
+def _enabled(choice: str, on_gpu: bool) -> bool:
+    if choice not in ("auto", "on", "off"):
+        raise ValueError(f"expected auto, on or off, not {choice!r}")
+    return on_gpu if choice == "auto" else choice == "on"
+
+
+def _run_phase(
+    model: Any,
+    index: int,
+    phase: Phase,
+    state: dict[str, Any],
+    *,
+    spec: ModelSpec,
+    settings: TrainingSettings,
+    steps: int,
+    on_gpu: bool,
+    train_data: Any,
+    val_data: Any,
+    class_weight: dict[int, float] | None,
+    checkpoint: Checkpoint,
+    log: Log,
+) -> Any:
+    """Fit one phase (or what is left of it after a resume); return the model with its best weights."""
+    import keras
+
+    if state["phase_epochs"] == 0:  # a fresh phase: set trainable layers, start a new optimizer
+        trainable = set_trainable(model, phase.trainable, spec.frozen_layers)
+        model.compile(
+            optimizer=make_optimizer(settings.optimizer, phase.learning_rate, settings.weight_decay),
+            loss=make_loss(settings.loss, label_smoothing=settings.label_smoothing, gamma=settings.focal_gamma,
+                           alpha=settings.focal_alpha),
+            metrics=["accuracy"],
+            jit_compile=_enabled(settings.jit_compile, on_gpu),
+        )  # fmt: skip
+        state.update(phase_start=state["epochs_done"], best_val_loss=None, wait=0)
+        log(f"phase {index + 1}: trainable={phase.trainable} ({trainable} weight tensors), "
+            f"lr {phase.learning_rate:g}, up to {phase.epochs} epochs")  # fmt: skip
+    from bc_pipeline.lib.callbacks import PhaseMonitor, rate_callbacks
+
+    remaining = phase.epochs - state["phase_epochs"]
+    monitor = PhaseMonitor(index, phase.patience, state, checkpoint, log)
+    rates = rate_callbacks(
+        settings.lr_schedule, learning_rate=phase.learning_rate, patience=phase.patience,
+        phase_start=state["phase_start"], steps_per_epoch=steps, decay=settings.lr_decay,
+        cycle_epochs=settings.cycle_epochs, cycle_min_factor=settings.cycle_min_factor,
+    )  # fmt: skip
+    if remaining > 0 and not state.get("phase_stopped"):
+        model.fit(
+            train_data,
+            steps_per_epoch=steps,
+            validation_data=val_data,
+            initial_epoch=state["epochs_done"],
+            epochs=state["epochs_done"] + remaining,
+            class_weight=class_weight,
+            callbacks=[*rates, monitor],
+            shuffle=False,  # the tf.data pipeline shuffles
+            verbose=0,
+        )
+    monitor.restore_best(model)
+    state.update(phase=index + 1, phase_epochs=0, phase_stopped=False)
+    checkpoint.save(model, state)
+    return model
+
+
+def _run_key(
+    spec: ModelSpec,
+    settings: TrainingSettings,
+    class_weight: dict[int, float] | None,
+    train_labels: np.ndarray,
+    val_labels: np.ndarray,
+    augmented: Sequence[tuple[np.ndarray, np.ndarray]],
+) -> str:
+    """What a checkpoint must match to be resumed: model, settings, weights and the data's labels.
+
+    The labels and shard sizes identify the data well enough here: any upstream change that
+    matters (new images, another split or balancing) changes them.
+    """
+    return fingerprint(
+        json.dumps([asdict(spec), asdict(settings), class_weight], sort_keys=True, default=str),
+        np.asarray(train_labels), np.asarray(val_labels), *[np.asarray(y) for _, y in augmented],
+    )  # fmt: skip
 
 
 def _training_pool(

@@ -1,0 +1,98 @@
+"""``bc-predict``: classify a folder of images or an .npz with a saved model and write a CSV.
+
+    bc-predict MODEL INPUT [-o predictions.csv] [--batch-size 256] [--image-size 96]
+
+MODEL is a trained-model artifact folder, a submission folder or a ``.keras`` file; INPUT is a
+folder of images (searched recursively) or an ``.npz``. Expected problems (a missing path, an
+unreadable file, no images) end with ``bc-predict: error: ...`` and exit status 2, not a traceback:
+the user is someone with images, not someone debugging the package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+
+PROG = "bc-predict"
+MAX_LISTED_SKIPS = 10
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the program on ``argv`` (``sys.argv[1:]`` when None) and return the exit status."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # usage errors and --help: keep "returns a status" for callers
+        return exit_.code if isinstance(exit_.code, int) else 2
+    try:
+        lines = predict_to_csv(args.model, args.input, args.output, args.batch_size, args.image_size)
+    except (OSError, ValueError) as error:  # ImageSourceError is a ValueError
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Classify blood-cell images with a saved model and write one CSV row per image.",
+    )
+    parser.add_argument("model", type=Path, help="trained-model folder, submission folder or .keras file")
+    parser.add_argument("input", type=Path, help="folder of images (recursive) or .npz file")
+    parser.add_argument("-o", "--output", type=Path, default=Path("predictions.csv"), help="CSV to write")
+    parser.add_argument("--batch-size", type=_at_least(1), default=256, help="images per prediction batch")
+    parser.add_argument("--image-size", type=_at_least(8), default=96, help="square size images are read at")
+    return parser
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type for whole numbers >= minimum, so bad values get a usage error, not a crash."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def predict_to_csv(model_path: Path, input_path: Path, output: Path, batch_size: int, image_size: int) -> list[str]:
+    """Classify, write the CSV atomically, and return the summary lines to print."""
+    from bc_pipeline.lib.predict import locate_model, load_classifier, predict_frame, read_new_images
+    from bc_pipeline.lib.storage import write_atomic
+
+    locate_model(model_path)  # a wrong model path fails before a large folder is read
+    new = read_new_images(input_path, image_size=image_size)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter is noise here
+    model, class_names = load_classifier(model_path)
+    frame = predict_frame(model, new.images, new.sources, class_names, batch_size=batch_size)
+    write_atomic(output, lambda tmp: frame.to_csv(tmp, index=False))
+    return _summary(input_path, output, frame, new.skipped)
+
+
+def _summary(input_path: Path, output: Path, frame: pd.DataFrame, skipped: list[tuple[str, str]]) -> list[str]:
+    lines = [f"{PROG}: classified {len(frame)} images from {input_path} ({len(skipped)} skipped)"]
+    for source, reason in skipped[:MAX_LISTED_SKIPS]:
+        lines.append(f"  skipped {source}: {reason}")
+    if len(skipped) > MAX_LISTED_SKIPS:
+        reasons = Counter(reason for _, reason in skipped[MAX_LISTED_SKIPS:])
+        lines.append(f"  ... and {len(skipped) - MAX_LISTED_SKIPS} more: {dict(reasons)}")
+    counts = frame["predicted_class"].value_counts()
+    lines.append("predicted classes: " + ", ".join(f"{name} {count}" for name, count in counts.items()))
+    lines.append(f"wrote {output.resolve()}")
+    return lines
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

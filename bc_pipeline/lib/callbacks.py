@@ -1,0 +1,109 @@
+"""Keras callbacks of the training loop: per-phase early stopping with checkpoints, rate schedules.
+
+This module imports Keras at the top; :mod:`bc_pipeline.lib.training` imports it only inside
+``train_classifier``, so that importing the pipeline's definitions stays free of TensorFlow.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import numpy as np
+
+from bc_pipeline.lib.checkpoint import Checkpoint
+
+Log = Callable[[str], None]
+
+
+def rate_callbacks(
+    schedule: str, *, learning_rate: float, patience: int, phase_start: int, steps_per_epoch: int,
+    decay: float, cycle_epochs: int, cycle_min_factor: float,
+) -> list[keras.callbacks.Callback]:  # fmt: skip
+    """The learning-rate schedule within a phase.
+
+    ``plateau`` halves the rate when validation loss stalls; ``constant`` keeps the phase's rate;
+    ``exponential`` multiplies it by ``decay`` every epoch of the phase; ``cyclical`` sweeps it
+    per batch between ``cycle_min_factor`` x rate and the rate, one cycle per ``cycle_epochs``.
+    """
+    if schedule == "constant":
+        return []
+    if schedule == "plateau":
+        return [keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=max(1, patience // 2))]
+    if schedule == "exponential":
+        return [keras.callbacks.LearningRateScheduler(lambda epoch, lr: learning_rate * decay ** (epoch - phase_start))]
+    if schedule == "cyclical":
+        return [CyclicalRate(learning_rate * cycle_min_factor, learning_rate, cycle_epochs * steps_per_epoch, steps_per_epoch)]
+    raise ValueError(f"unknown lr_schedule {schedule!r} (plateau, constant, exponential or cyclical)")
+
+
+def cyclical_rate(step: int, low: float, high: float, period: int) -> float:
+    """Triangular cyclical learning rate: ``low`` at the start of each cycle, ``high`` half-way."""
+    position = (step % period) / period
+    return low + (high - low) * (1.0 - abs(2.0 * position - 1.0))
+
+
+class CyclicalRate(keras.callbacks.Callback):
+    """Sets the optimizer's rate before every batch from :func:`cyclical_rate`."""
+
+    def __init__(self, low: float, high: float, period: int, steps_per_epoch: int) -> None:
+        super().__init__()
+        self.low, self.high, self.period, self.steps_per_epoch = low, high, max(1, period), steps_per_epoch
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._epoch = epoch
+
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        step = self._epoch * self.steps_per_epoch + batch
+        self.model.optimizer.learning_rate = cyclical_rate(step, self.low, self.high, self.period)
+
+
+class PhaseMonitor(keras.callbacks.Callback):
+    """Early stopping, best weights, history, the epoch's log line and the checkpoint of one phase.
+
+    One callback does all of it so that what must survive a restart (best validation loss, epochs
+    without improvement, history) lives in one dict, ``state``, which the checkpoint saves.
+    """
+
+    def __init__(self, phase: int, patience: int, state: dict[str, Any], checkpoint: Checkpoint, log: Log) -> None:
+        super().__init__()
+        self.phase, self.patience, self.state, self.checkpoint, self.log = phase, patience, state, checkpoint, log
+        self.best_weights: list[np.ndarray] | None = None
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = {k: float(v) for k, v in (logs or {}).items() if k != "learning_rate"}
+        lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        seconds = time.perf_counter() - self._start
+        state = self.state
+        state["history"].append({"epoch": epoch + 1, "phase": self.phase + 1, "lr": lr, "seconds": round(seconds, 2), **logs})
+        val_loss = logs.get("val_loss", np.inf)
+        if state["best_val_loss"] is None or val_loss < state["best_val_loss"]:
+            state.update(best_val_loss=val_loss, wait=0)
+            self.best_weights = self.model.get_weights()
+            self.checkpoint.save_best(self.model)
+        else:
+            state["wait"] += 1
+        state["epochs_done"] = epoch + 1
+        state["phase_epochs"] += 1
+        if state["wait"] >= self.patience:
+            state["phase_stopped"] = True
+            self.model.stop_training = True
+        self.log(
+            f"epoch {epoch + 1} (phase {self.phase + 1}): loss {logs.get('loss', np.nan):.4f} "
+            f"acc {logs.get('accuracy', np.nan):.4f} | val_loss {val_loss:.4f} "
+            f"val_acc {logs.get('val_accuracy', np.nan):.4f} | lr {lr:.2e} | {seconds:.1f}s"
+        )
+        self.checkpoint.save(self.model, state)
+
+    def restore_best(self, model: keras.Model) -> None:
+        """The phase's best weights: from memory, or from the checkpoint after a resume."""
+        if self.best_weights is not None:
+            model.set_weights(self.best_weights)
+        else:
+            self.checkpoint.restore_best(model)

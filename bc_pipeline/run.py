@@ -1,0 +1,64 @@
+"""`make run`: materialize the whole graph for one or more models, then print the leaderboard.
+
+    python -m bc_pipeline.run [--models custom_cnn resnet50] [--config-json '{"ops": {...}}']
+
+The first model's run materializes everything; each further model's run only trains and
+evaluates it and refreshes the leaderboard and the submission, reusing the stored upstream
+assets. Runs go into the persistent Dagster instance (``DAGSTER_HOME``), so `make dev` shows them.
+Run config for assets outside a run's selection is left out of that run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import dagster as dg
+
+from bc_pipeline.lib.zoo import REGISTRY
+
+PER_MODEL = ["trained_model", "evaluation_report", "model_leaderboard", "submission_package"]
+
+
+def _config_for(run_config: dict, selection: list[str] | None) -> dict:
+    if selection is None:
+        return run_config
+    ops = {name: value for name, value in run_config.get("ops", {}).items() if name in selection}
+    return {**run_config, "ops": ops}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bc-run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["custom_cnn"], help=f"models to train: {', '.join(REGISTRY)}")
+    parser.add_argument("--config-json", default="{}", help="Dagster run config (ops: {asset: {config: ...}})")
+    parser.add_argument(
+        "--models-only", action="store_true", help="upstream assets are materialized: train and evaluate the models only"
+    )
+    args = parser.parse_args(argv)
+    unknown = [m for m in args.models if m not in REGISTRY]
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(unknown)}; registered: {', '.join(REGISTRY)}")
+    try:
+        run_config = json.loads(args.config_json)
+    except json.JSONDecodeError as error:
+        parser.error(f"--config-json is not valid JSON: {error}")
+
+    from bc_pipeline.definitions import all_asset_checks, all_assets, defs
+
+    instance = dg.DagsterInstance.get()
+    for position, model in enumerate(args.models):
+        selection = None if position == 0 and not args.models_only else PER_MODEL
+        print(f"== {model}: {'the whole graph' if selection is None else ', '.join(selection)}", flush=True)
+        result = dg.materialize(
+            [*all_assets, *all_asset_checks], instance=instance, resources=defs.resources, partition_key=model,
+            selection=selection, run_config=_config_for(run_config, selection), raise_on_error=False,
+        )  # fmt: skip
+        if not result.success:
+            print(f"bc-run: the run for {model} failed; see the log above or `make dev` (run {result.run_id})", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

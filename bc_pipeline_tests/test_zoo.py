@@ -1,0 +1,134 @@
+"""The model zoo: every registered model builds and trains, preprocessing matches Keras, weights load."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bc_pipeline.lib.zoo import (
+    FAMILIES,
+    REGISTRY,
+    WeightsUnavailableError,
+    build_model,
+    model_spec,
+    parse_trainable,
+    set_trainable,
+)
+
+
+def _batch(n: int = 8, size: int = 96, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    import keras
+
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(n, size, size, 3)).astype(np.float32)
+    return images, keras.utils.to_categorical(np.arange(n) % 8, 8)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_every_registered_model_builds_and_takes_a_training_step(name):
+    from bc_pipeline.lib.training import make_loss, make_optimizer
+
+    model = build_model(model_spec(name, image_size=32), num_classes=8)
+    assert [layer.name for layer in model.layers] == ["image", "resize", "preprocess", "backbone", "head"]
+    set_trainable(model, "all")
+    model.compile(optimizer=make_optimizer("adam", 1e-3), loss=make_loss("categorical_crossentropy"))
+    images, labels = _batch()
+    before = [w.copy() for w in model.get_layer("head").get_weights()]
+    loss = float(model.train_on_batch(images, labels))
+    assert np.isfinite(loss)
+    after = model.get_layer("head").get_weights()
+    assert any(not np.array_equal(b, a) for b, a in zip(before, after))
+    probabilities = model.predict_on_batch(images)
+    assert probabilities.shape == (8, 8)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-4)
+
+
+def test_registry_names_the_required_models_and_every_family_is_a_keras_application():
+    import keras
+
+    assert {"custom_cnn", "efficientnetv2b0", "mobilenetv3small", "convnext_tiny", "resnet50"} <= set(REGISTRY)
+    for family in FAMILIES.values():
+        assert callable(getattr(keras.applications, family.constructor)), family.constructor
+    assert model_spec("resnet50", image_size=48, head="inception").image_size == 48
+    with pytest.raises(KeyError, match="no model named"):
+        model_spec("alexnet")
+    with pytest.raises(ValueError, match="below the backbone's minimum"):
+        model_spec("custom_cnn", image_size=16)
+    with pytest.raises(ValueError, match="unknown head"):
+        model_spec("custom_cnn", head="transformer")
+
+
+def test_custom_cnn_keeps_the_seed_design():
+    model = build_model(model_spec("custom_cnn"), num_classes=8)
+    backbone = model.get_layer("backbone")
+    convs = [layer for layer in backbone.layers if layer.__class__.__name__ == "Conv2D"]
+    assert [layer.filters for layer in convs] == [32, 64, 128, 256, 512]
+    assert sum(layer.__class__.__name__ == "MaxPooling2D" for layer in backbone.layers) == 5
+    for size in (28, 96):
+        out = model.predict(np.zeros((2, size, size, 3), np.float32), verbose=0)
+        assert out.shape == (2, 8)
+
+
+@pytest.mark.parametrize(
+    ("family", "module"),
+    [("resnet50", "resnet50"), ("densenet121", "densenet"), ("mobilenetv2", "mobilenet_v2"), ("vgg16", "vgg16")],
+)
+def test_preprocessing_layers_match_keras_preprocess_input(family, module):
+    """The in-model preprocessing equals keras.applications.<module>.preprocess_input (caffe, torch, tf)."""
+    import keras
+
+    from bc_pipeline.lib.zoo import _build_preprocessing
+
+    images, _ = _batch(4, size=32, seed=1)
+    ours = np.asarray(_build_preprocessing(FAMILIES[family].preprocessing, 32)(images))
+    theirs = getattr(keras.applications, module).preprocess_input(images.copy())
+    np.testing.assert_allclose(ours, np.asarray(theirs), atol=1e-3)
+
+
+def test_trainable_phases_freeze_and_unfreeze_backbone_layers():
+    model = build_model(model_spec("custom_cnn"), num_classes=8)
+    backbone = model.get_layer("backbone")
+    head_weights = len(model.get_layer("head").trainable_weights)
+    set_trainable(model, "frozen")
+    assert len(model.trainable_weights) == head_weights
+    set_trainable(model, "last:4")  # the last block: conv, bn, relu, pool
+    assert [layer.trainable for layer in backbone.layers[-4:]] == [True] * 4
+    assert not any(layer.trainable for layer in backbone.layers[:-4] if layer.weights)
+    assert len(model.trainable_weights) == head_weights + 3  # conv kernel, bn gamma and beta
+    set_trainable(model, "all", frozen_layers=4)  # the stem stays frozen
+    assert not any(layer.trainable for layer in backbone.layers[:4] if layer.weights)
+    assert len(model.trainable_weights) == head_weights + 4 * 3
+    set_trainable(model, "last:50%")
+    assert sum(layer.trainable for layer in backbone.layers) == round(len(backbone.layers) / 2)
+    with pytest.raises(ValueError, match="last:N"):
+        parse_trainable("some")
+
+
+def test_imagenet_weights_fail_fast_offline_with_a_way_out(monkeypatch):
+    from bc_pipeline.lib import zoo
+
+    monkeypatch.setattr(zoo, "_internet_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(zoo, "_imagenet_cached", lambda spec: False)
+    with pytest.raises(WeightsUnavailableError, match="weights file"):
+        build_model(model_spec("mobilenetv3small", image_size=32, weights="imagenet"), num_classes=8)
+    with pytest.raises(WeightsUnavailableError, match="does not exist"):
+        model_spec("mobilenetv3small", weights="/nowhere/weights.h5")
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        model_spec("custom_cnn", weights="imagenet")
+
+
+def test_a_local_weights_file_loads_into_the_backbone(tmp_path):
+    """The `weights: <path>` route, tested with a file saved here (ImageNet cannot be downloaded)."""
+    import keras
+
+    source = keras.applications.MobileNetV3Small(include_top=False, weights=None, input_shape=(32, 32, 3))
+    path = tmp_path / "mobilenetv3small_notop.weights.h5"
+    source.save_weights(path)
+    model = build_model(model_spec("mobilenetv3small", image_size=32, weights=str(path)), num_classes=8)
+    for ours, theirs in zip(model.get_layer("backbone").get_weights(), source.get_weights()):
+        np.testing.assert_array_equal(ours, theirs)
+    wrong = tmp_path / "resnet_notop.weights.h5"
+    keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(wrong)
+    with pytest.raises(WeightsUnavailableError, match="could not load weights file"):
+        build_model(model_spec("mobilenetv3small", image_size=32, weights=str(wrong)), num_classes=8)
