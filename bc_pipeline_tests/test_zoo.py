@@ -132,3 +132,24 @@ def test_a_local_weights_file_loads_into_the_backbone(tmp_path):
     keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(wrong)
     with pytest.raises(WeightsUnavailableError, match="could not load weights file"):
         build_model(model_spec("mobilenetv3small", image_size=32, weights=str(wrong)), num_classes=8)
+
+
+@pytest.mark.parametrize(
+    ("model", "cached_file"),
+    [
+        ("mobilenetv3small", "mobilenet_v3_small_224_1.0_float_no_top_v2.h5"),
+        ("efficientnetv2b0", "efficientnetv2-b0_notop.h5"),
+        ("resnet50", "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    ],
+)
+def test_imagenet_weights_in_the_keras_cache_are_used_offline(tmp_path, monkeypatch, model, cached_file):
+    from bc_pipeline.lib import zoo
+
+    monkeypatch.setattr(zoo.Path, "home", lambda: tmp_path)
+    spec = model_spec(model, weights="imagenet")
+    assert not zoo._imagenet_cached(spec)
+    (tmp_path / ".keras" / "models").mkdir(parents=True)
+    (tmp_path / ".keras" / "models" / cached_file).write_bytes(b"")
+    assert zoo._imagenet_cached(spec)
+    monkeypatch.setattr(zoo, "_internet_reachable", lambda *a, **k: False)
+    assert zoo._resolve_weights(spec) == "imagenet"

@@ -17,7 +17,7 @@ from bc_pipeline.assets import _metadata as md
 from bc_pipeline.assets.training import split_arrays
 from bc_pipeline.io_managers import ALL_PARTITIONS
 from bc_pipeline.lib.artifacts import ImageSet, PartitionedArtifacts
-from bc_pipeline.lib.evaluation import evaluate_predictions, per_class_recall, policy_scores, report_markdown
+from bc_pipeline.lib.evaluation import report_markdown, score_predictor
 from bc_pipeline.lib.leaderboard import RANK_COLUMNS, leaderboard_figure, leaderboard_markdown, leaderboard_table
 from bc_pipeline.lib.plots import confusion_matrix_figure, gradcam_grid, training_curves_figure
 from bc_pipeline.lib.storage import fingerprint, save_bytes, save_json, save_parquet
@@ -32,6 +32,7 @@ class EvaluationConfig(dg.Config):
     tta_views: list[str] = Field(
         default=["identity", "flip_lr", "flip_ud", "rotate+10", "rotate-10"], description="Views averaged by TTA."
     )
+    tta_all_policies: bool = Field(default=False, description="TTA on every policy's perturbed copies, not just robust_policy.")
     gradcam_per_class: int = Field(default=1, ge=0, le=4, description="Correct and wrong Grad-CAM examples per class.")
 
 
@@ -60,50 +61,45 @@ def evaluation_report(
     start = time.perf_counter()
     test_proba = predict_proba(model, test_x)
     images_per_second = len(test_x) / max(time.perf_counter() - start, 1e-9)
-    plain = evaluate_predictions(test_y, test_proba.argmax(axis=1), class_names)
-    context.log.info(f"{name}: test accuracy {plain.accuracy:.4f} on {len(test_y)} images ({images_per_second:.0f} images/s)")
+    context.log.info(f"{name}: {len(test_y)} test images at {images_per_second:.0f} images/s")
 
-    def scores(predict) -> dict:
-        """Clean test/val and perturbed-set predictions of one predictor (plain or TTA)."""
-        test_pred = predict(test_x).argmax(axis=1)
-        val_acc = float(np.mean(predict(val_x).argmax(axis=1) == val_y)) if len(val_y) else float("nan")
-        robust_pred = predict(robustness_eval_sets.images).argmax(axis=1)
-        return {"test": test_pred, "val_accuracy": val_acc, "robust": robust_pred}
-
-    runs = {"plain": scores(lambda x: test_proba if x is test_x else predict_proba(model, x))}
+    perturbed = robustness_eval_sets.manifest
+    common = {"test": (test_x, test_y), "val": (val_x, val_y), "class_names": class_names, "robust_policy": config.robust_policy}
+    runs = {
+        "plain": score_predictor(
+            lambda x: test_proba if x is test_x else predict_proba(model, x),
+            perturbed_images=robustness_eval_sets.images, perturbed=perturbed, **common,
+        )
+    }
     if config.tta:
-        context.log.info(f"test-time augmentation over {len(config.tta_views)} views")
-        runs["tta"] = scores(lambda x: predict_tta(model, x, views=tuple(config.tta_views)))
-    robust = robustness_eval_sets.manifest
-    robust_y = robust["label"].to_numpy(np.int64)
-    headline = robust.index[(robust["split"] == "test") & (robust["policy"] == config.robust_policy)].to_numpy()
-
-    results, tables = {}, []
+        # TTA multiplies the prediction cost by the number of views: by default only the
+        # headline policy's perturbed copies get it (tta_all_policies: every policy's).
+        rows = np.flatnonzero(config.tta_all_policies | (perturbed["policy"] == config.robust_policy).to_numpy())
+        context.log.info(f"test-time augmentation over {len(config.tta_views)} views ({len(rows)} perturbed images)")
+        runs["tta"] = score_predictor(
+            lambda x: predict_tta(model, x, views=tuple(config.tta_views)),
+            perturbed_images=robustness_eval_sets.images[rows], perturbed=perturbed.iloc[rows], **common,
+        )
     for kind, run in runs.items():
-        evaluation = evaluate_predictions(test_y, run["test"], class_names)
-        table = policy_scores(robust_y, run["robust"], robust, {"val": run["val_accuracy"], "test": evaluation.accuracy})
-        tables.append(table.assign(tta=kind == "tta"))
-        robust_accuracy = float(np.mean(run["robust"][headline] == robust_y[headline])) if len(headline) else None
-        if len(headline):
-            evaluation.per_class["robust_recall"] = per_class_recall(robust_y[headline], run["robust"][headline], len(class_names))
-        results[kind] = (evaluation, robust_accuracy)
-        context.log.info(f"{kind}: accuracy {evaluation.accuracy:.4f}, robust ({config.robust_policy}) {robust_accuracy}")
-    robustness = pd.concat(tables, ignore_index=True)
+        context.log.info(f"{kind}: accuracy {run.evaluation.accuracy:.4f}, robust ({config.robust_policy}) {run.robust_accuracy}")
+    robustness = pd.concat([run.robustness.assign(tta=kind == "tta") for kind, run in runs.items()], ignore_index=True)
+    test_pred = runs["plain"].test_predictions
 
     folder = storage.report_dir(f"evaluation_report/{name}")
-    evaluation, robust_accuracy = results["plain"]
-    tta_eval, tta_robust = results.get("tta", (None, None))
+    evaluation, robust_accuracy = runs["plain"].evaluation, runs["plain"].robust_accuracy
+    tta_eval = runs["tta"].evaluation if "tta" in runs else None
+    tta_robust = runs["tta"].robust_accuracy if "tta" in runs else None
     images = {"confusion matrix": "confusion_matrix.png", "training curves": "training_curves.png"}
     pngs = {
         "confusion_matrix": confusion_matrix_figure(evaluation.confusion, class_names),
         "training_curves": training_curves_figure(trained_model.history),
     }
     if config.gradcam_per_class:
-        picks = gradcam_examples(test_y, runs["plain"]["test"], len(class_names), per_class=config.gradcam_per_class)
+        picks = gradcam_examples(test_y, test_pred, len(class_names), per_class=config.gradcam_per_class)
         if len(picks):
             rows = picks["index"].to_numpy()
-            heatmaps = grad_cam(model, test_x[rows], runs["plain"]["test"][rows])
-            titles = [_gradcam_title(class_names, test_y[i], runs["plain"]["test"][i]) for i in rows]
+            heatmaps = grad_cam(model, test_x[rows], test_pred[rows])
+            titles = [_gradcam_title(class_names, test_y[i], test_pred[i]) for i in rows]
             pngs["gradcam"] = gradcam_grid(test_x[rows], heatmaps, titles, title=f"{name}: Grad-CAM on test images")
             images["Grad-CAM, correct and wrong predictions per class"] = "gradcam.png"
     save_parquet(folder / "per_class.parquet", evaluation.per_class)

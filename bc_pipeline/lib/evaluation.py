@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,6 +77,47 @@ def per_class_recall(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -
     support = np.bincount(y_true, minlength=num_classes)
     hits = np.bincount(y_true[y_true == y_pred], minlength=num_classes)
     return np.divide(hits, support, out=np.full(num_classes, np.nan), where=support > 0)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One predictor (plain or with TTA) scored on the clean test split and the perturbed sets."""
+
+    evaluation: Evaluation
+    robust_accuracy: float | None  # test split under the headline policy
+    robustness: pd.DataFrame  # see policy_scores
+    test_predictions: np.ndarray
+
+
+def score_predictor(
+    predict: Callable[[np.ndarray], np.ndarray],
+    *,
+    test: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    perturbed_images: np.ndarray,
+    perturbed: pd.DataFrame,
+    class_names: Sequence[str],
+    robust_policy: str,
+) -> Scored:
+    """Score ``predict`` (images -> probabilities) on the test split and the perturbed copies.
+
+    ``perturbed`` is the manifest of ``perturbed_images`` (policy, split, label), row-aligned.
+    Robust accuracy is the accuracy on the test split's ``robust_policy`` copy; per-class recall
+    on that copy is added to the per-class table as ``robust_recall``.
+    """
+    (test_x, test_y), (val_x, val_y) = test, val
+    test_pred = predict(test_x).argmax(axis=1)
+    evaluation = evaluate_predictions(test_y, test_pred, class_names)
+    val_accuracy = float(np.mean(predict(val_x).argmax(axis=1) == val_y)) if len(val_y) else float("nan")
+    truth = perturbed["label"].to_numpy(np.int64)
+    guess = predict(perturbed_images).argmax(axis=1) if len(perturbed) else np.zeros(0, np.int64)
+    table = policy_scores(truth, guess, perturbed.reset_index(drop=True), {"val": val_accuracy, "test": evaluation.accuracy})
+    headline = ((perturbed["split"] == "test") & (perturbed["policy"] == robust_policy)).to_numpy()
+    robust_accuracy = None
+    if headline.any():
+        robust_accuracy = float(np.mean(guess[headline] == truth[headline]))
+        evaluation.per_class["robust_recall"] = per_class_recall(truth[headline], guess[headline], len(class_names))
+    return Scored(evaluation, robust_accuracy, table, test_pred)
 
 
 def report_markdown(

@@ -241,10 +241,18 @@ def _resolve_weights(spec: ModelSpec) -> str | None:
 
 
 def _imagenet_cached(spec: ModelSpec) -> bool:
-    """Whether Keras' download cache holds a no-top weights file that looks like this family's."""
+    """Whether Keras' download cache holds a no-top weights file that looks like this family's.
+
+    Keras names them inconsistently (``efficientnetv2-b0_notop.h5``,
+    ``mobilenet_v3_small_224_1.0_float_no_top_v2.h5``), so names are compared without separators.
+    """
     cache = Path.home() / ".keras" / "models"
-    stem = FAMILIES[spec.backbone].constructor.lower().replace("efficientnetv2", "efficientnetv2-").replace("_", "")
-    return cache.is_dir() and any(stem in p.name.lower() and "notop" in p.name.lower() for p in cache.iterdir())
+    family = _squash(FAMILIES[spec.backbone].constructor)
+    return cache.is_dir() and any(family in _squash(p.name) and "notop" in _squash(p.name) for p in cache.iterdir())
+
+
+def _squash(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch.isalnum())
 
 
 def _internet_reachable(host: str = "storage.googleapis.com", timeout: float = 5.0) -> bool:
