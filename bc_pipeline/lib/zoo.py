@@ -47,7 +47,7 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     **{f"efficientnetv2{v}": Family(f"EfficientNetV2{v.upper()}", "builtin") for v in ("b0", "b1", "b2", "b3", "s", "m", "l")},
-    **{f"convnext_{v}": Family(f"ConvNeXt{v.capitalize()}", "builtin") for v in ("tiny", "small", "base", "large", "xlarge")},
+    **{f"convnext_{v.lower()}": Family(f"ConvNeXt{v}", "builtin") for v in ("Tiny", "Small", "Base", "Large", "XLarge")},
     "mobilenetv2": Family("MobileNetV2", "tf"),
     "mobilenetv3small": Family("MobileNetV3Small", "builtin"),
     "mobilenetv3large": Family("MobileNetV3Large", "builtin"),
