@@ -112,6 +112,7 @@ def test_training_with_template_augmentation_uses_the_recovered_templates(an2dl_
     result = _materialize(
         data_dir, ImageSource(kind="npz", path=str(path)), ["balanced_train_set", "augmented_train_set", "trained_model"],
         run_config={"ops": {"trained_model": {"config": config}, "augmented_train_set": {"config": {"copies": 0}}}},
+        partition_key="custom_cnn",
     )  # fmt: skip
     assert result.success
     assert result.output_for_node("trained_model").info["augmentation_templates"] == 2

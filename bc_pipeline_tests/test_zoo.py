@@ -9,6 +9,7 @@ from bc_pipeline.lib.zoo import (
     FAMILIES,
     REGISTRY,
     WeightsUnavailableError,
+    backbone_layers,
     build_model,
     model_spec,
     parse_trainable,
@@ -88,19 +89,23 @@ def test_preprocessing_layers_match_keras_preprocess_input(family, module):
 
 def test_trainable_phases_freeze_and_unfreeze_backbone_layers():
     model = build_model(model_spec("custom_cnn"), num_classes=8)
-    backbone = model.get_layer("backbone")
+    layers = backbone_layers(model)
+    assert len(layers) == 20  # 5 blocks of conv, bn, relu, pool
     head_weights = len(model.get_layer("head").trainable_weights)
     set_trainable(model, "frozen")
     assert len(model.trainable_weights) == head_weights
     set_trainable(model, "last:4")  # the last block: conv, bn, relu, pool
-    assert [layer.trainable for layer in backbone.layers[-4:]] == [True] * 4
-    assert not any(layer.trainable for layer in backbone.layers[:-4] if layer.weights)
+    assert [layer.trainable for layer in layers] == [False] * 16 + [True] * 4
     assert len(model.trainable_weights) == head_weights + 3  # conv kernel, bn gamma and beta
-    set_trainable(model, "all", frozen_layers=4)  # the stem stays frozen
-    assert not any(layer.trainable for layer in backbone.layers[:4] if layer.weights)
+    # Back to all layers after a partial phase: the layers frozen one by one train again,
+    # except the stem kept frozen by frozen_layers.
+    set_trainable(model, "all", frozen_layers=4)
+    assert [layer.trainable for layer in layers] == [False] * 4 + [True] * 16
     assert len(model.trainable_weights) == head_weights + 4 * 3
+    set_trainable(model, "all")
+    assert len(model.trainable_weights) == head_weights + 5 * 3
     set_trainable(model, "last:50%")
-    assert sum(layer.trainable for layer in backbone.layers) == round(len(backbone.layers) / 2)
+    assert sum(layer.trainable for layer in layers) == 10
     with pytest.raises(ValueError, match="last:N"):
         parse_trainable("some")
 

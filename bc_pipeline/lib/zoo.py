@@ -338,20 +338,21 @@ def set_trainable(model: Any, trainable: str, frozen_layers: int = 0) -> int:
     """Freeze the backbone, unfreeze its last N layers (or share of layers), or all of it.
 
     The head always trains. ``frozen_layers`` backbone layers from the input stay frozen whatever
-    the phase says. Returns the number of trainable weight tensors, for the logs. Recompile after.
+    the phase says. Every layer's flag is set explicitly: switching a Keras model's ``trainable``
+    back on does not switch on the layers frozen one by one before. Returns the number of
+    trainable weight tensors, for the logs. Recompile after calling this.
     """
     kind, amount = parse_trainable(trainable)
-    backbone, head = model.get_layer("backbone"), model.get_layer("head")
-    head.trainable = True
-    backbone.trainable = kind != "frozen"
-    if kind in ("last", "last_share"):
-        count = int(amount) if kind == "last" else round(amount * len(backbone.layers))
-        for layer in backbone.layers[: max(0, len(backbone.layers) - count)]:
-            layer.trainable = False
-    for layer in backbone.layers[:frozen_layers]:
-        layer.trainable = False
+    model.get_layer("head").trainable = True
+    backbone = model.get_layer("backbone")
+    backbone.trainable = True
+    layers = backbone_layers(model)
+    unfrozen = {"frozen": 0, "all": len(layers), "last": int(amount), "last_share": round(amount * len(layers))}[kind]
+    for index, layer in enumerate(layers):
+        layer.trainable = index >= len(layers) - unfrozen and index >= frozen_layers
     return len(model.trainable_weights)
 
 
-def backbone_layer_count(model: Any) -> int:
-    return len(model.get_layer("backbone").layers)
+def backbone_layers(model: Any) -> list[Any]:
+    """The backbone's layers in order, without its input placeholder."""
+    return [layer for layer in model.get_layer("backbone").layers if layer.__class__.__name__ != "InputLayer"]
