@@ -45,7 +45,7 @@ run: data $(DAGSTER_HOME)/dagster.yaml
 	@echo "Leaderboard: $(CURDIR)/data/reports/model_leaderboard/leaderboard.md"
 	@echo "Reports:     $(CURDIR)/data/reports/evaluation_report/<model>/report.md"
 	@echo "Submission:  $(CURDIR)/data/submission/ (model.py + model.keras, zipped as submission.zip)"
-	@$(PY) -c "import pandas as pd; t = pd.read_parquet('data/reports/model_leaderboard/leaderboard.parquet'); print(t[['rank', 'model', 'accuracy', 'robust_accuracy', 'accuracy_tta', 'train_seconds']].to_string(index=False))"
+	@$(PY) -c "import pandas as pd; t = pd.read_parquet('data/reports/model_leaderboard/leaderboard.parquet'); print(t[['rank', 'model', 'accuracy', 'robust_accuracy', 'accuracy_tta', 'train_seconds']].round(4).to_string(index=False))"
 
 $(DAGSTER_HOME)/dagster.yaml:
 	mkdir -p $(DAGSTER_HOME)
@@ -64,6 +64,7 @@ bench: install
 	$(PY) bench/bench_augmentation.py
 	$(PY) bench/bench_smote.py
 	$(PY) bench/bench_input_pipeline.py
+	$(PY) bench/bench_models.py
 
 clean:
 	rm -rf data/assets data/reports data/cache

@@ -1,7 +1,8 @@
 """Benchmark the training input pipeline against training itself: does the model ever wait for data?
 
-For the default training settings (``TrainingSettings()``: 32 px, batches of 64) it builds the model
-as ``train_classifier`` does (``build_cnn``, Adam, categorical cross-entropy, accuracy), resizes
+For the default training settings (``TrainingSettings()``, batches of 64) and the default model
+(``custom_cnn`` at 32 px) it builds the model as ``train_classifier`` does (``build_model``, Adam,
+categorical cross-entropy, accuracy), resizes
 the pbc96 pool with ``resize_like_model`` and measures, in images per second:
   - pipeline: ``_dataset(pool, labels, 64, augment=True, repeat=True, batch_augment=...)`` (shuffle,
     flips / turns, batching, one-hot, and for mixup / cutmix the batch mixer on half of the
@@ -38,8 +39,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 
 from bc_pipeline.lib.loaders import load_folder
-from bc_pipeline.lib.model import build_cnn, configure_devices
-from bc_pipeline.lib.training import TrainingSettings, _dataset, resize_like_model
+from bc_pipeline.lib.model import configure_devices
+from bc_pipeline.lib.training import TrainingSettings, _dataset, make_loss, make_optimizer, resize_like_model
+from bc_pipeline.lib.zoo import build_model, model_spec, set_trainable
 from bc_pipeline.settings import shared_datasets_dir
 from _common import best_of, table, timed
 
@@ -47,16 +49,16 @@ NUM_CLASSES = 8
 BATCH_AUGMENTS = ("none", "mixup", "cutmix", "mixup+cutmix")
 
 
-def compiled_model(settings: TrainingSettings) -> Any:
+def compiled_model(settings: TrainingSettings, image_size: int) -> Any:
     """The model exactly as ``train_classifier`` builds and compiles it."""
     import keras
 
     keras.utils.set_random_seed(settings.seed)
-    model = build_cnn(
-        NUM_CLASSES, image_size=settings.image_size, convs_per_block=settings.convs_per_block, dropout=settings.dropout
-    )
+    model = build_model(model_spec("custom_cnn", image_size=image_size), NUM_CLASSES)
+    set_trainable(model, "all")
     model.compile(
-        optimizer=keras.optimizers.Adam(settings.learning_rate), loss="categorical_crossentropy", metrics=["accuracy"]
+        optimizer=make_optimizer(settings.optimizer, settings.learning_rate, settings.weight_decay),
+        loss=make_loss(settings.loss, label_smoothing=settings.label_smoothing), metrics=["accuracy"],
     )
     return model
 
@@ -96,8 +98,8 @@ def pipeline(pool: np.ndarray, labels: np.ndarray, settings: TrainingSettings, b
 def measure_size(
     images: np.ndarray, labels: np.ndarray, image_size: int, args: argparse.Namespace
 ) -> tuple[list[list[str]], list[str]]:
-    settings = TrainingSettings(image_size=image_size)
-    model = compiled_model(settings)
+    settings = TrainingSettings()
+    model = compiled_model(settings, image_size)
     start = time.perf_counter()
     pool = resize_like_model(model, images)
     resize_s = time.perf_counter() - start
