@@ -30,7 +30,6 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,7 @@ from bc_pipeline.lib.model import configure_devices
 from bc_pipeline.lib.training import TrainingSettings, _dataset, make_loss, make_optimizer, resize_like_model
 from bc_pipeline.lib.zoo import build_model, model_spec, set_trainable
 from bc_pipeline.settings import shared_datasets_dir
-from _common import best_of, table, timed
+from _common import best_of, table
 
 NUM_CLASSES = 8
 BATCH_AUGMENTS = ("none", "mixup", "cutmix", "mixup+cutmix")

@@ -3,7 +3,6 @@
 import dagster as dg
 import pandas as pd
 
-from bc_pipeline.assets.cleaning import flagged_images
 from pydantic import Field, model_validator
 
 from bc_pipeline.assets import _metadata as md

@@ -323,8 +323,6 @@ def _run_phase(
     log: Log,
 ) -> Any:
     """Fit one phase (or what is left of it after a resume); return the model with its best weights."""
-    import keras
-
     if state["phase_epochs"] == 0:  # a fresh phase: set trainable layers, start a new optimizer
         trainable = set_trainable(model, phase.trainable, spec.frozen_layers)
         model.compile(
