@@ -223,3 +223,28 @@ def test_template_augmentation_is_off_by_default_and_skipped_without_templates()
     resized = _templates_for(model, np.zeros((2, 96, 96, 3), np.uint8), on, lines.append)
     assert resized.shape == (2, 32, 32, 3)
     assert _templates_for(model, np.zeros((2, 96, 96, 3), np.uint8), TrainingSettings(), lines.append) is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("optimizer", "schedule", "expected"),
+    [
+        ("lion", "exponential", lambda epoch, steps: 1e-3 * 0.5**epoch),
+        # The rate after an epoch's last batch: step (epoch + 1) * steps - 1 of a 1-epoch triangle.
+        ("adamw", "cyclical", lambda epoch, steps: 1e-4 + (1e-3 - 1e-4) * (1 - abs(2 * ((steps - 1) / steps) - 1))),
+    ],
+)
+def test_rate_schedules_and_optimizers_drive_a_real_training(optimizer, schedule, expected):
+    from bc_pipeline.lib.training import train_classifier
+    from bc_pipeline.lib.zoo import model_spec
+
+    train_x, train_y, val_x, val_y = _subset(per_class=16)
+    settings = TrainingSettings(
+        phases=(Phase("all", 1e-3, 3, 9),), batch_size=32, optimizer=optimizer, lr_schedule=schedule, lr_decay=0.5,
+        cycle_epochs=1, cycle_min_factor=0.1, loss="focal", label_smoothing=0.1,
+    )  # fmt: skip
+    result = train_classifier(train_x, train_y, val_x, val_y, num_classes=8, spec=model_spec("custom_cnn"),
+                              settings=settings, log=lambda _: None)  # fmt: skip
+    steps = -(-len(train_x) // 32)
+    assert result.history["lr"].tolist() == pytest.approx([expected(e, steps) for e in range(3)], rel=1e-4)
+    assert np.isfinite(result.history["loss"]).all()
