@@ -248,3 +248,14 @@ def test_rate_schedules_and_optimizers_drive_a_real_training(optimizer, schedule
     steps = -(-len(train_x) // 32)
     assert result.history["lr"].tolist() == pytest.approx([expected(e, steps) for e in range(3)], rel=1e-4)
     assert np.isfinite(result.history["loss"]).all()
+
+
+def test_the_reported_best_epoch_is_the_one_the_final_weights_come_from():
+    import pandas as pd
+
+    from bc_pipeline.lib.training import best_epoch
+
+    # Phase 1's epoch 1 has the lowest loss, but phase 2 restored its own best (epoch 4).
+    two_phases = pd.DataFrame({"epoch": [1, 2, 3, 4, 5], "phase": [1, 1, 2, 2, 2], "val_loss": [0.1, 0.5, 0.4, 0.3, 0.35]})
+    assert best_epoch(two_phases) == 4
+    assert best_epoch(pd.DataFrame({"epoch": [1, 2, 3], "val_loss": [0.3, 0.1, 0.2]})) == 2

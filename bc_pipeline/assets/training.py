@@ -139,7 +139,7 @@ def trained_model(
         raise dg.Failure(description=str(error)) from None
     result.info["class_names"] = class_names
     result.info["settings"] = dataclasses.asdict(config.settings())
-    best = result.history.loc[result.history["val_loss"].idxmin()]
+    best = result.history.loc[result.history["epoch"] == result.info["best_epoch"]].iloc[0]
     metadata = {
         "model": name,
         "backbone": spec.backbone,

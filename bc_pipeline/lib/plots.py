@@ -102,7 +102,8 @@ def training_curves_figure(history: pd.DataFrame) -> bytes:
     """Loss and accuracy per epoch, training and validation; the best epoch and phase starts marked."""
     plt = _pyplot()
     figure, (loss_axis, acc_axis) = plt.subplots(1, 2, figsize=(10, 3.6))
-    best_epoch = int(history.loc[history["val_loss"].idxmin(), "epoch"]) if "val_loss" in history else None
+    last = history[history["phase"] == history["phase"].max()] if "phase" in history else history
+    best_epoch = int(last.loc[last["val_loss"].idxmin(), "epoch"]) if "val_loss" in last else None  # what the model keeps
     for axis, metric in ((loss_axis, "loss"), (acc_axis, "accuracy")):
         for prefix, style in (("", "-"), ("val_", "--")):
             column = prefix + metric

@@ -290,7 +290,7 @@ def train_classifier(
         "train_seconds": round(seconds + state["seconds_before_resume"], 1),
         "resumed_from_epoch": state["resumed_from_epoch"],
         "epochs_run": int(len(history)),
-        "best_epoch": int(history.loc[history["val_loss"].idxmin(), "epoch"]),
+        "best_epoch": best_epoch(history),
         "parameters": int(model.count_params()),
         "class_weight": class_weight,
         "pool_images": int(len(pool_x)),
@@ -298,6 +298,16 @@ def train_classifier(
         "augmentation_templates": 0 if templates_small is None else int(len(templates_small)),
     }
     return TrainedModel(model=model, history=history, info=info)
+
+
+def best_epoch(history: pd.DataFrame) -> int:
+    """The epoch whose weights the model ends with: the best (lowest val_loss) of the last phase.
+
+    Each phase restores its own best weights, so an earlier phase's lower validation loss is not
+    what the final model holds.
+    """
+    last = history[history["phase"] == history["phase"].max()] if "phase" in history else history
+    return int(last.loc[last["val_loss"].idxmin(), "epoch"])
 
 
 def _enabled(choice: str, on_gpu: bool) -> bool:
