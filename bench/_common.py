@@ -33,3 +33,20 @@ def table(header: list[str], rows: list[list[str]]) -> None:
     for line in [header, ["-" * w for w in widths], *rows]:
         cells = [f"{c:<{w}}" if j == 0 else f"{c:>{w}}" for j, (c, w) in enumerate(zip(line, widths, strict=True))]
         print("  ".join(cells))
+
+
+def load_pbc96() -> tuple[Any, float, Any] | None:
+    """(all pbc96 images as ``LoadedImages``, seconds loading took, the folder); None, with a message, if absent."""
+    import sys
+    from pathlib import Path
+
+    from bc_pipeline.lib.loaders import load_folder
+    from bc_pipeline.settings import shared_datasets_dir
+
+    root = Path(shared_datasets_dir()) / "pbc96"
+    if not root.is_dir():
+        print(f"error: {root} not found (set BC_SHARED_DATASETS)", file=sys.stderr)
+        return None
+    start = time.perf_counter()
+    loaded = load_folder(root)
+    return loaded, time.perf_counter() - start, root

@@ -21,19 +21,13 @@ import argparse
 import os
 import platform
 import sys
-import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 
 from bc_pipeline.lib.augmentation import IMAGE_PRESETS, augment_images, batch_mixer, build_preset
-from bc_pipeline.lib.loaders import load_folder
-from bc_pipeline.settings import shared_datasets_dir
-from _common import best_of, table, timed
+from _common import best_of, load_pbc96, table, timed
 
 BATCH = 64
 NUM_CLASSES = 8
@@ -96,13 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     presets = [p for p in args.presets.split(",") if p]
 
-    root = shared_datasets_dir() / "pbc96"
-    if not root.is_dir():
-        print(f"error: {root} not found (set BC_SHARED_DATASETS)", file=sys.stderr)
+    pbc96 = load_pbc96()
+    if pbc96 is None:
         return 1
-    start = time.perf_counter()
-    loaded = load_folder(Path(root))
-    load_s = time.perf_counter() - start
+    loaded, load_s, root = pbc96
     rng = np.random.default_rng(0)
     pick = rng.choice(len(loaded.images), size=min(args.images, len(loaded.images)), replace=False)
     images = np.ascontiguousarray(loaded.images[pick])

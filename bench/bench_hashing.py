@@ -17,10 +17,8 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import imagehash
@@ -28,9 +26,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from _common import load_pbc96
+
 from bc_pipeline.lib.hashing import compute_hashes, hash_hex, hash_with_cache
-from bc_pipeline.lib.loaders import load_folder
-from bc_pipeline.settings import shared_datasets_dir
 
 
 def imagehash_loop(images: np.ndarray) -> tuple[list[str], list[str]]:
@@ -68,13 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-fraction", type=float, default=0.01, help="share of new images for (d)")
     args = parser.parse_args(argv)
 
-    root = shared_datasets_dir() / "pbc96"
-    if not root.is_dir():
-        print(f"error: {root} not found (set BC_SHARED_DATASETS)", file=sys.stderr)
+    pbc96 = load_pbc96()
+    if pbc96 is None:
         return 1
-    start = time.perf_counter()
-    loaded = load_folder(Path(root))
-    load_s = time.perf_counter() - start
+    loaded, load_s, root = pbc96
     images = loaded.images
     ids = loaded.manifest["image_id"].astype(str).to_numpy()
     if args.limit is not None:

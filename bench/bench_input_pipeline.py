@@ -30,19 +30,16 @@ import os
 import platform
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 
-from bc_pipeline.lib.loaders import load_folder
 from bc_pipeline.lib.model import configure_devices
 from bc_pipeline.lib.training import TrainingSettings, _dataset, make_loss, make_optimizer, resize_like_model
 from bc_pipeline.lib.zoo import build_model, model_spec, set_trainable
-from bc_pipeline.settings import shared_datasets_dir
-from _common import best_of, table
+from _common import best_of, load_pbc96, table
 
 NUM_CLASSES = 8
 BATCH_AUGMENTS = ("none", "mixup", "cutmix", "mixup+cutmix")
@@ -157,13 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--live-96", action="store_true", help="also fit on the live pipeline at 96 px (slow on a CPU)")
     args = parser.parse_args(argv)
 
-    root = shared_datasets_dir() / "pbc96"
-    if not root.is_dir():
-        print(f"error: {root} not found (set BC_SHARED_DATASETS)", file=sys.stderr)
+    pbc96 = load_pbc96()
+    if pbc96 is None:
         return 1
-    start = time.perf_counter()
-    loaded = load_folder(Path(root))
-    load_s = time.perf_counter() - start
+    loaded, load_s, root = pbc96
     images, labels = loaded.images, loaded.manifest["label"].to_numpy().astype(np.int64)
     if args.images is not None and args.images < len(images):
         pick = np.random.default_rng(0).choice(len(images), size=args.images, replace=False)
