@@ -11,7 +11,6 @@ artifacts go under ``BC_DATA_DIR`` (default ``data/``).
 from __future__ import annotations
 
 import os
-import warnings
 
 import dagster as dg
 
@@ -28,10 +27,10 @@ from bc_pipeline.assets import (
     training,
 )
 from bc_pipeline.io_managers import ArtifactIOManager
+from bc_pipeline.jobs import all_jobs
 from bc_pipeline.resources import ImageSource, PipelineStorage
-
-# Data versions on outputs are how unchanged results stop downstream work; the API is marked beta.
-warnings.filterwarnings("ignore", category=dg.BetaWarning)
+from bc_pipeline.schedules import all_schedules
+from bc_pipeline.sensors import all_sensors
 
 ASSET_MODULES = [ingest, dedup, anomalies, cleaning, splits, balancing, augmentation, training, evaluation]
 
@@ -57,5 +56,8 @@ all_asset_checks = dg.load_asset_checks_from_modules(ASSET_MODULES)
 defs = dg.Definitions(
     assets=all_assets,
     asset_checks=all_asset_checks,
+    jobs=all_jobs,
+    schedules=all_schedules,
+    sensors=all_sensors,
     resources=build_resources(),
 )

@@ -33,8 +33,11 @@ def test_definitions_load_with_the_whole_graph():
     dg.Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
     keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
-    assert keys == EXPECTED_ASSETS
+    assert keys == EXPECTED_ASSETS | {"raw_image_source"}
+    assert {key.to_user_string() for key in graph.materializable_asset_keys} == EXPECTED_ASSETS
+    assert graph.get(dg.AssetKey("raw_image_source")).is_observable
     parents = {key.to_user_string(): {p.to_user_string() for p in graph.get(key).parent_keys} for key in graph.get_all_asset_keys()}
+    assert parents["raw_images"] == {"raw_image_source"}
     assert parents["clean_images"] == {"raw_images", "duplicate_groups", "outlier_report", "corruption_report"}
     assert parents["balanced_train_set"] == {"clean_images", "data_splits"}
     assert parents["augmented_train_set"] == {"balanced_train_set"}
@@ -57,8 +60,55 @@ def test_definitions_load_with_the_whole_graph():
 
 def test_every_asset_has_a_code_version():
     graph = defs.resolve_asset_graph()
-    missing = [key.to_user_string() for key in graph.get_all_asset_keys() if not graph.get(key).code_version]
+    missing = [key.to_user_string() for key in graph.materializable_asset_keys if not graph.get(key).code_version]
     assert missing == []
+
+
+def test_configurable_assets_fold_their_config_defaults_into_the_code_version():
+    graph = defs.resolve_asset_graph()
+    versions = {key.to_user_string(): graph.get(key).code_version for key in graph.materializable_asset_keys}
+    configured = {name for name, version in versions.items() if ".cfg-" in version}
+    assert {"duplicate_groups", "data_splits", "trained_model", "evaluation_report", "model_leaderboard"} <= configured
+    assert "raw_images" not in configured and "image_hashes" not in configured
+
+
+def test_every_asset_is_automated_and_the_project_sensor_runs_by_default():
+    graph = defs.resolve_asset_graph()
+    labels = {key.to_user_string(): graph.get(key).automation_condition.get_label() for key in graph.get_all_asset_keys()}
+    assert labels["raw_image_source"].startswith("observe (*/5")
+    assert labels["trained_model"] == labels["evaluation_report"] == "on_change_of_trained_models"
+    assert labels["model_leaderboard"] == labels["submission_package"] == "on_change_of_any_model"
+    assert {labels[name] for name in EXPECTED_ASSETS - {"trained_model", "evaluation_report", "model_leaderboard", "submission_package"}} == {"on_change"}
+
+    sensor = defs.resolve_sensor_def("bc_automation")
+    assert isinstance(sensor, dg.AutomationConditionSensorDefinition)
+    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
+    targeted = sensor.asset_selection.resolve(graph, allow_missing=False)
+    assert {key.to_user_string() for key in targeted} == EXPECTED_ASSETS | {"raw_image_source"}
+
+
+def _job_assets(job_name: str) -> set[str]:
+    job = defs.resolve_job_def(job_name)
+    return {key.to_user_string() for key in job.asset_layer.selected_asset_keys}
+
+
+def test_schedules_and_the_drop_folder_sensor_target_the_intended_jobs():
+    nightly, weekly = defs.resolve_schedule_def("nightly_evaluation"), defs.resolve_schedule_def("weekly_retrain")
+    assert (nightly.cron_schedule, nightly.job_name) == ("0 2 * * *", "nightly_evaluation")
+    assert (weekly.cron_schedule, weekly.job_name) == ("0 3 * * 0", "weekly_retrain")
+    assert nightly.default_status == dg.DefaultScheduleStatus.RUNNING
+    assert weekly.default_status == dg.DefaultScheduleStatus.STOPPED  # expensive: opt in where a GPU is
+    assert nightly.description and weekly.description
+    assert _job_assets("nightly_evaluation") == {"evaluation_report"}
+    assert _job_assets("weekly_retrain") == {"trained_model", "evaluation_report"}
+    for name in ("nightly_evaluation", "weekly_retrain"):
+        assert defs.resolve_job_def(name).partitions_def == defs.resolve_assets_def("trained_model").partitions_def
+
+    sensor = defs.resolve_sensor_def("raw_dataset_sensor")
+    assert sensor.job_name == "observe_raw_source"
+    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
+    assert sensor.minimum_interval_seconds == 30
+    assert defs.resolve_job_def("observe_raw_source").asset_layer.asset_graph.get(dg.AssetKey("raw_image_source")).is_observable
 
 
 def test_importing_definitions_does_not_import_tensorflow_or_keras():

@@ -12,6 +12,8 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
+from bc_pipeline import automation
+from bc_pipeline.assets._versions import with_config
 from bc_pipeline.assets import _metadata as md
 from bc_pipeline.lib import corruption, outliers
 from bc_pipeline.lib.artifacts import ImageSet
@@ -22,6 +24,7 @@ from bc_pipeline.resources import PipelineStorage
 
 @dg.asset(
     code_version="1",
+    automation_condition=automation.on_change(),
     group_name="anomalies",
     kinds={"parquet"},
     description="Stain tint and robust colour atypicality of every raw image (computed once per distinct image).",
@@ -65,7 +68,8 @@ class CorruptionConfig(dg.Config):
 
 
 @dg.asset(
-    code_version="1",
+    code_version=with_config("1", CorruptionConfig),
+    automation_condition=automation.on_change(),
     group_name="anomalies",
     kinds={"parquet"},
     description="Images that are a blend A = a*B + (1-a)*C of a clean cell B and a fixed template C: "
@@ -100,6 +104,7 @@ def corruption_report(
 
 @dg.asset(
     code_version="1",
+    automation_condition=automation.on_change(),
     group_name="anomalies",
     kinds={"numpy"},
     description="The recovered corruption templates (one per cluster of corrupted images), as images.",
@@ -142,7 +147,8 @@ class OutlierConfig(dg.Config):
 
 
 @dg.asset(
-    code_version="1",
+    code_version=with_config("1", OutlierConfig),
+    automation_condition=automation.on_change(),
     group_name="anomalies",
     kinds={"parquet"},
     description="Images that are not blood-cell images at all (and are not explained as blends).",

@@ -8,6 +8,8 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, field_validator
 
+from bc_pipeline import automation
+from bc_pipeline.assets._versions import with_config
 from bc_pipeline.assets import _metadata as md
 from bc_pipeline.assets.training import split_arrays
 from bc_pipeline.lib.artifacts import ImageSet, ShardSet
@@ -47,7 +49,8 @@ class RobustnessConfig(dg.Config):
 
 
 @dg.asset(
-    code_version="1",
+    code_version=with_config("1", AugmentConfig),
+    automation_condition=automation.on_change(),
     group_name="augmentation",
     kinds={"numpy", "tensorflow"},
     description="K augmented copies of the balanced training set as .npy shards, so training never waits on them.",
@@ -119,7 +122,8 @@ def shards_match_balanced_set(augmented_train_set: ShardSet, balanced_train_set:
 
 
 @dg.asset(
-    code_version="1",
+    code_version=with_config("1", RobustnessConfig),
+    automation_condition=automation.on_change(),
     group_name="augmentation",
     kinds={"numpy", "tensorflow"},
     description="The val and test splits perturbed once by each preset ('strong' emulates the hidden test set).",

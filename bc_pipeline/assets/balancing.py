@@ -7,6 +7,8 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
+from bc_pipeline import automation
+from bc_pipeline.assets._versions import with_config
 from bc_pipeline.assets import _metadata as md
 from bc_pipeline.assets.training import split_arrays
 from bc_pipeline.lib.artifacts import ImageSet
@@ -33,7 +35,8 @@ class BalanceConfig(dg.Config):
 
 
 @dg.asset(
-    code_version="1",
+    code_version=with_config("1", BalanceConfig),
+    automation_condition=automation.on_change(),
     group_name="balancing",
     kinds={"numpy", "parquet"},
     description="The training split, balanced by the configured strategy, with the class weights training uses.",

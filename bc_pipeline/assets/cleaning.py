@@ -4,6 +4,7 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
+from bc_pipeline import automation
 from bc_pipeline.assets import _metadata as md
 from bc_pipeline.lib.artifacts import ImageSet
 from bc_pipeline.lib.cleaning import removal_counts, select_clean
@@ -28,6 +29,7 @@ def flagged_images(outlier_report: pd.DataFrame, corruption_report: pd.DataFrame
 
 @dg.asset(
     code_version="2",
+    automation_condition=automation.on_change(),
     group_name="cleaning",
     kinds={"numpy", "parquet"},
     description="Raw images minus outliers, corrupted blends and label conflicts, one per exact-duplicate group.",

@@ -7,6 +7,8 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
+from bc_pipeline import automation
+from bc_pipeline.assets._versions import with_config
 from bc_pipeline.assets import _metadata as md
 from bc_pipeline.lib.artifacts import ImageSet
 from bc_pipeline.lib.dedup import duplicate_counts, find_duplicates, summarize_groups
@@ -18,6 +20,7 @@ from bc_pipeline.resources import PipelineStorage
 
 @dg.asset(
     code_version="1",
+    automation_condition=automation.on_change(),
     group_name="dedup",
     kinds={"parquet"},
     description="phash and dhash (64-bit, imagehash-compatible) of every raw image, cached by image id.",
@@ -76,7 +79,8 @@ class DuplicateConfig(dg.Config):
 
 
 @dg.asset(
-    code_version="1",
+    code_version=with_config("1", DuplicateConfig),
+    automation_condition=automation.on_change(),
     group_name="dedup",
     kinds={"parquet"},
     description="Exact (identical pixels) and near (Hamming distance) duplicate groups and label conflicts.",

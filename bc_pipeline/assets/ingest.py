@@ -1,19 +1,45 @@
-"""Stage 1: load the configured image source into one validated array and manifest."""
+"""Stage 1: observe the configured image source, and load it into one validated array and manifest."""
 
 import dagster as dg
 
+from bc_pipeline import automation
 from bc_pipeline.assets import _metadata as md
 from bc_pipeline.lib.artifacts import ImageSet
 from bc_pipeline.lib.bloodmnist import FetchError
 from bc_pipeline.lib.loaders import ImageSourceError
 from bc_pipeline.lib.plots import class_sample_grid
+from bc_pipeline.lib.source_version import snapshot
 from bc_pipeline.lib.storage import fingerprint
 from bc_pipeline.resources import ImageSource, PipelineStorage
 
 
+@dg.observable_source_asset(
+    group_name="ingest",
+    automation_condition=automation.observe_periodically(),
+    description=(
+        "The configured image source on disk (file or class folders), observed every 5 minutes, on "
+        "demand, and when a file lands in data/raw/. Its data version is a digest of the content: "
+        "adding, removing or editing an image changes it, touching a file does not."
+    ),
+)
+def raw_image_source(
+    context: dg.OpExecutionContext, image_source: ImageSource, storage: PipelineStorage
+) -> dg.ObserveResult:
+    try:
+        path = image_source.resolve_path(storage.root)
+    except ValueError as error:
+        raise dg.Failure(description=f"bad image source: {error}", allow_retries=False) from None
+    seen = snapshot(path)
+    context.log.info(f"{path}: {seen.files} files, {seen.bytes / 1e6:.1f} MB, version {seen.version}")
+    metadata = {"path": dg.MetadataValue.path(str(path)), "files": seen.files, "megabytes": round(seen.bytes / 1e6, 2)}
+    return dg.ObserveResult(data_version=dg.DataVersion(seen.version), metadata=metadata)
+
+
 @dg.asset(
     code_version="1",
+    automation_condition=automation.on_change(),
     group_name="ingest",
+    deps=[raw_image_source],
     kinds={"numpy", "parquet"},
     description="All source images as RGB uint8 at one size, with a manifest (id, source, label, size).",
 )

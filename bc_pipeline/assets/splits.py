@@ -5,6 +5,8 @@ import pandas as pd
 
 from pydantic import Field, model_validator
 
+from bc_pipeline import automation
+from bc_pipeline.assets._versions import with_config
 from bc_pipeline.assets import _metadata as md
 from bc_pipeline.lib.artifacts import ImageSet
 from bc_pipeline.lib.splits import (
@@ -32,7 +34,8 @@ class SplitConfig(dg.Config):
 
 
 @dg.asset(
-    code_version="1",
+    code_version=with_config("1", SplitConfig),
+    automation_condition=automation.on_change(),
     group_name="splits",
     kinds={"parquet"},
     description="Which clean image goes to train, val or test; near-duplicate groups never straddle splits.",

@@ -8,6 +8,8 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
+from bc_pipeline import automation
+from bc_pipeline.assets._versions import with_config
 from bc_pipeline.assets import _metadata as md
 from bc_pipeline.lib.artifacts import ImageSet, ShardSet
 from bc_pipeline.lib.model import weights_fingerprint
@@ -101,7 +103,8 @@ def class_weight_of(balanced: ImageSet) -> dict[int, float] | None:
 
 
 @dg.asset(
-    code_version="4",
+    code_version=with_config("4", TrainingConfig),
+    automation_condition=automation.per_model(),
     group_name="training",
     kinds={"tensorflow", "keras"},
     partitions_def=model_partitions,

@@ -1,0 +1,81 @@
+"""When the pipeline updates itself: the declarative automation conditions of every asset.
+
+One rule for every stage (``on_change``): an asset is requested when
+
+- the *data version* of one of its inputs changed (not merely a rerun: an upstream rerun that
+  produced identical content keeps its data version and so triggers nothing), or an input will
+  be requested on the same tick (so a change flows down the whole chain in one request);
+- its own code version changed (``code_version`` in the decorator, which for configurable
+  stages includes a fingerprint of the config defaults, see ``assets._versions``);
+- it went missing after automation started watching it (deleted from the UI, say);
+
+and never while an input is missing, in progress, or failed its latest run and is not being
+retried on this tick, nor while the asset itself is in progress.
+
+Two refinements keep the rule affordable:
+
+- models (``trained_model`` / ``evaluation_report`` partitions) are kept up to date only once a
+  person trained them (``per_model``): a new upstream version does not start training every
+  model of the zoo, and training runs in the ``gpu`` pool, one at a time;
+- the leaderboard and the submission compare the models that exist (``across_models``): missing
+  model partitions do not block them, but at least one must exist.
+
+The raw image source is observed every five minutes (``OBSERVE_CRON``) and on demand from the
+UI; the drop-folder sensor in ``sensors.py`` observes it as soon as a file lands in ``data/raw/``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import dagster as dg
+
+AC = dg.AutomationCondition
+OBSERVE_CRON = "*/5 * * * *"
+
+
+def deps_changed() -> dg.AutomationCondition:
+    """An input's data version changed (outside a run that also ran this asset), or it is requested now."""
+    changed_elsewhere = (AC.data_version_changed() & ~AC.executed_with_root_target()).with_label(
+        "data_version_changed"
+    )
+    return AC.any_deps_match(changed_elsewhere | AC.will_be_requested()).with_label("any_deps_changed")
+
+
+def _deps_failed() -> dg.AutomationCondition:
+    return AC.any_deps_match(AC.execution_failed() & ~AC.will_be_requested()).with_label("any_deps_failed")
+
+
+def _triggered() -> dg.AutomationCondition:
+    return (AC.newly_missing() | deps_changed() | AC.code_version_changed()).since_last_handled()
+
+
+def _not_blocked() -> dg.AutomationCondition:
+    return ~AC.any_deps_in_progress() & ~_deps_failed() & ~AC.in_progress()
+
+
+def on_change() -> dg.AutomationCondition:
+    """Eager on data versions and code versions; waits for missing, running or failed inputs."""
+    return (_triggered() & ~AC.any_deps_missing() & _not_blocked()).with_label("on_change")
+
+
+def per_model() -> dg.AutomationCondition:
+    """``on_change`` for the model partitions that exist: new models are trained on request only."""
+    return (on_change() & ~AC.missing()).with_label("on_change_of_trained_models")
+
+
+def across_models(model_assets: Sequence[str]) -> dg.AutomationCondition:
+    """``on_change`` for an asset that reads every partition of ``model_assets``.
+
+    Missing model partitions are the normal case (few of the zoo are trained) and must not block
+    it, but it needs at least one model to compare.
+    """
+    models = dg.AssetSelection.assets(*model_assets)
+    others_missing = AC.any_deps_missing().ignore(models)
+    some_model = AC.any_deps_match(~AC.missing() | AC.will_be_requested()).allow(models).with_label("any_model_exists")
+    return (_triggered() & ~others_missing & some_model & _not_blocked()).with_label("on_change_of_any_model")
+
+
+def observe_periodically(cron: str = OBSERVE_CRON) -> dg.AutomationCondition:
+    """For observable sources: observe once per cron tick, unless an observation is running."""
+    return (AC.cron_tick_passed(cron) & ~AC.in_progress()).with_label(f"observe ({cron})")

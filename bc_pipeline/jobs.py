@@ -1,0 +1,38 @@
+"""Asset jobs: named selections that schedules, sensors and people launch.
+
+The leaderboard and the submission are not in the model jobs: they read every model, so the
+automation sensor refreshes them once after all scheduled model runs have finished, instead of
+once per model.
+"""
+
+import dagster as dg
+
+from bc_pipeline.partitions import model_partitions
+
+observe_raw_source_job = dg.define_asset_job(
+    "observe_raw_source",
+    selection=dg.AssetSelection.assets("raw_image_source"),
+    description="Observe the raw image source: record the content version of the files on disk.",
+)
+
+nightly_evaluation_job = dg.define_asset_job(
+    "nightly_evaluation",
+    selection=dg.AssetSelection.assets("evaluation_report"),
+    partitions_def=model_partitions,
+    description=(
+        "Re-evaluate one trained model (a partition) on the current test and robustness sets: "
+        "clean and robust accuracy, TTA, confusion matrix, Grad-CAM."
+    ),
+)
+
+weekly_retrain_job = dg.define_asset_job(
+    "weekly_retrain",
+    selection=dg.AssetSelection.assets("trained_model", "evaluation_report"),
+    partitions_def=model_partitions,
+    description=(
+        "Retrain one model (a partition) from scratch on the current balanced and augmented sets, "
+        "then evaluate it. Training runs in the 'gpu' pool: one at a time."
+    ),
+)
+
+all_jobs = [observe_raw_source_job, nightly_evaluation_job, weekly_retrain_job]

@@ -1,0 +1,276 @@
+"""Declarative automation does exactly the work a change requires, proven on a real tiny subset.
+
+One instance in a temp dir lives through the scenarios in order (module fixture), as a user's
+``data/dagster_home`` would: a full materialization, a no-op tick, new images, an evaluation
+config change, an evaluation code change, and an upstream rerun with identical output. Each
+scenario evaluates the project's own automation conditions with ``evaluate_automation_conditions``
+and then runs exactly what was requested, as the automation sensor would.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from pydantic import Field
+
+from bc_pipeline.assets._versions import with_config
+from bc_pipeline.assets.evaluation import EvaluationConfig
+from bc_pipeline.definitions import all_asset_checks, all_assets, build_resources, defs as project_defs
+from bc_pipeline.jobs import all_jobs
+from bc_pipeline.lib.classes import CLASS_NAMES
+from bc_pipeline.resources import ImageSource
+from bc_pipeline.settings import PROJECT_ROOT
+from bc_pipeline_tests.conftest import pbc96_files
+
+MODEL = "custom_cnn"
+TINY_RUN_CONFIG = {
+    "ops": {
+        "augmented_train_set": {"config": {"copies": 1, "shard_size": 64}},
+        "robustness_eval_sets": {"config": {"policies": ["light"]}},
+        "trained_model": {"config": {"epochs": 1, "image_size": 32, "batch_size": 32}},
+        "evaluation_report": {"config": {"robust_policy": "light", "tta": False, "gradcam_per_class": 0}},
+    }
+}
+UNPARTITIONED = [
+    "raw_images",
+    "image_hashes",
+    "duplicate_groups",
+    "image_colour_stats",
+    "corruption_report",
+    "outlier_report",
+    "noise_templates",
+    "clean_images",
+    "data_splits",
+    "balanced_train_set",
+    "augmented_train_set",
+    "robustness_eval_sets",
+    "model_leaderboard",
+    "submission_package",
+]
+PER_MODEL = ["trained_model", "evaluation_report"]
+MATERIALIZABLE = dg.AssetSelection.all()  # every asset, not the observable source
+
+
+def _copy_images(files: list[tuple[Path, int]], root: Path) -> None:
+    for file, label in files:
+        target = root / CLASS_NAMES[label]
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy(file, target / file.name)
+
+
+class Pipeline:
+    """The project's definitions over a temp source, data dir and instance, ticked by hand."""
+
+    def __init__(self, source: Path, data_dir: Path, instance: dg.DagsterInstance):
+        self.source, self.instance = source, instance
+        self.resources = build_resources(str(data_dir), ImageSource(kind="folder", path=str(source), image_size=64))
+        self.assets = list(all_assets)
+        self.cursor = None
+        self.runs = 0
+        self.run_config = TINY_RUN_CONFIG
+
+    def defs(self) -> dg.Definitions:
+        return dg.Definitions(assets=self.assets, asset_checks=all_asset_checks, jobs=all_jobs, resources=self.resources)
+
+    def observe(self) -> None:
+        result = self.defs().resolve_job_def("observe_raw_source").execute_in_process(instance=self.instance)
+        assert result.success
+
+    def tick(self) -> dict[str, set]:
+        """One evaluation of every asset's condition; returns {asset: requested partitions}."""
+        result = dg.evaluate_automation_conditions(
+            defs=self.defs(), instance=self.instance, asset_selection=MATERIALIZABLE, cursor=self.cursor
+        )
+        self.cursor = result.cursor
+        return {
+            key.to_user_string(): result.get_requested_partitions(key)
+            for key in self.defs().resolve_asset_graph().get_all_asset_keys()
+            if result.get_num_requested(key)
+        }
+
+    def run(self, requested: dict[str, set]) -> dg.ExecuteInProcessResult:
+        """Execute a request in one run, with ``run_config`` (the sensor would use the defaults)."""
+        keys = {partition for partitions in requested.values() for partition in partitions} - {None}
+        assert keys <= {MODEL}, keys
+        result = dg.materialize(
+            [*self.assets, *all_asset_checks],
+            selection=list(requested),
+            partition_key=MODEL if keys else None,
+            resources=self.resources,
+            run_config={"ops": {k: v for k, v in self.run_config["ops"].items() if k in requested}},
+            instance=self.instance,
+        )
+        assert result.success
+        self.runs += 1
+        return result
+
+    def settle(self, max_ticks: int = 6) -> list[dict[str, set]]:
+        """Tick and run each request until a tick requests nothing, as the sensor would; the requests."""
+        requests = []
+        for _ in range(max_ticks):
+            requested = self.tick()
+            if not requested:
+                return requests
+            self.run(requested)
+            requests.append(requested)
+        raise AssertionError(f"still requesting after {max_ticks} ticks: {requests}")
+
+    def replace(self, name: str, **attributes) -> None:
+        """Swap one asset for a copy with other spec attributes (a new code version, say)."""
+        key = dg.AssetKey(name)
+        self.assets = [
+            a.map_asset_specs(lambda spec: spec.replace_attributes(**attributes))
+            if isinstance(a, dg.AssetsDefinition) and key in a.keys
+            else a
+            for a in self.assets
+        ]
+
+
+def _everything() -> dict[str, set]:
+    return {**{name: {None} for name in UNPARTITIONED}, **{name: {MODEL} for name in PER_MODEL}}
+
+
+def _once_each(requests: list[dict[str, set]]) -> dict[str, set]:
+    """Merge a sequence of requests, asserting that no asset partition was requested twice."""
+    merged: dict[str, set] = {}
+    for requested in requests:
+        for name, partitions in requested.items():
+            assert not merged.get(name, set()) & partitions, f"{name} {partitions} requested twice: {requests}"
+            merged.setdefault(name, set()).update(partitions)
+    return merged
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("automation")
+    source = root / "source"
+    _copy_images(pbc96_files(per_class=10, seed=1), source)
+    home = root / "dagster_home"
+    home.mkdir()
+    shutil.copy(PROJECT_ROOT / "bc_pipeline" / "instance" / "dagster.yaml", home / "dagster.yaml")
+    with dg.DagsterInstance.from_config(str(home)) as instance:  # the project's instance settings
+        pipe = Pipeline(source, root / "data", instance)
+        pipe.observe()
+        assert pipe.tick() == {}, "the first tick only starts watching"
+        pipe.run(_everything())
+        yield pipe
+
+
+def test_after_a_full_materialization_nothing_is_requested(pipeline: Pipeline):
+    assert pipeline.tick() == {}
+    start = time.perf_counter()
+    assert pipeline.tick() == {}
+    print(f"no-op evaluation of {len(UNPARTITIONED) + len(PER_MODEL)} assets: {time.perf_counter() - start:.2f}s")
+
+
+def test_touching_files_without_changing_them_requests_nothing(pipeline: Pipeline):
+    for file in sorted(pipeline.source.rglob("*.jpg"))[:5]:
+        file.touch()
+    pipeline.observe()
+    assert pipeline.tick() == {}
+
+
+def test_new_images_request_the_whole_chain_once(pipeline: Pipeline):
+    _copy_images(pbc96_files(per_class=2, seed=99), pipeline.source)
+    pipeline.observe()
+    requests = pipeline.settle()
+    assert _once_each(requests) == _everything(), "every stage once; of the models only the trained one"
+    # A run holds assets of one partitioning: the data stages, then the model, then the comparison.
+    assert [sorted(r) for r in requests] == [
+        sorted(set(UNPARTITIONED) - {"model_leaderboard", "submission_package"}),
+        ["evaluation_report", "trained_model"],
+        ["model_leaderboard", "submission_package"],
+    ]
+    print(f"new images: {len(requests)} runs, {sum(map(len, requests))} assets")
+
+
+def test_an_evaluation_config_change_requests_only_evaluation_and_what_follows(pipeline: Pipeline):
+    class TTAOnAllPolicies(EvaluationConfig):
+        tta_all_policies: bool = Field(default=True)
+
+    before = project_defs.resolve_asset_graph().get(dg.AssetKey("evaluation_report")).code_version
+    changed = with_config("3", TTAOnAllPolicies)
+    assert changed != before and changed.split(".")[0] == before.split(".")[0]
+    pipeline.replace("evaluation_report", code_version=changed)
+    ops = TINY_RUN_CONFIG["ops"]
+    pipeline.run_config = {"ops": {**ops, "evaluation_report": {"config": {**ops["evaluation_report"]["config"], "tta": True, "tta_all_policies": True}}}}
+    requests = pipeline.settle()
+    assert requests == [{"evaluation_report": {MODEL}}, {"model_leaderboard": {None}, "submission_package": {None}}]
+    print(f"evaluation config change: {len(requests)} runs, {sum(map(len, requests))} assets")
+
+
+def test_an_evaluation_code_version_bump_reruns_evaluation_only_while_its_output_is_unchanged(pipeline: Pipeline):
+    """A new code version reruns the evaluation; the same report (same data version) stops there."""
+    current = pipeline.defs().resolve_asset_graph().get(dg.AssetKey("evaluation_report")).code_version
+    pipeline.replace("evaluation_report", code_version="99." + current.split(".", 1)[1])
+    requests = pipeline.settle()
+    assert requests == [{"evaluation_report": {MODEL}}]
+    print(f"evaluation code bump: {len(requests)} runs, {sum(map(len, requests))} assets")
+
+
+def _input_versions(instance: dg.DagsterInstance, name: str) -> dict[str, str]:
+    """The input data versions recorded on an asset's latest materialization (what 'synced' compares)."""
+    tags = instance.get_latest_materialization_event(dg.AssetKey(name)).asset_materialization.tags
+    prefix = "dagster/input_data_version/"
+    return {key[len(prefix):]: value for key, value in tags.items() if key.startswith(prefix)}
+
+
+def test_an_identical_upstream_rerun_leaves_downstream_synced(pipeline: Pipeline):
+    result = pipeline.run({"raw_images": {None}, "image_hashes": {None}})
+    rerun = {e.asset_key.to_user_string(): e.materialization.tags["dagster/data_version"] for e in result.get_asset_materialization_events()}
+    assert pipeline.tick() == {}, "same data versions: nothing downstream is requested"
+    for name in ["duplicate_groups", "image_colour_stats", "corruption_report", "noise_templates", "clean_images"]:
+        recorded = _input_versions(pipeline.instance, name)
+        for upstream in {"raw_images", "image_hashes"} & set(recorded):
+            assert recorded[upstream] == rerun[upstream], f"{name} would show as unsynced against {upstream}"
+
+
+def test_re_evaluating_an_unchanged_model_leaves_the_leaderboard_alone(pipeline: Pipeline):
+    """What the nightly evaluation does to a model nothing changed for: no leaderboard or submission run."""
+    before = pipeline.instance.get_latest_data_version_record(dg.AssetKey("evaluation_report"), partition_key=MODEL)
+    pipeline.run({"evaluation_report": {MODEL}})
+    after = pipeline.instance.get_latest_data_version_record(dg.AssetKey("evaluation_report"), partition_key=MODEL)
+    assert after.storage_id != before.storage_id
+    assert after.asset_materialization.tags["dagster/data_version"] == before.asset_materialization.tags["dagster/data_version"]
+    assert pipeline.tick() == {}
+
+
+def test_schedules_request_one_run_per_trained_model(pipeline: Pipeline):
+    from bc_pipeline.schedules import nightly_evaluation, weekly_retrain
+
+    night = datetime(2026, 11, 23, 2, 0, tzinfo=timezone.utc)
+    context = dg.build_schedule_context(instance=pipeline.instance, scheduled_execution_time=night)
+    (evaluate,) = nightly_evaluation(context)
+    (retrain,) = weekly_retrain(context)
+    assert (evaluate.partition_key, retrain.partition_key) == (MODEL, MODEL), "only the model that was trained"
+    assert evaluate.run_key != retrain.run_key and "2026-11-23T02:00" in evaluate.run_key
+
+
+def test_schedules_without_a_trained_model_skip_or_train_the_default():
+    from bc_pipeline.schedules import nightly_evaluation, weekly_retrain
+
+    with dg.instance_for_test() as instance:
+        context = dg.build_schedule_context(instance=instance)
+        skipped = nightly_evaluation(context)
+        assert isinstance(skipped, dg.SkipReason) and "no trained model" in skipped.skip_message
+        assert [r.partition_key for r in weekly_retrain(context)] == [MODEL]
+
+
+def test_the_source_is_observed_on_each_five_minute_tick_only():
+    source = dg.AssetSelection.assets("raw_image_source")
+    start = datetime(2026, 11, 22, 10, 1, tzinfo=timezone.utc)
+    with dg.instance_for_test() as instance:
+        cursor, requested = None, []
+        for minutes in [0, 2, 5, 6, 8, 10]:
+            result = dg.evaluate_automation_conditions(
+                defs=project_defs, instance=instance, asset_selection=source,
+                evaluation_time=start + timedelta(minutes=minutes), cursor=cursor,
+            )  # fmt: skip
+            cursor = result.cursor
+            requested.append(result.total_requested)
+    assert requested == [0, 0, 1, 0, 0, 1], "10:06 and 10:11 follow the 10:05 and 10:10 ticks"
