@@ -59,6 +59,7 @@ test: install
 
 bench: install
 	$(PY) bench/bench_hashing.py
+	$(PY) bench/bench_incremental.py
 	$(PY) bench/bench_dedup.py
 	$(PY) bench/bench_anomalies.py
 	$(PY) bench/bench_augmentation.py

@@ -251,20 +251,28 @@ def test_planted_duplicates_and_conflicts_are_removed(pbc_subset_dir: Path, tmp_
     assert not conflicted_ids & set(clean.manifest["image_id"])
 
 
-def test_new_images_are_hashed_incrementally(pbc_subset_dir: Path, tmp_path: Path):
+def test_new_images_are_hashed_and_searched_incrementally(pbc_subset_dir: Path, tmp_path: Path):
     source_dir = tmp_path / "source"
     shutil.copytree(pbc_subset_dir, source_dir)
     source = ImageSource(kind="folder", path=str(source_dir))
-    first = _materialize(tmp_path / "data", source, ["raw_images", "image_hashes"])
+    stages = ["raw_images", "image_hashes", "duplicate_groups"]
+    first = _materialize(tmp_path / "data", source, stages)
     assert _metadata(first, "image_hashes")["hashed_now"].value == 320
+    distinct = _metadata(first, "duplicate_groups")["compared_now"].value
+    assert 300 < distinct <= 320
     existing = {p.name for p in source_dir.rglob("*.jpg")}
     new_files = [(f, label) for f, label in pbc96_files(per_class=60, seed=1) if f.name not in existing][:8]
     for file, label in new_files:
         shutil.copy(file, source_dir / CLASS_NAMES[label] / file.name)
-    second = _materialize(tmp_path / "data", source, ["raw_images", "image_hashes"])
+    second = _materialize(tmp_path / "data", source, stages)
     metadata = _metadata(second, "image_hashes")
     assert metadata["hashed_now"].value == 8
     assert metadata["from_cache"].value == 320
+    assert _metadata(second, "duplicate_groups")["compared_now"].value == 8
+    fresh = _materialize(tmp_path / "fresh", source, stages)  # no caches: everything again
+    assert _metadata(fresh, "duplicate_groups")["compared_now"].value == distinct + 8
+    stored = [read_artifact(root / "assets" / "duplicate_groups") for root in (tmp_path / "data", tmp_path / "fresh")]
+    pd.testing.assert_frame_equal(*stored)
 
 
 def test_bad_source_fails_with_a_clear_message(pbc_subset_dir: Path, tmp_path: Path):

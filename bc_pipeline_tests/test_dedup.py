@@ -16,8 +16,10 @@ from PIL import Image
 from bc_pipeline.lib.cleaning import EXACT_DUPLICATE, LABEL_CONFLICT, REMOVED_COLUMNS, removal_counts, select_clean
 from bc_pipeline.lib.dedup import (
     DUPLICATE_COLUMNS,
+    NearPairs,
     duplicate_counts,
     find_duplicates,
+    find_duplicates_cached,
     near_duplicate_pairs,
     summarize_groups,
 )
@@ -221,6 +223,38 @@ def test_find_duplicates_finds_every_near_group_and_nothing_else(planted: Plante
     assert (untouched["near_size"] == 1).all() and (untouched["exact_size"] == 1).all()
     # Every exact group lies inside one near group.
     assert (table.groupby("exact_group")["near_group"].nunique() == 1).all()
+
+
+@pytest.mark.parametrize("known_share", [0.0, 0.5, 0.9, 1.0])
+def test_a_search_that_reuses_cached_pairs_equals_a_full_search(planted: Planted, known_share: float) -> None:
+    """Whichever images were seen before (a share of every planted group among them), same result."""
+    ids, labels = np.asarray(planted.ids), np.asarray(planted.labels)
+    full = find_duplicates(ids, labels, planted.phash, planted.dhash, threshold=THRESHOLD)
+    seen = np.random.default_rng(3).random(len(ids)) < known_share
+    _, before, _ = find_duplicates_cached(
+        ids[seen], labels[seen], planted.phash[seen], planted.dhash[seen], threshold=THRESHOLD, known=None
+    )
+    before = NearPairs.from_frame(before.to_frame())  # through the cache's table form
+    table, after, compared = find_duplicates_cached(
+        ids, labels, planted.phash, planted.dhash, threshold=THRESHOLD, known=before
+    )
+    pd.testing.assert_frame_equal(table, full)
+    assert compared == len(set(ids) - set(ids[seen])), "only ids the cache lacks are compared"
+    assert sorted(after.ids) == sorted(set(ids))
+
+
+def test_cached_pairs_of_removed_images_or_another_threshold_are_not_used(planted: Planted) -> None:
+    ids, labels = np.asarray(planted.ids), np.asarray(planted.labels)
+    _, everything, _ = find_duplicates_cached(ids, labels, planted.phash, planted.dhash, threshold=THRESHOLD, known=None)
+    keep = np.ones(len(ids), dtype=bool)
+    keep[planted.plants["near_jpeg"][1:]] = False  # the near copy leaves: its partner is alone again
+    table, _, compared = find_duplicates_cached(
+        ids[keep], labels[keep], planted.phash[keep], planted.dhash[keep], threshold=THRESHOLD, known=everything
+    )
+    assert compared == 0
+    pd.testing.assert_frame_equal(table, find_duplicates(ids[keep], labels[keep], planted.phash[keep], planted.dhash[keep], threshold=THRESHOLD))
+    _, _, compared = find_duplicates_cached(ids, labels, planted.phash, planted.dhash, threshold=THRESHOLD + 1, known=everything)
+    assert compared == len(set(ids)), "a cache made at another threshold is ignored"
 
 
 def test_groups_are_numbered_by_first_appearance(planted: Planted) -> None:

@@ -11,7 +11,7 @@ from bc_pipeline import automation
 from bc_pipeline.assets._versions import with_config
 from bc_pipeline.assets import _metadata as md
 from bc_pipeline.lib.artifacts import ImageSet
-from bc_pipeline.lib.dedup import duplicate_counts, find_duplicates, summarize_groups
+from bc_pipeline.lib.dedup import NearPairs, duplicate_counts, find_duplicates_cached, summarize_groups
 from bc_pipeline.lib.hashing import HASH_ALGORITHM_VERSION, hash_hex, hash_with_cache
 from bc_pipeline.lib.plots import group_examples
 from bc_pipeline.lib.storage import fingerprint, save_parquet
@@ -59,13 +59,14 @@ def image_hashes(
     return dg.Output(hashes, data_version=dg.DataVersion(fingerprint(hashes)), metadata=metadata)
 
 
-def _read_cache(path, context: dg.AssetExecutionContext) -> pd.DataFrame | None:
+def _read_cache(path, context: dg.AssetExecutionContext, parse=lambda frame: frame):
+    """The parsed cache table at ``path``, or None when absent or unreadable."""
     if not path.exists():
         return None
     try:
-        return pd.read_parquet(path)
-    except Exception as error:  # a damaged cache only costs a rehash
-        context.log.warning(f"ignoring unreadable hash cache {path}: {error}")
+        return parse(pd.read_parquet(path))
+    except Exception as error:  # a damaged cache only costs recomputing what it held
+        context.log.warning(f"ignoring unreadable cache {path} (it will be rebuilt): {error}")
         return None
 
 
@@ -92,17 +93,22 @@ def duplicate_groups(
     image_hashes: pd.DataFrame,
     storage: PipelineStorage,
 ) -> dg.Output[pd.DataFrame]:
+    cache_path = storage.cache_dir() / f"near_pairs-{HASH_ALGORITHM_VERSION}.parquet"
+    known = _read_cache(cache_path, context, parse=NearPairs.from_frame)
     start = time.perf_counter()
-    table = find_duplicates(
+    table, pairs, compared = find_duplicates_cached(
         raw_images.manifest["image_id"],
         raw_images.manifest["label"],
         image_hashes["phash"].to_numpy(np.uint64),
         image_hashes["dhash"].to_numpy(np.uint64),
         threshold=config.threshold,
+        known=known,
     )
+    seconds = time.perf_counter() - start
+    save_parquet(cache_path, pairs.to_frame())
     counts = duplicate_counts(table)
-    context.log.info(f"duplicate search ({time.perf_counter() - start:.1f}s): {counts}")
-    metadata: dict = {**counts, "threshold": config.threshold}
+    context.log.info(f"duplicate search ({seconds:.1f}s, {compared} images compared, the rest cached): {counts}")
+    metadata: dict = {**counts, "threshold": config.threshold, "compared_now": compared, "search_seconds": round(seconds, 2)}
     for kind in ("exact", "near"):
         groups = summarize_groups(table, kind)
         metadata[f"largest_{kind}_groups"] = md.table(groups.head(20))

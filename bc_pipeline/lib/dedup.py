@@ -6,11 +6,17 @@
   middle) apart, which a single 64-bit hash does not always do. Pairs are found by a blocked,
   vectorised all-pairs Hamming comparison (XOR + popcount over a block of rows at a time, so
   memory stays at ``block * n`` bytes) and joined into groups by connected components.
+- The comparison is the expensive part (about 1.8 s for 14,416 images, every time). With a
+  :class:`NearPairs` cache from the previous run, only images whose id is new are compared (with
+  every image); pairs among known ids come from the cache, which is exact because an id is the
+  pixel content and so fixes both hashes.
 - A label conflict is one image (one exact group) seen with several labels: no split can hold a
   correct answer for it, so :mod:`bc_pipeline.lib.cleaning` drops it.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -55,6 +61,65 @@ def near_duplicate_pairs(
     return np.concatenate(left).astype(np.int64), np.concatenate(right).astype(np.int64)
 
 
+@dataclass(frozen=True)
+class NearPairs:
+    """Every pair among ``ids`` was compared at ``threshold``; ``near[i]`` lists the ids close to ``ids[i]``.
+
+    One row per image, so the cache is one table (Parquet) and can never cover ids without their pairs.
+    """
+
+    threshold: int
+    ids: np.ndarray
+    near: list[np.ndarray]
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame({"image_id": self.ids, "near": [list(n) for n in self.near]}).assign(threshold=self.threshold)
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame) -> NearPairs:
+        thresholds = frame["threshold"].unique()
+        if len(thresholds) > 1:
+            raise ValueError(f"a near-pair cache holds one threshold, found {sorted(thresholds)}")
+        threshold = int(thresholds[0]) if len(thresholds) else -1
+        ids = frame["image_id"].to_numpy(str)
+        return cls(threshold, ids, [np.asarray(n, dtype=str) for n in frame["near"]])
+
+
+def cached_near_pairs(
+    ids: np.ndarray, phash: np.ndarray, dhash: np.ndarray, threshold: int, known: NearPairs | None, *, block: int = 2048
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Like :func:`near_duplicate_pairs` over distinct ``ids``, comparing only ids that ``known`` lacks.
+
+    Returns (left, right, number of images compared afresh). Pairs are (i < j) index pairs, sorted.
+    """
+    n = len(ids)
+    position = pd.Series(np.arange(n), index=pd.Index(ids))
+    if known is None or known.threshold != threshold:
+        left, right = near_duplicate_pairs(phash, dhash, threshold, block=block)
+        return left, right, n
+    is_known = np.isin(ids, known.ids)
+    cached = [(position[a], position[b]) for a, near in zip(known.ids, known.near) if a in position for b in near if b in position]
+    fresh = np.flatnonzero(~is_known)
+    pairs = set((min(i, j), max(i, j)) for i, j in cached)
+    for start in range(0, len(fresh), block):
+        rows = fresh[start : start + block]
+        close = (hamming(phash[rows, None], phash[None, :]) <= threshold) & (hamming(dhash[rows, None], dhash[None, :]) <= threshold)
+        for r, j in zip(*np.nonzero(close)):
+            i = rows[r]
+            if i != j:
+                pairs.add((min(i, j), max(i, j)))
+    ordered = np.array(sorted(pairs), dtype=np.int64).reshape(-1, 2)
+    return ordered[:, 0], ordered[:, 1], len(fresh)
+
+
+def _as_near_pairs(ids: np.ndarray, left: np.ndarray, right: np.ndarray, threshold: int) -> NearPairs:
+    near: list[list[str]] = [[] for _ in ids]
+    for i, j in zip(left, right):
+        near[i].append(ids[j])
+        near[j].append(ids[i])
+    return NearPairs(threshold, np.asarray(ids, dtype=str), [np.asarray(n, dtype=str) for n in near])
+
+
 def _components(n: int, left: np.ndarray, right: np.ndarray) -> np.ndarray:
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
@@ -83,6 +148,19 @@ def find_duplicates(
     Groups are numbered by first appearance. Every image is in a group (singletons included), and
     every exact group lies inside one near group.
     """
+    return find_duplicates_cached(image_ids, labels, phash, dhash, threshold=threshold, known=None)[0]
+
+
+def find_duplicates_cached(
+    image_ids: np.ndarray | pd.Series,
+    labels: np.ndarray | pd.Series,
+    phash: np.ndarray,
+    dhash: np.ndarray,
+    *,
+    threshold: int = 4,
+    known: NearPairs | None,
+) -> tuple[pd.DataFrame, NearPairs, int]:
+    """:func:`find_duplicates` reusing the pairs of a previous run: (table, pairs to cache, images compared)."""
     if threshold < 0 or threshold > 64:
         raise ValueError(f"threshold must be between 0 and 64 bits, got {threshold}")
     ids = np.asarray(image_ids).astype(str)
@@ -95,7 +173,7 @@ def find_duplicates(
     exact = _renumber_by_first_appearance(exact)
     # Compare each distinct image once: representatives are the first member of each exact group.
     reps = np.sort(first_of_id)
-    left, right = near_duplicate_pairs(phash[reps], dhash[reps], threshold)
+    left, right, compared = cached_near_pairs(ids[reps], phash[reps], dhash[reps], threshold, known)
     near_of_rep = _components(len(reps), left, right)
     near = near_of_rep[exact]  # exact groups are numbered in the order of their representatives
 
@@ -106,7 +184,7 @@ def find_duplicates(
         grouped = table.groupby(f"{kind}_group")["label"]
         table[f"{kind}_size"] = grouped.transform("size").astype(np.int64)
         table[f"{kind}_conflict"] = grouped.transform("nunique").to_numpy() > 1
-    return table[DUPLICATE_COLUMNS]
+    return table[DUPLICATE_COLUMNS], _as_near_pairs(ids[reps], left, right, threshold), compared
 
 
 def summarize_groups(duplicates: pd.DataFrame, kind: str) -> pd.DataFrame:
