@@ -206,6 +206,19 @@ def test_outputs_carry_content_data_versions(full_run):
     assert len(set(versions.values())) == len(versions)
 
 
+def test_too_few_images_for_a_split_fail_with_a_clear_message(tmp_path: Path):
+    source_dir = tmp_path / "source"
+    for file, label in pbc96_files(per_class=6, seed=2):
+        (source_dir / CLASS_NAMES[label]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(file, source_dir / CLASS_NAMES[label] / file.name)
+    source = ImageSource(kind="folder", path=str(source_dir))
+    result = _materialize(tmp_path / "data", source, [*UP_TO_CLEAN, "data_splits"], raise_on_error=False)
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    message = failure.step_failure_data.user_failure_data.description
+    assert "split(s) would be empty" in message and "data_splits config" in message
+
+
 def test_split_checks_fail_on_leaky_splits():
     leaky = pd.DataFrame(
         {

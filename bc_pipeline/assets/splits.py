@@ -49,6 +49,16 @@ def data_splits(
     per_class = pd.crosstab(table["label"], table["split"]).reindex(columns=list(SPLITS), fill_value=0)
     sizes = table["split"].value_counts().reindex(list(SPLITS), fill_value=0)
     context.log.info(f"split sizes: {sizes.to_dict()}")
+    empty = [name for name in SPLITS if sizes[name] == 0]
+    if empty:
+        raise dg.Failure(
+            description=(
+                f"the {' and '.join(empty)} split(s) would be empty: {len(table)} clean images split "
+                f"{config.train}/{config.val}/{config.test} give {sizes.to_dict()}. Use more images or "
+                "larger val/test fractions (data_splits config)."
+            ),
+            allow_retries=False,
+        )
     metadata = {
         **{f"{name}_images": int(sizes[name]) for name in SPLITS},
         "per_class": md.table(per_class.rename_axis("label").reset_index()),
