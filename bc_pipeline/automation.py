@@ -14,14 +14,15 @@ retried on this tick, nor while the asset itself is in progress.
 
 Two refinements keep the rule affordable:
 
-- models (``trained_model`` / ``evaluation_report`` partitions) are kept up to date only once a
-  person trained them (``per_model``): a new upstream version does not start training every
-  model of the zoo, and training runs in the ``gpu`` pool, one at a time;
+- models (``trained_model`` partitions) are kept up to date only once a person trained them
+  (``per_model``): a new upstream version does not start training every model of the zoo, and
+  training runs in the ``gpu`` pool, one at a time. ``evaluation_report`` needs no such rule: a
+  missing model is a missing input, so it waits, and evaluates a model as soon as one is trained;
 - the leaderboard and the submission compare the models that exist (``across_models``): missing
   model partitions do not block them, but at least one must exist.
 
-The raw image source is observed every five minutes (``OBSERVE_CRON``) and on demand from the
-UI; the drop-folder sensor in ``sensors.py`` observes it as soon as a file lands in ``data/raw/``.
+The raw image source has no condition: ``raw_data_sensor`` (``sensors.py``) records an observation
+of it within 30 s of a change on disk, and 'Observe sources' in the UI does on demand.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from collections.abc import Sequence
 import dagster as dg
 
 AC = dg.AutomationCondition
-OBSERVE_CRON = "*/5 * * * *"
 
 
 def deps_changed() -> dg.AutomationCondition:
@@ -46,8 +46,9 @@ def _deps_failed() -> dg.AutomationCondition:
     return AC.any_deps_match(AC.execution_failed() & ~AC.will_be_requested()).with_label("any_deps_failed")
 
 
-def _triggered() -> dg.AutomationCondition:
-    return (AC.newly_missing() | deps_changed() | AC.code_version_changed()).since_last_handled()
+def _triggered(ignore: Sequence[str] = ()) -> dg.AutomationCondition:
+    changed = deps_changed().ignore(dg.AssetSelection.assets(*ignore)) if ignore else deps_changed()
+    return (AC.newly_missing() | changed | AC.code_version_changed()).since_last_handled()
 
 
 def _not_blocked() -> dg.AutomationCondition:
@@ -60,22 +61,21 @@ def on_change() -> dg.AutomationCondition:
 
 
 def per_model() -> dg.AutomationCondition:
-    """``on_change`` for the model partitions that exist: new models are trained on request only."""
+    """``on_change`` for the trained_model partitions that exist: new models are trained on request only."""
     return (on_change() & ~AC.missing()).with_label("on_change_of_trained_models")
 
 
-def across_models(model_assets: Sequence[str]) -> dg.AutomationCondition:
+def across_models(model_assets: Sequence[str], *, after_ranking: bool = False) -> dg.AutomationCondition:
     """``on_change`` for an asset that reads every partition of ``model_assets``.
 
     Missing model partitions are the normal case (few of the zoo are trained) and must not block
-    it, but it needs at least one model to compare.
+    it, but it needs at least one model to compare. ``after_ranking`` is for an asset that also
+    reads the leaderboard: model changes reach it only through the leaderboard (every new model
+    changes the ranking), so it runs once, after the ranking, not before it with a stale ranking
+    and again after.
     """
     models = dg.AssetSelection.assets(*model_assets)
     others_missing = AC.any_deps_missing().ignore(models)
     some_model = AC.any_deps_match(~AC.missing() | AC.will_be_requested()).allow(models).with_label("any_model_exists")
-    return (_triggered() & ~others_missing & some_model & _not_blocked()).with_label("on_change_of_any_model")
-
-
-def observe_periodically(cron: str = OBSERVE_CRON) -> dg.AutomationCondition:
-    """For observable sources: observe once per cron tick, unless an observation is running."""
-    return (AC.cron_tick_passed(cron) & ~AC.in_progress()).with_label(f"observe ({cron})")
+    triggered = _triggered(ignore=list(model_assets) if after_ranking else [])
+    return (triggered & ~others_missing & some_model & _not_blocked()).with_label("on_change_of_any_model")

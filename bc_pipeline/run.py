@@ -5,7 +5,8 @@
 The first model's run materializes everything; each further model's run only trains and
 evaluates it and refreshes the leaderboard and the submission, reusing the stored upstream
 assets. Runs go into the persistent Dagster instance (``DAGSTER_HOME``), so `make dev` shows them.
-Run config for assets outside a run's selection is left out of that run.
+Run config for assets outside a run's selection is left out of that run. After the whole graph,
+the raw source is observed, so `make dev`'s automation compares later changes with what was used.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         if not result.success:
             print(f"bc-run: the run for {model} failed; see the log above or `make dev` (run {result.run_id})", file=sys.stderr)
             return 1
+        if selection is None:
+            defs.resolve_job_def("observe_raw_source").execute_in_process(instance=instance)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Sensors: the automation sensor that runs the declarative conditions, and the drop-folder sensor.
+"""Sensors: the automation sensor that runs the declarative conditions, and the raw-data sensor.
 
 Both are on by default, so ``make dev`` keeps the pipeline up to date without clicking anything.
 """
@@ -6,60 +6,82 @@ Both are on by default, so ``make dev`` keeps the pipeline up to date without cl
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import dagster as dg
 
-from bc_pipeline.jobs import observe_raw_source_job
-from bc_pipeline.lib.source_version import changed_entries, folder_stamps, is_within, snapshot
+from bc_pipeline.assets.ingest import observation_metadata
+from bc_pipeline.lib.source_version import changed_entries, folder_stamps, snapshot, stamp_digest
 from bc_pipeline.resources import ImageSource, PipelineStorage
+
+SOURCE_KEY = dg.AssetKey("raw_image_source")
 
 automation_sensor = dg.AutomationConditionSensorDefinition(
     "bc_automation",
-    target=dg.AssetSelection.all(include_sources=True),
+    target=dg.AssetSelection.all(),
     default_status=dg.DefaultSensorStatus.RUNNING,
     minimum_interval_seconds=30,
     description=(
-        "Evaluates every asset's automation condition (bc_pipeline/automation.py) every 30 s: reruns "
-        "what changed data or code versions make out of date, observes the raw source every 5 minutes."
+        "Evaluates every asset's automation condition (bc_pipeline/automation.py) every 30 s and runs "
+        "what changed data versions or code versions make out of date."
     ),
 )
 
 
 @dg.sensor(
-    job=observe_raw_source_job,
     minimum_interval_seconds=30,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description=(
-        "Watches data/raw/: when a file of the configured source appears or changes there, observes the "
-        "source, and the automation sensor reruns the pipeline from raw_images. Other files are reported."
+        "Every 30 s: records an observation of raw_image_source when its content changed (a file added, "
+        "removed or edited, in data/raw/ or wherever the source is), so bc_automation reruns the pipeline "
+        "from raw_images. New files in data/raw/ that the pipeline does not read are reported here."
     ),
 )
-def raw_dataset_sensor(context: dg.SensorEvaluationContext, image_source: ImageSource, storage: PipelineStorage):
-    raw_dir = storage.root / "raw"
-    previous = json.loads(context.cursor) if context.cursor else {}
-    stamps = folder_stamps(raw_dir)
-    changed = changed_entries(previous.get("stamps", {}), stamps)
-    if not changed:
-        return dg.SkipReason(f"nothing new in {raw_dir}")
+def raw_data_sensor(context: dg.SensorEvaluationContext, image_source: ImageSource, storage: PipelineStorage):
     try:
         source = image_source.resolve_path(storage.root)
     except ValueError as error:
-        return dg.SkipReason(f"{len(changed)} changed file(s) in {raw_dir}, but the image source is unusable: {error}")
+        return dg.SkipReason(f"the image source is unusable: {error}")
+    previous = json.loads(context.cursor) if context.cursor else {}
+    recorded = _recorded_version(context.instance)
+    state = {"source": str(source), "stamps": stamp_digest(source), "version": previous.get("version")}
+    observation = None
+    if state["stamps"] != previous.get("stamps") or state["source"] != previous.get("source"):
+        seen = snapshot(source)
+        state["version"] = seen.version
+        # The first look at a never-observed source is a baseline: on a fresh instance, automation
+        # starts from what is there (as Dagster's eager does), it does not rebuild it unasked.
+        if seen.version != recorded and (previous or recorded is not None):
+            observation = dg.AssetObservation(
+                SOURCE_KEY, tags={"dagster/data_version": seen.version}, metadata=observation_metadata(seen)
+            )
+    raw_dir = storage.root / "raw"
+    state["others"] = folder_stamps(raw_dir, skip=source)
+    new_others = [name for name in changed_entries(previous.get("others", {}), state["others"]) if name in state["others"]]
+    cursor = json.dumps(state)
+    if observation is not None:
+        context.log.info(f"{source} changed: observed version {state['version']}")
+        return dg.SensorResult(asset_events=[observation], cursor=cursor)
+    context.update_cursor(cursor)
+    if new_others and previous:
+        return dg.SkipReason(_not_read_message(raw_dir, new_others, image_source, source))
+    if not previous and recorded is None:
+        return dg.SkipReason(f"watching {source} (version {state['version']}); it changes the pipeline from the next change on")
+    return dg.SkipReason(f"no change in {source} (version {state['version']})")
 
-    ours = [name for name in changed if is_within(raw_dir / name, source)]
-    others = [name for name in changed if name not in ours and name in stamps]
-    version = snapshot(source).version if ours else previous.get("version")
-    context.update_cursor(json.dumps({"stamps": stamps, "version": version}))
-    if ours and version != previous.get("version"):
-        context.log.info(f"{len(ours)} changed file(s) of the source {source}: observing it (version {version})")
-        return dg.RunRequest(run_key=f"raw-source-{version}", tags={"bc/trigger": "data/raw"})
-    if others:
-        return dg.SkipReason(
-            f"new or changed in {raw_dir}: {', '.join(others[:5])}{' ...' if len(others) > 5 else ''}; "
-            f"the pipeline reads {image_source.kind} {source}. To use a new file, point it there "
-            "(BC_SOURCE=npz|folder BC_SOURCE_PATH=<path>) and restart `make dev`."
-        )
-    return dg.SkipReason(f"{len(changed)} file(s) in {raw_dir} re-stamped, content unchanged (version {version})")
+
+def _recorded_version(instance: dg.DagsterInstance) -> str | None:
+    """The data version of the source's latest observation in this instance, if any."""
+    record = instance.get_latest_data_version_record(SOURCE_KEY, is_source=True)
+    return record.asset_observation.tags.get("dagster/data_version") if record and record.asset_observation else None
 
 
-all_sensors = [automation_sensor, raw_dataset_sensor]
+def _not_read_message(raw_dir: Path, names: list[str], image_source: ImageSource, source: Path) -> str:
+    shown = ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+    return (
+        f"new or changed in {raw_dir}: {shown}; the pipeline reads {image_source.kind} {source}. To use a "
+        "new file, point it there (BC_SOURCE=npz|folder BC_SOURCE_PATH=<path>) and restart `make dev`."
+    )
+
+
+all_sensors = [automation_sensor, raw_data_sensor]

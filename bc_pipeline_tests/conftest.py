@@ -67,3 +67,16 @@ def pbc_subset_arrays(pbc_subset_dir: Path) -> tuple[np.ndarray, np.ndarray]:
 
     loaded = load_folder(pbc_subset_dir, image_size=96)
     return loaded.images, loaded.manifest["label"].to_numpy()
+
+
+def tick_sensor(sensor, instance, cursor: str | None, resources: dict):
+    """One sensor tick as the daemon runs it: (result, next cursor), its asset events recorded."""
+    import dagster as dg
+
+    context = dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources)
+    result = sensor(context)
+    if isinstance(result, dg.SensorResult):
+        for event in result.asset_events:
+            instance.report_runless_asset_event(event)
+        return result, result.cursor
+    return result, context.cursor

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 
 import dagster as dg
@@ -25,7 +25,7 @@ from bc_pipeline.jobs import all_jobs
 from bc_pipeline.lib.classes import CLASS_NAMES
 from bc_pipeline.resources import ImageSource
 from bc_pipeline.settings import PROJECT_ROOT
-from bc_pipeline_tests.conftest import pbc96_files
+from bc_pipeline_tests.conftest import pbc96_files, tick_sensor
 
 MODEL = "custom_cnn"
 TINY_RUN_CONFIG = {
@@ -73,6 +73,7 @@ class Pipeline:
         self.cursor = None
         self.runs = 0
         self.run_config = TINY_RUN_CONFIG
+        self.sensor_cursor: str | None = None
 
     def defs(self) -> dg.Definitions:
         return dg.Definitions(assets=self.assets, asset_checks=all_asset_checks, jobs=all_jobs, resources=self.resources)
@@ -80,6 +81,12 @@ class Pipeline:
     def observe(self) -> None:
         result = self.defs().resolve_job_def("observe_raw_source").execute_in_process(instance=self.instance)
         assert result.success
+
+    def observe_as_sensor(self) -> None:
+        """One tick of raw_data_sensor, its observation recorded as the daemon records it."""
+        from bc_pipeline.sensors import raw_data_sensor
+
+        _, self.sensor_cursor = tick_sensor(raw_data_sensor, self.instance, self.sensor_cursor, self.resources)
 
     def tick(self) -> dict[str, set]:
         """One evaluation of every asset's condition; returns {asset: requested partitions}."""
@@ -156,6 +163,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory):
     with dg.DagsterInstance.from_config(str(home)) as instance:  # the project's instance settings
         pipe = Pipeline(source, root / "data", instance)
         pipe.observe()
+        pipe.observe_as_sensor()  # the sensor's first look
         assert pipe.tick() == {}, "the first tick only starts watching"
         pipe.run(_everything())
         yield pipe
@@ -171,13 +179,14 @@ def test_after_a_full_materialization_nothing_is_requested(pipeline: Pipeline):
 def test_touching_files_without_changing_them_requests_nothing(pipeline: Pipeline):
     for file in sorted(pipeline.source.rglob("*.jpg"))[:5]:
         file.touch()
-    pipeline.observe()
+    pipeline.observe_as_sensor()
+    pipeline.observe()  # and an observation on demand
     assert pipeline.tick() == {}
 
 
 def test_new_images_request_the_whole_chain_once(pipeline: Pipeline):
     _copy_images(pbc96_files(per_class=2, seed=99), pipeline.source)
-    pipeline.observe()
+    pipeline.observe_as_sensor()
     requests = pipeline.settle()
     assert _once_each(requests) == _everything(), "every stage once; of the models only the trained one"
     # A run holds assets of one partitioning: the data stages, then the model, then the comparison.
@@ -240,6 +249,14 @@ def test_re_evaluating_an_unchanged_model_leaves_the_leaderboard_alone(pipeline:
     assert pipeline.tick() == {}
 
 
+def test_a_model_trained_by_hand_is_evaluated_and_ranked_by_automation(pipeline: Pipeline):
+    """Training is the one step people start (automation never trains a new model); the rest follows."""
+    pipeline.instance.wipe_assets([dg.AssetKey("evaluation_report")])  # never evaluated
+    pipeline.run({"trained_model": {MODEL}})
+    requests = pipeline.settle()
+    assert requests == [{"evaluation_report": {MODEL}}, {"model_leaderboard": {None}, "submission_package": {None}}]
+
+
 def test_schedules_request_one_run_per_trained_model(pipeline: Pipeline):
     from bc_pipeline.schedules import nightly_evaluation, weekly_retrain
 
@@ -259,18 +276,3 @@ def test_schedules_without_a_trained_model_skip_or_train_the_default():
         skipped = nightly_evaluation(context)
         assert isinstance(skipped, dg.SkipReason) and "no trained model" in skipped.skip_message
         assert [r.partition_key for r in weekly_retrain(context)] == [MODEL]
-
-
-def test_the_source_is_observed_on_each_five_minute_tick_only():
-    source = dg.AssetSelection.assets("raw_image_source")
-    start = datetime(2026, 11, 22, 10, 1, tzinfo=timezone.utc)
-    with dg.instance_for_test() as instance:
-        cursor, requested = None, []
-        for minutes in [0, 2, 5, 6, 8, 10]:
-            result = dg.evaluate_automation_conditions(
-                defs=project_defs, instance=instance, asset_selection=source,
-                evaluation_time=start + timedelta(minutes=minutes), cursor=cursor,
-            )  # fmt: skip
-            cursor = result.cursor
-            requested.append(result.total_requested)
-    assert requested == [0, 0, 1, 0, 0, 1], "10:06 and 10:11 follow the 10:05 and 10:10 ticks"

@@ -74,17 +74,17 @@ def test_configurable_assets_fold_their_config_defaults_into_the_code_version():
 
 def test_every_asset_is_automated_and_the_project_sensor_runs_by_default():
     graph = defs.resolve_asset_graph()
-    labels = {key.to_user_string(): graph.get(key).automation_condition.get_label() for key in graph.get_all_asset_keys()}
-    assert labels["raw_image_source"].startswith("observe (*/5")
-    assert labels["trained_model"] == labels["evaluation_report"] == "on_change_of_trained_models"
+    labels = {key.to_user_string(): graph.get(key).automation_condition.get_label() for key in graph.materializable_asset_keys}
+    assert graph.get(dg.AssetKey("raw_image_source")).automation_condition is None  # observed by raw_data_sensor
+    assert labels["trained_model"] == "on_change_of_trained_models"
     assert labels["model_leaderboard"] == labels["submission_package"] == "on_change_of_any_model"
-    assert {labels[name] for name in EXPECTED_ASSETS - {"trained_model", "evaluation_report", "model_leaderboard", "submission_package"}} == {"on_change"}
+    assert {labels[name] for name in EXPECTED_ASSETS - {"trained_model", "model_leaderboard", "submission_package"}} == {"on_change"}
 
     sensor = defs.resolve_sensor_def("bc_automation")
     assert isinstance(sensor, dg.AutomationConditionSensorDefinition)
     assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
     targeted = sensor.asset_selection.resolve(graph, allow_missing=False)
-    assert {key.to_user_string() for key in targeted} == EXPECTED_ASSETS | {"raw_image_source"}
+    assert {key.to_user_string() for key in targeted} == EXPECTED_ASSETS
 
 
 def _job_assets(job_name: str) -> set[str]:
@@ -92,7 +92,7 @@ def _job_assets(job_name: str) -> set[str]:
     return {key.to_user_string() for key in job.asset_layer.selected_asset_keys}
 
 
-def test_schedules_and_the_drop_folder_sensor_target_the_intended_jobs():
+def test_schedules_target_the_intended_jobs_and_the_raw_data_sensor_runs_by_default():
     nightly, weekly = defs.resolve_schedule_def("nightly_evaluation"), defs.resolve_schedule_def("weekly_retrain")
     assert (nightly.cron_schedule, nightly.job_name) == ("0 2 * * *", "nightly_evaluation")
     assert (weekly.cron_schedule, weekly.job_name) == ("0 3 * * 0", "weekly_retrain")
@@ -104,11 +104,10 @@ def test_schedules_and_the_drop_folder_sensor_target_the_intended_jobs():
     for name in ("nightly_evaluation", "weekly_retrain"):
         assert defs.resolve_job_def(name).partitions_def == defs.resolve_assets_def("trained_model").partitions_def
 
-    sensor = defs.resolve_sensor_def("raw_dataset_sensor")
-    assert sensor.job_name == "observe_raw_source"
+    sensor = defs.resolve_sensor_def("raw_data_sensor")
     assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
     assert sensor.minimum_interval_seconds == 30
-    assert defs.resolve_job_def("observe_raw_source").asset_layer.asset_graph.get(dg.AssetKey("raw_image_source")).is_observable
+    assert _job_assets("observe_raw_source") == {"raw_image_source"}  # on demand, and by make run
 
 
 def test_importing_definitions_does_not_import_tensorflow_or_keras():

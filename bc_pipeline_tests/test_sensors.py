@@ -12,8 +12,8 @@ import pytest
 
 from bc_pipeline.lib.source_version import MISSING, changed_entries, folder_stamps, snapshot
 from bc_pipeline.resources import ImageSource, PipelineStorage
-from bc_pipeline.sensors import raw_dataset_sensor
-from bc_pipeline_tests.conftest import load_pbc96_arrays
+from bc_pipeline.sensors import raw_data_sensor
+from bc_pipeline_tests.conftest import load_pbc96_arrays, tick_sensor
 
 
 @pytest.fixture(scope="module")
@@ -78,55 +78,68 @@ def test_folder_stamps_report_added_removed_and_rewritten_files(tmp_path: Path):
     assert folder_stamps(tmp_path / "absent") == {}
 
 
-class DropFolder:
-    """Runs the sensor as the daemon would: same resources, cursor carried between ticks."""
+class SensorTicks:
+    """Runs raw_data_sensor as the daemon would: same resources and instance, cursor carried over,
+    and its observations recorded in the instance."""
 
-    def __init__(self, data_dir: Path, source: ImageSource):
+    def __init__(self, data_dir: Path, source: ImageSource, instance: dg.DagsterInstance):
         self.resources = {"image_source": source, "storage": PipelineStorage(data_dir=str(data_dir))}
+        self.instance = instance
         self.cursor: str | None = None
 
     def tick(self):
-        context = dg.build_sensor_context(cursor=self.cursor, resources=self.resources)
-        result = raw_dataset_sensor(context)
-        self.cursor = context.cursor
+        result, self.cursor = tick_sensor(raw_data_sensor, self.instance, self.cursor, self.resources)
         return result
 
+    def versions(self) -> list[str]:
+        records = self.instance.fetch_observations(dg.AssetKey("raw_image_source"), limit=100).records
+        return [r.asset_observation.tags["dagster/data_version"] for r in reversed(records)]
 
-def test_drop_sensor_observes_the_source_when_its_file_lands_or_changes(small_arrays, tmp_path: Path):
+
+def _observed(result) -> str:
+    assert isinstance(result, dg.SensorResult), result
+    (event,) = result.asset_events
+    assert isinstance(event, dg.AssetObservation) and event.asset_key == dg.AssetKey("raw_image_source")
+    return event.tags["dagster/data_version"]
+
+
+def test_sensor_observes_the_source_when_its_content_changes_not_when_touched(small_arrays, tmp_path: Path):
     images, labels = small_arrays
     raw = tmp_path / "data" / "raw"
     target = raw / "training_set.npz"
-    drop = DropFolder(tmp_path / "data", ImageSource(kind="npz", path=str(target)))
+    with dg.instance_for_test() as instance:
+        ticks = SensorTicks(tmp_path / "data", ImageSource(kind="npz", path=str(target)), instance)
+        first = ticks.tick()
+        assert isinstance(first, dg.SkipReason) and "watching" in first.skip_message, "a baseline, no rebuild unasked"
 
-    first = drop.tick()
-    assert isinstance(first, dg.SkipReason) and "nothing new" in first.skip_message
+        _write_npz(target, images, labels)
+        assert _observed(ticks.tick()) == snapshot(target).version, "the file landed"
+        assert isinstance(ticks.tick(), dg.SkipReason), "no second observation of the same content"
 
-    _write_npz(target, images, labels)
-    request = drop.tick()
-    assert isinstance(request, dg.RunRequest)
-    assert request.run_key == f"raw-source-{snapshot(target).version}"
-    assert isinstance(drop.tick(), dg.SkipReason), "no second request for the same file"
+        os.utime(target, ns=(10**9, 10**9))
+        touched = ticks.tick()
+        assert isinstance(touched, dg.SkipReason) and "no change" in touched.skip_message
 
-    os.utime(target, ns=(10**9, 10**9))
-    touched = drop.tick()
-    assert isinstance(touched, dg.SkipReason) and "content unchanged" in touched.skip_message
+        _write_npz(raw / "other_batch.npz", images[:4], labels[:4])
+        other = ticks.tick()
+        assert isinstance(other, dg.SkipReason)
+        assert "other_batch.npz" in other.skip_message and "BC_SOURCE_PATH" in other.skip_message
 
-    _write_npz(raw / "other_batch.npz", images[:4], labels[:4])
-    other = drop.tick()
-    assert isinstance(other, dg.SkipReason)
-    assert "other_batch.npz" in other.skip_message and "BC_SOURCE_PATH" in other.skip_message
-
-    _write_npz(target, images[::-1], labels[::-1])
-    again = drop.tick()
-    assert isinstance(again, dg.RunRequest) and again.run_key != request.run_key
+        _write_npz(target, images[::-1], labels[::-1])
+        second = _observed(ticks.tick())
+        versions = ticks.versions()
+        assert len(versions) == 2 and versions[-1] == second != versions[0], "one observation per content change"
 
 
-def test_drop_sensor_watches_a_class_folder_source_below_raw(pbc_subset_dir: Path, tmp_path: Path):
+def test_sensor_catches_changes_made_while_it_was_not_running(pbc_subset_dir: Path, tmp_path: Path):
     source = tmp_path / "data" / "raw" / "cells"
     shutil.copytree(pbc_subset_dir, source)
-    drop = DropFolder(tmp_path / "data", ImageSource(kind="folder", path=str(source)))
-    assert isinstance(drop.tick(), dg.RunRequest), "the first look observes what is there"
-    assert isinstance(drop.tick(), dg.SkipReason)
-    one = sorted(source.rglob("*.jpg"))[0]
-    shutil.copy(one, one.with_name("added_" + one.name))
-    assert isinstance(drop.tick(), dg.RunRequest)
+    with dg.instance_for_test() as instance:
+        instance.report_runless_asset_event(  # an observation from an earlier session (make run, say)
+            dg.AssetObservation("raw_image_source", tags={"dagster/data_version": snapshot(source).version})
+        )
+        one = sorted(source.rglob("*.jpg"))[0]
+        shutil.copy(one, one.with_name("added_" + one.name))  # while the daemon was down
+        fresh = SensorTicks(tmp_path / "data", ImageSource(kind="folder", path=str(source)), instance)
+        assert _observed(fresh.tick()) == snapshot(source).version, "the first tick compares with the instance"
+        assert isinstance(fresh.tick(), dg.SkipReason)

@@ -40,7 +40,7 @@ class EvaluationConfig(dg.Config):
 
 @dg.asset(
     code_version=with_config("3", EvaluationConfig),
-    automation_condition=automation.per_model(),
+    automation_condition=automation.on_change(),  # waits for its model: a missing input blocks it
     group_name="evaluation",
     kinds={"parquet", "markdown"},
     partitions_def=model_partitions,
@@ -217,7 +217,7 @@ class SubmissionConfig(dg.Config):
 
 @dg.asset(
     code_version=with_config("1", SubmissionConfig),
-    automation_condition=automation.across_models(["trained_model"]),
+    automation_condition=automation.across_models(["trained_model"], after_ranking=True),
     group_name="evaluation",
     kinds={"keras"},
     ins={"trained_model": dg.AssetIn(metadata=ALL_PARTITIONS)},

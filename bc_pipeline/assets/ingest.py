@@ -8,18 +8,27 @@ from bc_pipeline.lib.artifacts import ImageSet
 from bc_pipeline.lib.bloodmnist import FetchError
 from bc_pipeline.lib.loaders import ImageSourceError
 from bc_pipeline.lib.plots import class_sample_grid
-from bc_pipeline.lib.source_version import snapshot
+from bc_pipeline.lib.source_version import SourceSnapshot, snapshot
 from bc_pipeline.lib.storage import fingerprint
 from bc_pipeline.resources import ImageSource, PipelineStorage
 
 
+def observation_metadata(seen: SourceSnapshot) -> dict[str, dg.MetadataValue]:
+    """What an observation of the source records next to its data version."""
+    return {
+        "path": dg.MetadataValue.path(str(seen.path)),
+        "files": dg.MetadataValue.int(seen.files),
+        "megabytes": dg.MetadataValue.float(round(seen.bytes / 1e6, 2)),
+    }
+
+
 @dg.observable_source_asset(
     group_name="ingest",
-    automation_condition=automation.observe_periodically(),
     description=(
-        "The configured image source on disk (file or class folders), observed every 5 minutes, on "
-        "demand, and when a file lands in data/raw/. Its data version is a digest of the content: "
-        "adding, removing or editing an image changes it, touching a file does not."
+        "The configured image source on disk (file or class folders). raw_data_sensor records an "
+        "observation within 30 s of a change, and 'Observe sources' does on demand. Its data version "
+        "is a digest of the content: adding, removing or editing an image changes it, touching a "
+        "file does not."
     ),
 )
 def raw_image_source(
@@ -31,8 +40,7 @@ def raw_image_source(
         raise dg.Failure(description=f"bad image source: {error}", allow_retries=False) from None
     seen = snapshot(path)
     context.log.info(f"{path}: {seen.files} files, {seen.bytes / 1e6:.1f} MB, version {seen.version}")
-    metadata = {"path": dg.MetadataValue.path(str(path)), "files": seen.files, "megabytes": round(seen.bytes / 1e6, 2)}
-    return dg.ObserveResult(data_version=dg.DataVersion(seen.version), metadata=metadata)
+    return dg.ObserveResult(data_version=dg.DataVersion(seen.version), metadata=observation_metadata(seen))
 
 
 @dg.asset(

@@ -7,13 +7,15 @@ times, so touching or copying a file unchanged keeps the version, while adding, 
 renaming or editing an image changes it. Hidden entries (``.DS_Store``, ``.ipynb_checkpoints``)
 are ignored, as the folder loader ignores them.
 
-Hashing all 14,416 PBC JPEGs (69 MB) takes under a second, so observations simply rehash; the
-drop-folder sensor first compares cheap ``(size, mtime)`` stamps and only then hashes.
+Hashing all 14,416 PBC JPEGs (69 MB) takes about a second; the sensor that watches the source
+every 30 s first compares a digest of cheap ``(path, size, mtime)`` stamps (a third of that) and
+hashes content only when the stamps moved.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,18 +70,36 @@ def snapshot(path: Path) -> SourceSnapshot:
     return SourceSnapshot(path=path, version=digest.hexdigest(), files=len(files), bytes=total)
 
 
-def folder_stamps(folder: Path) -> dict[str, str]:
+def folder_stamps(folder: Path, skip: Path | None = None) -> dict[str, str]:
     """``{relative path: "size:mtime_ns"}`` of the non-hidden files below ``folder`` (empty if absent).
 
     A cheap listing to notice that *something* changed; the content digest then decides whether
-    anything really did.
+    anything really did. Files at or below ``skip`` are left out (whole folders are not walked).
     """
     folder = Path(folder)
+    skip = Path(skip).resolve() if skip is not None else None
     stamps = {}
-    for file in source_files(folder) if folder.is_dir() else []:
-        stat = file.stat()
-        stamps[file.relative_to(folder).as_posix()] = f"{stat.st_size}:{stat.st_mtime_ns}"
+    for root, dirs, files in os.walk(folder):
+        here = Path(root)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (skip and is_within(here / d, skip)))
+        for name in files:
+            file = here / name
+            if name.startswith(".") or (skip and is_within(file, skip)):
+                continue
+            stat = file.stat()
+            stamps[file.relative_to(folder).as_posix()] = f"{stat.st_size}:{stat.st_mtime_ns}"
     return stamps
+
+
+def stamp_digest(path: Path) -> str:
+    """A digest of the ``(relative path, size, mtime)`` stamps of a source file or folder."""
+    path = Path(path)
+    digest = hashlib.blake2b(digest_size=16)
+    for file in source_files(path):
+        stat = file.stat()
+        name = "" if file == path else file.relative_to(path).as_posix()
+        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 def changed_entries(before: dict[str, str], after: dict[str, str]) -> list[str]:
