@@ -143,3 +143,18 @@ def test_make_run_passes_each_run_only_the_config_of_its_assets_and_refuses_unkn
     with pytest.raises(SystemExit):
         main(["--models", "alexnet"])
     assert "unknown model(s) alexnet" in capsys.readouterr().err
+
+
+def test_the_shipped_instance_limits_the_gpu_pool_and_is_what_make_installs():
+    import yaml
+
+    from bc_pipeline.settings import PROJECT_ROOT
+
+    shipped = PROJECT_ROOT / "bc_pipeline" / "instance" / "dagster.yaml"
+    config = yaml.safe_load(shipped.read_text())
+    assert config["concurrency"]["pools"]["default_limit"] == 1
+    assert config["telemetry"]["enabled"] is False
+    makefile = (PROJECT_ROOT / "Makefile").read_text()
+    assert "cp bc_pipeline/instance/dagster.yaml $@" in makefile and "export DAGSTER_HOME := $(CURDIR)/data/dagster_home" in makefile
+    tracked = subprocess.run(["git", "ls-files", "data/dagster_home"], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    assert tracked.returncode != 0 or tracked.stdout.strip() == "", "a tracked data/dagster_home/dagster.yaml would shadow the shipped one"
