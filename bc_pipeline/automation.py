@@ -4,7 +4,8 @@ One rule for every stage (``on_change``): an asset is requested when
 
 - the *data version* of one of its inputs changed (not merely a rerun: an upstream rerun that
   produced identical content keeps its data version and so triggers nothing), or an input will
-  be requested on the same tick (so a change flows down the whole chain in one request);
+  be requested on the same tick (so a change flows down the chain in one run per partitioning:
+  the data stages, then each trained model with its evaluation, then leaderboard and submission);
 - its own code version changed (``code_version`` in the decorator, which for configurable
   stages includes a fingerprint of the config defaults, see ``assets._versions``);
 - it went missing after automation started watching it (deleted from the UI, say);
