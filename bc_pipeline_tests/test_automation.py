@@ -240,6 +240,24 @@ def test_an_identical_upstream_rerun_leaves_downstream_synced(pipeline: Pipeline
             assert recorded[upstream] == rerun[upstream], f"{name} would show as unsynced against {upstream}"
 
 
+def test_a_code_bump_with_identical_output_upstream_of_the_random_stages_retrains_nothing(pipeline: Pipeline):
+    """The augmentation stages draw random samples; rerun on unchanged inputs they return the stored one."""
+    random_stages = ("augmented_train_set", "robustness_eval_sets")
+    before = {name: _data_version(pipeline.instance, name) for name in random_stages}
+    current = pipeline.defs().resolve_asset_graph().get(dg.AssetKey("data_splits")).code_version
+    pipeline.replace("data_splits", code_version="99." + current.split(".", 1)[1])
+    requests = pipeline.settle()
+    assert [sorted(r) for r in requests] == [["augmented_train_set", "balanced_train_set", "data_splits", "robustness_eval_sets"]]
+    for name in random_stages:
+        stored = pipeline.instance.get_latest_materialization_event(dg.AssetKey(name)).asset_materialization
+        assert stored.metadata["reused_stored_sample"].value is True, name
+        assert _data_version(pipeline.instance, name) == before[name], "same sample, same data version"
+
+
+def _data_version(instance: dg.DagsterInstance, name: str) -> str:
+    return instance.get_latest_data_version_record(dg.AssetKey(name)).asset_materialization.tags["dagster/data_version"]
+
+
 def test_re_evaluating_an_unchanged_model_leaves_the_leaderboard_alone(pipeline: Pipeline):
     """What the nightly evaluation does to a model nothing changed for: no leaderboard or submission run."""
     before = pipeline.instance.get_latest_data_version_record(dg.AssetKey("evaluation_report"), partition_key=MODEL)

@@ -1,5 +1,7 @@
 """Stage 4b: augmented copies of the balanced training set, and perturbed copies of val/test."""
 
+import os
+import shutil
 import time
 from typing import Literal
 
@@ -11,8 +13,9 @@ from pydantic import Field, field_validator
 from bc_pipeline import automation
 from bc_pipeline.assets._versions import with_config
 from bc_pipeline.assets import _metadata as md
+from bc_pipeline.assets._reuse import CONFIG_FINGERPRINT, config_fingerprint, unchanged_stored_output
 from bc_pipeline.assets.training import split_arrays
-from bc_pipeline.lib.artifacts import ImageSet, ShardSet
+from bc_pipeline.lib.artifacts import ImageSet, ShardSet, read_artifact
 from bc_pipeline.lib.augmentation import IMAGE_PRESETS, PRESETS, check_image_preset, make_augmenter
 from bc_pipeline.lib.plots import image_rows
 from bc_pipeline.lib.storage import fingerprint, save_npy
@@ -63,6 +66,14 @@ def augmented_train_set(
 ) -> dg.Output[ShardSet]:
     staging = storage.staging_dir("augmented_train_set")
     images, labels = balanced_train_set.images, balanced_train_set.manifest["label"].to_numpy(np.int64)
+    stored = unchanged_stored_output(context, config)
+    if stored is not None:
+        context.log.info(f"balanced set, config and code unchanged: reusing the stored sample {stored}")
+        value = _relinked(read_artifact(stored, what="augmented_train_set"), staging)
+        versions = [fingerprint(value.load(i)[0]) for i in range(len(value.manifest))]
+        metadata = {"reused_stored_sample": True, "images": len(value), CONFIG_FINGERPRINT: config_fingerprint(config)}
+        version = fingerprint(config.policy, labels, *versions)
+        return dg.Output(value, data_version=dg.DataVersion(version), metadata=metadata)
     rows, versions, seconds = [], [], 0.0
     spans = [(start, min(start + config.shard_size, len(images))) for start in range(0, len(images), config.shard_size)]
     for copy in range(config.copies):
@@ -91,6 +102,8 @@ def augmented_train_set(
         "shards": len(manifest),
         "images_per_second": round(total / seconds, 1) if seconds else 0.0,
         "augment_seconds": round(seconds, 1),
+        "reused_stored_sample": False,
+        CONFIG_FINGERPRINT: config_fingerprint(config),
     }
     if total:
         grid = _copies_grid(images, value, config.policy, seed=config.seed)
@@ -135,6 +148,12 @@ def robustness_eval_sets(
     data_splits: pd.DataFrame,
     storage: PipelineStorage,
 ) -> dg.Output[ImageSet]:
+    stored = unchanged_stored_output(context, config)
+    if stored is not None:
+        context.log.info(f"splits, config and code unchanged: reusing the stored perturbed sets {stored}")
+        value = read_artifact(stored, what="robustness_eval_sets")
+        metadata = {"reused_stored_sample": True, "images": len(value.images), CONFIG_FINGERPRINT: config_fingerprint(config)}
+        return dg.Output(value, data_version=dg.DataVersion(fingerprint(value.images, value.manifest)), metadata=metadata)
     splits = {split: split_arrays(clean_images, data_splits, split) for split in ("val", "test")}
     parts, frames = [], []
     for number, policy in enumerate(config.policies):
@@ -152,12 +171,24 @@ def robustness_eval_sets(
         "policies": dg.MetadataValue.json({p: PRESETS[p].description for p in config.policies}),
         "images": len(images),
         "images_per_split": dg.MetadataValue.json(manifest.groupby("split").size().div(len(config.policies)).astype(int).to_dict()),
+        "reused_stored_sample": False,
+        CONFIG_FINGERPRINT: config_fingerprint(config),
     }
     if len(images):
         grid = _policies_grid(clean_images, manifest, images, config.policies)
         metadata.update(md.image(grid, storage.report_dir("robustness_eval_sets") / "samples.png", "samples"))
     version = fingerprint(images, manifest)
     return dg.Output(ImageSet(images=images, manifest=manifest), data_version=dg.DataVersion(version), metadata=metadata)
+
+
+def _relinked(shards: ShardSet, staging) -> ShardSet:
+    """The stored shards hard-linked into ``staging`` (no copy), for the IO manager to move into place."""
+    for file in [*shards.manifest["file"], *shards.manifest["labels_file"]]:
+        try:
+            os.link(shards.directory / file, staging / file)
+        except OSError:  # another file system, or no hard links: copy
+            shutil.copy2(shards.directory / file, staging / file)
+    return ShardSet(directory=staging, manifest=shards.manifest.copy())
 
 
 def _copies_grid(images: np.ndarray, shards: ShardSet, policy: str, *, seed: int) -> bytes:
