@@ -167,6 +167,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory):
         pipe.observe_as_sensor()  # the sensor's first look
         assert pipe.tick() == {}, "the first tick only starts watching"
         pipe.run(_everything())
+        assert pipe.tick() == {}, "a full materialization leaves nothing to do"
         yield pipe
 
 

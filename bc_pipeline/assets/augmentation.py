@@ -71,7 +71,10 @@ def augmented_train_set(
         context.log.info(f"balanced set, config and code unchanged: reusing the stored sample {stored}")
         value = _relinked(read_artifact(stored, what="augmented_train_set"), staging)
         versions = [fingerprint(value.load(i)[0]) for i in range(len(value.manifest))]
-        metadata = {"reused_stored_sample": True, "images": len(value), CONFIG_FINGERPRINT: config_fingerprint(config)}
+        metadata = {
+            "reused_stored_sample": True, "policy": config.policy, "copies": config.copies, "images": len(value),
+            "shards": len(value.manifest), CONFIG_FINGERPRINT: config_fingerprint(config),
+        }  # fmt: skip
         version = fingerprint(config.policy, labels, *versions)
         return dg.Output(value, data_version=dg.DataVersion(version), metadata=metadata)
     rows, versions, seconds = [], [], 0.0
