@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MISSING = "missing"
-DATASET_SUFFIXES = frozenset({".npz"})
 _CHUNK = 1 << 20
 
 
