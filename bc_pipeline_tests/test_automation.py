@@ -36,23 +36,10 @@ TINY_RUN_CONFIG = {
         "evaluation_report": {"config": {"robust_policy": "light", "tta": False, "gradcam_per_class": 0}},
     }
 }
-UNPARTITIONED = [
-    "raw_images",
-    "image_hashes",
-    "duplicate_groups",
-    "image_colour_stats",
-    "corruption_report",
-    "outlier_report",
-    "noise_templates",
-    "clean_images",
-    "data_splits",
-    "balanced_train_set",
-    "augmented_train_set",
-    "robustness_eval_sets",
-    "model_leaderboard",
-    "submission_package",
-]
-PER_MODEL = ["trained_model", "evaluation_report"]
+_GRAPH = project_defs.resolve_asset_graph()  # test_definitions pins the exact set of assets
+UNPARTITIONED = sorted(k.to_user_string() for k in _GRAPH.materializable_asset_keys if not _GRAPH.get(k).partitions_def)
+PER_MODEL = sorted(k.to_user_string() for k in _GRAPH.materializable_asset_keys if _GRAPH.get(k).partitions_def)
+assert len(UNPARTITIONED) == 14 and PER_MODEL == ["evaluation_report", "trained_model"]
 MATERIALIZABLE = dg.AssetSelection.all()  # every asset, not the observable source
 
 
