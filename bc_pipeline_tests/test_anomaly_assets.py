@@ -14,7 +14,8 @@ from bc_pipeline.lib.corruption import psnr
 from bc_pipeline.resources import ImageSource
 from bc_pipeline.settings import shared_datasets_dir
 from bc_pipeline_tests.test_assets import UP_TO_CLEAN, _materialize, _metadata
-from bc_pipeline_tests.test_corruption import draw_templates
+from bc_pipeline.lib import challenge_files as cf
+from bc_pipeline_tests.conftest import load_pbc96_arrays
 
 STAGE = [*UP_TO_CLEAN, "noise_templates", "data_splits"]
 
@@ -45,7 +46,11 @@ def test_an2dl_injected_images_are_all_flagged_and_templates_recovered(an2dl_run
     flagged = set(corrupted["index"]) | set(found_outliers["index"])
     injected = set(np.flatnonzero(~clean_part.to_numpy()))
     assert flagged == injected
-    assert not set(corrupted["index"]) & set(found_outliers["index"])
+    blends = corrupted[corrupted["kind"] == "blend"]
+    assert not set(blends["index"]) & set(found_outliers["index"])
+    # The copies of the photographs are the templates' copies, reported by both stages.
+    copies = set(corrupted.loc[corrupted["kind"] == "template copy", "index"])
+    assert copies == set(found_outliers["index"])
 
     templates = result.output_for_node("noise_templates")
     assert templates.dtype == np.uint8 and templates.shape[1:] == (96, 96, 3) and len(templates) >= 1
@@ -93,8 +98,8 @@ def test_clean_source_gives_empty_reports(pbc_subset_dir: Path, tmp_path: Path):
 
 def test_source_of_non_cell_pictures_fails_with_a_clear_message(tmp_path: Path):
     rng = np.random.default_rng(5)
-    templates = draw_templates()
-    pictures = np.stack([np.roll(templates[i % 2], int(rng.integers(0, 96)), axis=i % 2) for i in range(60)])
+    nothing = np.zeros((1, 96, 96, 3), np.uint8)
+    pictures = np.stack([cf.make_template(["photo", "texture", "drawing"][i % 3], rng, nothing) for i in range(60)])
     path = tmp_path / "photos.npz"
     np.savez(path, images=pictures, labels=rng.integers(0, 8, size=60).astype(np.uint8))
     result = _materialize(tmp_path / "data", ImageSource(kind="npz", path=str(path)), STAGE, raise_on_error=False)
@@ -102,6 +107,32 @@ def test_source_of_non_cell_pictures_fails_with_a_clear_message(tmp_path: Path):
     (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     assert failure.step_key == "outlier_report"
     assert "do not look like stained blood smears" in failure.event_specific_data.error.message
+
+
+def test_a_file_built_with_other_pictures_is_cleaned_through_the_assets(tmp_path: Path):
+    """A shuffled file with stain-coloured and dark templates, varying weights, copies: nothing bad reaches a split."""
+    cells, labels = load_pbc96_arrays(per_class=60, seed=13)
+    spec = cf.FileSpec(templates=(cf.TemplateSpec(kind="stain", weight=0.75, jitter=0.08, bases=7, copies=4),
+                                  cf.TemplateSpec(kind="dark", weight=0.35, bases=5, repeats=(3, 6))),
+                       clean=420, seed=2)  # fmt: skip
+    planted = cf.build_file(cells, labels, spec)
+    path = planted.save(tmp_path / "challenge.npz")
+    result = _materialize(tmp_path / "data", ImageSource(kind="npz", path=str(path)), STAGE)
+    assert result.success
+    corrupted = result.output_for_node("corruption_report")
+    found_outliers = result.output_for_node("outlier_report")
+    bad = set(np.flatnonzero(planted.truth["kind"] != "clean").tolist())
+    assert set(corrupted["index"]) | set(found_outliers["index"]) == bad
+    assert corrupted["reason"].str.len().min() > 20
+    summary = _metadata(result, "noise_templates")["per_template"].value.records
+    assert sorted(r.data["blends"] for r in summary) == [5, 7]
+    templates = result.output_for_node("noise_templates")
+    for truth in planted.templates:
+        assert max(psnr(t, truth) for t in templates) >= 30.0
+    clean = result.output_for_node("clean_images")
+    assert not set(clean.manifest["raw_index"]) & bad
+    evaluations = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert evaluations["no_flagged_image_in_splits"] is True
 
 
 @pytest.mark.slow

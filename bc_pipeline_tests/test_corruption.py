@@ -1,8 +1,10 @@
-"""Outlier and corruption detection on planted data: real pbc96 cells, templates drawn here.
+"""The corruption / outlier stage on generated challenge-style files: real pbc96 cells, templates made in code.
 
-The planted set mimics the course file: clean cells, blends A = a*B + (1-a)*C of some of those cells
-with two templates (a != 0.5), each blend repeated with random labels, copies of unrelated
-pictures, everything shuffled to random positions.
+The files come from :mod:`bc_pipeline.lib.challenge_files`, with settings drawn at random from the
+ranges the stage must hold on (weights 0.2-0.85, fixed or varying by up to 0.1 per image; 1-6
+templates of every kind, stain-coloured ones included; 2-40 bases; 1-50 repeats with conflicting
+or agreeing labels; copies of the picture or none; rounding or truncation; any order). The seed
+list is fixed, so a failure names the file that breaks the stage.
 """
 
 from __future__ import annotations
@@ -10,146 +12,179 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image, ImageDraw
 
+from bc_pipeline.lib import blend_algebra as ba
+from bc_pipeline.lib import challenge_files as cf
 from bc_pipeline.lib import corruption, outliers
+from bc_pipeline.lib.anomalies import atypicality
 from bc_pipeline.lib.dedup import find_duplicates
 from bc_pipeline.lib.hashing import compute_hashes
+from bc_pipeline.lib.loaders import image_id
 from bc_pipeline_tests.conftest import load_pbc96_arrays
 
-
-def draw_templates(size: int = 96) -> np.ndarray:
-    """Two colourful pictures with nothing of a stained cell in them."""
-    y, x = np.mgrid[0:size, 0:size] / (size - 1)
-    sunset = np.stack([230 - 60 * y, 150 * (1 - y) + 40, 40 + 180 * y], axis=-1)
-    first = Image.fromarray(sunset.astype(np.uint8))
-    pen = ImageDraw.Draw(first)
-    pen.ellipse((20, 45, 60, 85), fill=(20, 20, 20))
-    pen.rectangle((62, 10, 90, 40), fill=(250, 240, 60))
-    stripes = np.zeros((size, size, 3))
-    stripes[..., 1] = 120 + 100 * (np.sin(x * 18) > 0)
-    stripes[..., 0] = 40 + 150 * x
-    stripes[..., 2] = 30
-    second = Image.fromarray(stripes.astype(np.uint8))
-    ImageDraw.Draw(second).polygon([(48, 5), (90, 90), (6, 90)], outline=(255, 255, 255), width=4)
-    return np.stack([np.asarray(first), np.asarray(second)])
+PROPERTY_SEEDS = list(range(100, 130))
 
 
-def blend(base: np.ndarray, template: np.ndarray, weight: float) -> np.ndarray:
-    return np.clip(np.rint(weight * base.astype(np.float64) + (1 - weight) * template), 0, 255).astype(np.uint8)
+@pytest.fixture(scope="module")
+def cells() -> tuple[np.ndarray, np.ndarray]:
+    """800 real cells (100 per class) to build files from."""
+    return load_pbc96_arrays(per_class=100, seed=21)
 
 
-def plant(weight: float, seed: int = 0):
-    """Clean cells + blends + outlier copies, shuffled. Returns (images, labels, truth frame, templates)."""
-    rng = np.random.default_rng(seed)
-    clean, clean_labels = load_pbc96_arrays(per_class=50, seed=seed)
-    templates = draw_templates()
-    images, labels, kinds, bases, template_of = list(clean), list(clean_labels), ["clean"] * len(clean), [-1] * len(clean), [-1] * len(clean)
-    for t, template in enumerate(templates):
-        for base in rng.choice(len(clean), size=8, replace=False):
-            picture = blend(clean[base], template, weight)
-            for _ in range(rng.integers(1, 4)):  # each blend repeated, with random labels
-                images.append(picture)
-                labels.append(int(rng.integers(0, 8)))
-                kinds.append("corrupted")
-                bases.append(int(base))
-                template_of.append(t)
-        for _ in range(3):  # the unrelated picture itself, repeated: an outlier
-            images.append(template)
-            labels.append(int(rng.integers(0, 8)))
-            kinds.append("outlier")
-            bases.append(-1)
-            template_of.append(t)
-    order = rng.permutation(len(images))
-    truth = pd.DataFrame({"kind": kinds, "base": bases, "template": template_of}).iloc[order].reset_index(drop=True)
-    # Bases were numbered before shuffling: map them to their new positions.
-    new_position = np.empty(len(order), dtype=np.int64)
-    new_position[order] = np.arange(len(order))
-    truth["base"] = [new_position[b] if b >= 0 else -1 for b in truth["base"]]
-    return np.stack(images)[order], np.asarray(labels)[order], truth, templates
-
-
-def detect(images: np.ndarray, labels: np.ndarray):
-    ids = pd.Series([corruption_id(x) for x in images])
+def detect(images: np.ndarray, labels: np.ndarray) -> outliers.AnomalyResult:
+    ids = pd.Series([image_id(x) for x in images])
     phash, dhash = compute_hashes(images, workers=1)
-    duplicates = find_duplicates(ids, labels, phash, dhash)
-    stats = outliers.colour_stats(images, duplicates)
-    candidates, pool = outliers.candidates_and_pool(stats, outliers.CANDIDATE_ATYPICALITY)
-    result = corruption.find_corruptions(images, candidates, pool)
-    report = outliers.expand_to_copies(result.report, stats)
-    found_outliers = outliers.find_outliers(stats, corrupted=report["index"].to_numpy())
-    return stats, result, report, found_outliers
+    return outliers.detect(images, find_duplicates(ids, labels, phash, dhash))
 
 
-def corruption_id(pixels: np.ndarray) -> str:
-    from bc_pipeline.lib.loaders import image_id
-
-    return image_id(pixels)
-
-
-@pytest.fixture(scope="module", params=[0.62, 0.4], ids=["a=0.62", "a=0.40"])
-def planted(request):
-    images, labels, truth, templates = plant(weight=request.param, seed=int(request.param * 100))
-    return request.param, images, truth, templates, detect(images, labels)
+def describe(spec: cf.FileSpec) -> str:
+    return "; ".join(f"{t.kind} a={t.weight:.2f}±{t.jitter:.2f} bases={t.bases} repeats={t.repeats} copies={t.copies}"
+                     for t in spec.templates) + f"; {spec.rounding}"  # fmt: skip
 
 
-def test_every_planted_image_is_found_and_no_clean_image_is_flagged(planted):
-    _, _, truth, _, (_, _, report, found_outliers) = planted
-    corrupted = set(truth.index[truth["kind"] == "corrupted"])
-    planted_outliers = set(truth.index[truth["kind"] == "outlier"])
-    assert set(report["index"]) == corrupted
-    assert set(found_outliers["index"]) == planted_outliers
-    clean = set(truth.index[truth["kind"] == "clean"])
-    assert not clean & (set(report["index"]) | set(found_outliers["index"]))
+@pytest.mark.parametrize("seed", PROPERTY_SEEDS)
+def test_random_challenge_files_are_cleaned_exactly(cells, seed: int):
+    spec = cf.random_spec(np.random.default_rng(seed), clean=560)
+    planted = cf.build_file(*cells, spec)
+    result = detect(planted.images, planted.labels)
+    score = cf.score_detection(planted, result.flagged(), result.report, result.templates)
+    assert score.clean_flagged == 0, describe(spec)
+    assert score.precision == 1.0 and score.recall >= 0.995, (score, describe(spec))
+    assert min(score.template_psnr) >= 30.0, (score.template_psnr, describe(spec))
+    assert score.weight_error <= 0.02, (score.weight_error, describe(spec))
+    # One recovered template per true one, and each flagged blend attributed to its own template.
+    truth = planted.truth
+    blends = result.report[result.report["kind"] == corruption.BLEND]
+    pairs = pd.crosstab(truth["template"].to_numpy()[blends["index"]], blends["template"].to_numpy())
+    assert len(result.templates) == len(planted.templates), describe(spec)
+    assert (pairs.astype(bool).sum(axis=0) == 1).all() and (pairs.astype(bool).sum(axis=1) == 1).all()
+    # The base found is the planted cell (or a pixel-identical copy of it).
+    for found, planted_base in zip(blends["base_index"], truth["base"].to_numpy()[blends["index"]]):
+        np.testing.assert_array_equal(planted.images[found], planted.images[planted_base])
 
 
-def test_blend_weight_and_base_are_recovered(planted):
-    weight, images, truth, _, (_, _, report, _) = planted
-    assert np.all(np.abs(report["weight"] - weight) <= 0.02), report["weight"].describe()
-    expected_base = truth.loc[report["index"], "base"].to_numpy()
-    # The base found is the planted cell (same pixels; a duplicate of it would do as well).
-    for found, planted_base in zip(report["base_index"], expected_base):
-        np.testing.assert_array_equal(images[found], images[planted_base])
+def test_every_report_row_says_why(cells):
+    spec = cf.FileSpec(templates=(cf.TemplateSpec(kind="stain", weight=0.6, bases=6, copies=2),), clean=300, seed=4)
+    planted = cf.build_file(*cells, spec)
+    result = detect(planted.images, planted.labels)
+    report = result.report
+    assert set(report["kind"]) == {corruption.BLEND, corruption.COPY}
+    blend = report[report["kind"] == corruption.BLEND].iloc[0]
+    assert f"blend of image {blend['base_index']} (cell share {blend['weight']:.3f}) with template 0" in blend["reason"]
+    assert (report["residual_rms"] <= 3 * report["expected_rms"]).all()
+    copies = result.outliers[result.outliers["reason"].str.startswith("copy of template 0")]
+    assert len(copies) == 2
+    summary = result.corruption.template_summary.iloc[0]
+    assert (summary["blends"], summary["copies"]) == (6, 1)  # two copies of the picture, one distinct image
+    assert abs(summary["weight_median"] - 0.6) < 0.005
 
 
-def test_each_template_is_recovered_with_psnr_at_least_30db(planted):
-    _, images, truth, templates, (_, result, report, _) = planted
-    recovered = corruption.templates_from_report(images, report)
-    assert len(recovered) == len(templates) == len(result.templates)
-    for t, template in enumerate(templates):
-        # The recovered template whose members were blended with planted template t.
-        members = truth.loc[report["index"], "template"].to_numpy()
-        (ids,) = np.unique(report.loc[members == t, "template"]).reshape(1, -1)
-        assert len(ids) == 1, "one planted template must map to one recovered template"
-        assert corruption.psnr(recovered[ids[0]], template) >= 30.0
-    # Each corrupted image belongs to exactly the template it was blended with.
-    pairs = pd.crosstab(truth.loc[report["index"], "template"].to_numpy(), report["template"].to_numpy())
-    assert (pairs.astype(bool).sum(axis=1) == 1).all()
+def test_stain_coloured_templates_pass_every_colour_test(cells):
+    """Why colour cannot be what finds the candidates: such templates look stained to the colour statistics."""
+    rng = np.random.default_rng(0)
+    stain = np.stack([cf.make_template("stain", rng, cells[0]) for _ in range(20)])
+    photos = np.stack([cf.make_template("photo", rng, cells[0]) for _ in range(20)])
+    score = atypicality(np.concatenate([cells[0], stain, photos]))
+    assert score[-40:-20].max() < outliers.OUTLIER_ATYPICALITY < score[-20:].min()
+    spec = cf.FileSpec(templates=(cf.TemplateSpec(kind="stain", weight=0.3, bases=8),), clean=400, seed=9)
+    planted = cf.build_file(*cells, spec)
+    stats = detect(planted.images, planted.labels).stats
+    blends = planted.truth["kind"].to_numpy() == "corrupted"
+    assert stats["atypicality"].to_numpy()[blends].max() < outliers.OUTLIER_ATYPICALITY
 
 
-def test_clean_images_alone_give_empty_reports():
-    images, labels = load_pbc96_arrays(per_class=40, seed=7)
-    stats, result, report, found_outliers = detect(images, labels)
-    assert report.empty and found_outliers.empty
-    assert len(result.templates) == 0
-    assert corruption.templates_from_report(images, report).shape == (0, 96, 96, 3)
-    assert outliers.tinted_share(stats) > outliers.MIN_TINTED_SHARE
+def test_bases_missing_from_the_file(cells):
+    """Half the bases absent: exact blends and the templates are found; so are template-dominated blends
+    of the missing bases (of pictures unlike cells), never a clean cell. Cell-dominated blends of
+    missing bases sit among the cells: the limit."""
+    for weight, least_found in [(0.3, 0.5), (0.8, 0.0)]:
+        spec = cf.FileSpec(templates=(cf.TemplateSpec(kind="photo", weight=weight, bases=10),
+                                      cf.TemplateSpec(kind="photo", weight=weight, bases=10, copies=2)),
+                           clean=500, missing_bases=0.5, seed=3)  # fmt: skip
+        planted = cf.build_file(*cells, spec)
+        result = detect(planted.images, planted.labels)
+        score = cf.score_detection(planted, result.flagged(), result.report, result.templates)
+        truth = planted.truth
+        blend = truth["kind"] == "corrupted"
+        present = set(np.flatnonzero(blend & (truth["base"] >= 0)).tolist())
+        absent = set(np.flatnonzero(blend & (truth["base"] < 0)).tolist())
+        flagged = set(result.flagged().tolist())
+        assert score.clean_flagged == 0
+        assert present <= set(result.report.loc[result.report["kind"] == corruption.BLEND, "index"].tolist())
+        assert min(score.template_psnr) >= 30.0
+        assert len(flagged & absent) >= least_found * len(absent)
+
+
+def test_no_base_in_the_file_flags_nothing_wrongly(cells):
+    spec = cf.FileSpec(templates=(cf.TemplateSpec(kind="stain", weight=0.5, bases=10),), clean=500, missing_bases=1.0)
+    planted = cf.build_file(*cells, spec)
+    result = detect(planted.images, planted.labels)
+    assert cf.score_detection(planted, result.flagged(), result.report, result.templates).clean_flagged == 0
+
+
+def test_clean_images_alone_give_empty_reports(cells):
+    images, labels = cells
+    result = detect(images, labels)
+    assert result.report.empty and result.outliers.empty
+    assert len(result.corruption.templates) == 0
+    assert corruption.templates_from_report(images, result.report).shape == (0, 96, 96, 3)
+    assert outliers.tinted_share(result.stats) > outliers.MIN_TINTED_SHARE
+
+
+@pytest.mark.slow
+def test_all_of_pbc96_is_clean(pbc96_dir):
+    """Real smears hold odd but genuine cells; none of the 14,416 may look like a blend."""
+    from bc_pipeline.lib.loaders import load_folder
+
+    loaded = load_folder(pbc96_dir)
+    result = detect(loaded.images, loaded.manifest["label"].to_numpy())
+    assert result.report.empty and result.outliers.empty
 
 
 def test_a_set_of_non_cell_pictures_is_recognised_as_not_a_smear_data_set():
     rng = np.random.default_rng(3)
-    templates = draw_templates()
-    pictures = [np.roll(templates[i % 2], shift=int(rng.integers(0, 96)), axis=1) for i in range(40)]
-    pictures = [np.clip(p.astype(int) + rng.integers(-20, 20, size=3), 0, 255).astype(np.uint8) for p in pictures]
-    stats, _, _, _ = detect(np.stack(pictures), rng.integers(0, 8, size=40))
-    assert outliers.tinted_share(stats) < outliers.MIN_TINTED_SHARE
+    pictures = np.stack([cf.make_template(["photo", "texture", "drawing"][i % 3], rng, np.zeros((1, 96, 96, 3), np.uint8))
+                         for i in range(40)])  # fmt: skip
+    result = detect(pictures, rng.integers(0, 8, size=40))
+    assert outliers.tinted_share(result.stats) < outliers.MIN_TINTED_SHARE
 
 
-def test_leave_one_out_rejects_a_template_fitted_to_two_unrelated_cells():
-    images, _ = load_pbc96_arrays(per_class=20, seed=11)
-    # Two clean cells offered as the only candidates: a free template could average them together.
-    result = corruption.find_corruptions(images, candidates=np.array([0, 1]), pool=np.arange(2, len(images)))
-    assert result.report.empty
+def test_generated_files_hold_what_their_truth_says(cells):
+    spec = cf.FileSpec(templates=(cf.TemplateSpec(kind="grey", weight=0.4, jitter=0.1, bases=5, repeats=(2, 3), copies=2),
+                                  cf.TemplateSpec(kind="dark", weight=0.7, bases=4, labels="agree")),
+                       clean=200, rounding="floor", seed=8)  # fmt: skip
+    planted = cf.build_file(*cells, spec)
+    truth = planted.truth
+    assert len(planted.images) == len(truth) == len(planted.labels)
+    assert (truth["kind"] == "clean").sum() == 200
+    for row in np.flatnonzero(truth["kind"] == "corrupted"):
+        template = planted.templates[truth["template"].iat[row]]
+        expected = cf.blend(planted.images[truth["base"].iat[row]], template, truth["weight"].iat[row], "floor")
+        np.testing.assert_array_equal(planted.images[row], expected)
+    for row in np.flatnonzero(truth["kind"] == "outlier"):
+        np.testing.assert_array_equal(planted.images[row], planted.templates[truth["template"].iat[row]])
+    weights = truth.loc[truth["template"] == 0, "weight"].dropna()
+    assert weights[weights > 0].between(0.3, 0.5).all() and weights[weights > 0].nunique() == 5
+    agree = truth.index[(truth["template"] == 1) & (truth["kind"] == "corrupted")]
+    by_base = pd.Series(planted.labels[agree]).groupby(truth.loc[agree, "base"].to_numpy()).nunique()
+    assert (by_base == 1).all()
+    # Shuffled: the injected images are not all at the end.
+    assert np.flatnonzero(truth["kind"] != "clean").min() < len(truth) // 2
+
+
+def test_fit_members_recovers_template_and_per_image_weights_exactly():
+    rng = np.random.default_rng(0)
+    template = rng.uniform(0, 255, size=300)
+    bases = rng.uniform(0, 255, size=(6, 300))
+    weights = np.array([0.25, 0.4, 0.55, 0.7, 0.8, 0.9])
+    blends = weights[:, None] * bases + (1 - weights[:, None]) * template
+    fitted, fitted_weights, offsets = ba.fit_members(blends, bases, np.zeros(6, bool))
+    np.testing.assert_allclose(fitted, template, atol=1e-6)
+    np.testing.assert_allclose(fitted_weights, weights, atol=1e-9)
+    np.testing.assert_allclose(offsets, 0.0, atol=1e-6)
+    # A copy of the template pins it down together with one blend.
+    fitted, _, _ = ba.fit_members(np.stack([blends[0], template]), np.stack([bases[0], bases[0]]), np.array([False, True]))
+    np.testing.assert_allclose(fitted, template, atol=1e-6)
 
 
 def test_estimate_template_inverts_exact_blends():
@@ -159,3 +194,13 @@ def test_estimate_template_inverts_exact_blends():
     weights = np.array([0.3, 0.4, 0.5, 0.6, 0.7])
     blends = weights[:, None] * bases + (1 - weights[:, None]) * template[0]
     np.testing.assert_allclose(corruption.estimate_template(blends, bases, weights), template[0], atol=1e-9)
+
+
+def test_rounding_noise_model_matches_stored_blends():
+    """The residual of a stored blend against its true parts is what the model says rounding leaves."""
+    rng = np.random.default_rng(1)
+    base, template = rng.integers(0, 256, size=(2, 96 * 96 * 3)).astype(np.float64)
+    stored = np.rint(0.6 * base + 0.4 * template)
+    weight, _, residual = ba.blend_fit(stored[None], base[None], template)
+    assert abs(weight[0] - 0.6) < 1e-3
+    assert abs(residual[0] - ba.QUANTISATION_RMS) < 0.01

@@ -1,72 +1,170 @@
-"""The outlier / corruption stage on the challenge-style file and on clean data.
+"""The outlier / corruption stage on files it was not developed on, and on clean data.
 
-For ``an2dl_style/training_set.npz`` (whose README says: clean cells first, then the injected
-images) it prints precision and recall of the flagged images against that split, the blend
-weights found, each recovered template's PSNR against the file's outlier photographs (which an
-exact decomposition shows to be the templates), and the stage's time. For pbc96 and, when
-``data/raw/bloodmnist.npz`` is there, BloodMNIST (both clean) it prints how many images are
-flagged (should be none) and the time.
+Default run (``make bench``):
 
-Run: ``.venv/bin/python bench/bench_anomalies.py`` (or ``make bench``).
+- ``an2dl_style/training_set.npz`` (its README: clean cells first, injected images after row
+  2400): precision and recall of the flagged images, the templates' members and weights;
+- clean pbc96 and, when ``data/raw/bloodmnist.npz`` is there, BloodMNIST: images flagged (should
+  be none) and the stage's time;
+- the stage's time on all of pbc96 plus four templates of 30 bases (about 17,000 images): target
+  30 s on 2 cores.
+
+``--sweep``: one generated file per cell of weights 0.3/0.5/0.6/0.7/0.8 x templates 1/2/4 x bases
+3/9/30 x template kind (photo, stain-coloured, dark, greyscale), ``--clean`` pbc96 cells each
+(default 3000), every other template with copies of its picture; precision, recall, the worst
+template PSNR against the truth, the largest weight error, seconds. Targets: precision and recall
+>= 0.995 and PSNR >= 30 dB in every cell (weight <= 0.8, >= 3 bases).
+
+``--missing``: what is found when a share of each template's bases is not in the file.
+
+Run: ``.venv/bin/python bench/bench_anomalies.py [--sweep] [--missing] [--clean N]``.
 """
 
 from __future__ import annotations
 
+import argparse
+import itertools
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from _common import load_pbc96, table
 
-from bc_pipeline.lib import corruption, outliers
+from bc_pipeline.lib import challenge_files as cf
+from bc_pipeline.lib import outliers
 from bc_pipeline.lib.dedup import find_duplicates
 from bc_pipeline.lib.hashing import compute_hashes
-from bc_pipeline.lib.loaders import LoadedImages, load_bloodmnist, load_folder, load_npz
+from bc_pipeline.lib.loaders import image_id, load_bloodmnist, load_npz
 from bc_pipeline.settings import data_dir, shared_datasets_dir
 
+WEIGHTS = (0.3, 0.5, 0.6, 0.7, 0.8)
+TEMPLATE_COUNTS = (1, 2, 4)
+BASES = (3, 9, 30)
+KINDS = ("photo", "stain", "dark", "grey")
 
-def run_stage(loaded: LoadedImages):
-    manifest = loaded.manifest
-    phash, dhash = compute_hashes(loaded.images)
-    duplicates = find_duplicates(manifest["image_id"], manifest["label"], phash, dhash)
+
+def run_stage(images: np.ndarray, labels: np.ndarray) -> tuple[outliers.AnomalyResult, float]:
+    """The stage as the assets run it (hashes and duplicates first, untimed); (result, seconds)."""
+    ids = [image_id(x) for x in images]
+    phash, dhash = compute_hashes(images)
+    import pandas as pd
+
+    duplicates = find_duplicates(pd.Series(ids), labels, phash, dhash)
     start = time.perf_counter()
-    stats = outliers.colour_stats(loaded.images, duplicates)
-    candidates, pool = outliers.candidates_and_pool(stats, outliers.CANDIDATE_ATYPICALITY)
-    result = corruption.find_corruptions(loaded.images, candidates, pool)
-    report = outliers.expand_to_copies(result.report, stats)
-    found = outliers.find_outliers(stats, corrupted=report["index"].to_numpy())
-    templates = corruption.templates_from_report(loaded.images, report)
-    return report, found, templates, time.perf_counter() - start
+    result = outliers.detect(images, duplicates)
+    return result, time.perf_counter() - start
 
 
-def main() -> None:
+def score(planted: cf.PlantedFile) -> tuple[cf.DetectionScore, float]:
+    result, seconds = run_stage(planted.images, planted.labels)
+    return cf.score_detection(planted, result.flagged(), result.report, result.templates), seconds
+
+
+def challenge_file() -> None:
     path = shared_datasets_dir() / "an2dl_style" / "training_set.npz"
+    if not path.is_file():
+        print(f"{path} not found: skipped")
+        return
     loaded = load_npz(path)
-    report, found, templates, seconds = run_stage(loaded)
+    result, seconds = run_stage(loaded.images, loaded.manifest["label"].to_numpy())
     position = loaded.manifest["source"].str.extract(r"\[(\d+)\]")[0].astype(int).to_numpy()
-    injected = set(np.flatnonzero(position >= 2400))
-    flagged = set(report["index"]) | set(found["index"])
+    injected = set(np.flatnonzero(position >= 2400).tolist())
+    flagged = set(result.flagged().tolist())
     hits = len(flagged & injected)
-    print(f"an2dl_style: {len(loaded.manifest)} images, {len(injected)} injected (position >= 2400)")
-    print(f"  flagged {len(flagged)}: {len(report)} corrupted, {len(found)} outliers; stage {seconds:.1f} s")
-    print(f"  precision {hits / max(len(flagged), 1):.4f}  recall {hits / max(len(injected), 1):.4f}")
-    if len(report):
-        print(f"  blend weights: min {report['weight'].min():.4f} median {report['weight'].median():.4f} max {report['weight'].max():.4f}")
-    photos = loaded.images[found.drop_duplicates("image_id")["index"].to_numpy()]
-    for k, template in enumerate(templates):
-        best = max((corruption.psnr(template, photo), i) for i, photo in enumerate(photos)) if len(photos) else (0, -1)
-        members = int((report.drop_duplicates("representative")["template"] == k).sum())
-        print(f"  template {k}: {members} distinct blends, PSNR vs outlier photo #{best[1]} = {best[0]:.1f} dB")
+    print(f"an2dl_style: {len(position)} images, {len(injected)} injected (position >= 2400); stage {seconds:.1f} s")
+    print(f"  flagged {len(flagged)}: precision {hits / max(len(flagged), 1):.4f}  recall {hits / max(len(injected), 1):.4f}")
+    print(result.corruption.template_summary.round(4).to_string(index=False))
 
-    clean_sets = [("pbc96", lambda: load_folder(shared_datasets_dir() / "pbc96"))]
+
+def clean_sets(cells: np.ndarray, cell_labels: np.ndarray) -> None:
+    sets = [("pbc96", lambda: (cells, cell_labels))]
     bloodmnist = data_dir() / "raw" / "bloodmnist.npz"
     if bloodmnist.is_file():
-        clean_sets.append(("bloodmnist", lambda: load_bloodmnist(Path(bloodmnist))))
-    for name, load in clean_sets:
-        loaded = load()
-        report, found, templates, seconds = run_stage(loaded)
-        print(f"{name}: {len(loaded.manifest)} clean images: {len(report)} flagged corrupted, "
-              f"{len(found)} outliers, {len(templates)} templates; stage {seconds:.1f} s")  # fmt: skip
+        sets.append(("bloodmnist", lambda: _arrays(load_bloodmnist(Path(bloodmnist)))))
+    for name, load in sets:
+        images, labels = load()
+        result, seconds = run_stage(images, labels)
+        print(f"{name}: {len(images)} clean images: {len(result.report)} flagged corrupted, "
+              f"{len(result.outliers)} outliers, {len(result.templates)} templates; stage {seconds:.1f} s")  # fmt: skip
+
+
+def _arrays(loaded) -> tuple[np.ndarray, np.ndarray]:
+    return loaded.images, loaded.manifest["label"].to_numpy()
+
+
+def timing(cells: np.ndarray, cell_labels: np.ndarray) -> None:
+    spec = cf.FileSpec(
+        templates=tuple(cf.TemplateSpec(kind=k, weight=w, bases=30, repeats=(1, 20), copies=10)
+                        for k, w in zip(KINDS, (0.3, 0.5, 0.7, 0.8))),  # fmt: skip
+        clean=len(cells),
+        seed=1,
+    )
+    planted = cf.build_file(cells, cell_labels, spec)
+    result, seconds = score(planted)
+    print(f"all of pbc96 + 4 templates x 30 bases: {len(planted.images)} images ({len(np.unique([image_id(x) for x in planted.images]))} "
+          f"distinct): stage {seconds:.1f} s (target 30 s); precision {result.precision:.4f} recall {result.recall:.4f}, "
+          f"worst template {min(result.template_psnr):.1f} dB")  # fmt: skip
+
+
+def sweep(cells: np.ndarray, cell_labels: np.ndarray, clean: int) -> None:
+    rows, short = [], []
+    cells_list = list(itertools.product(KINDS, TEMPLATE_COUNTS, BASES, WEIGHTS))
+    for number, (kind, count, bases, weight) in enumerate(cells_list):
+        spec = cf.FileSpec(
+            templates=tuple(cf.TemplateSpec(kind=kind, weight=weight, bases=bases, copies=5 * (t % 2 == 0))
+                            for t in range(count)),  # fmt: skip
+            clean=clean,
+            seed=number,
+        )
+        result, seconds = score(cf.build_file(cells, cell_labels, spec))
+        psnr = min(result.template_psnr)
+        row = [kind, str(count), str(bases), f"{weight:.1f}", f"{result.precision:.4f}", f"{result.recall:.4f}",
+               f"{psnr:.1f}", f"{result.weight_error:.4f}", f"{seconds:.1f}"]  # fmt: skip
+        rows.append(row)
+        if result.precision < 0.995 or result.recall < 0.995 or psnr < 30:
+            short.append(row)
+        print(" ".join(row), file=sys.stderr, flush=True)
+    header = ["kind", "templates", "bases", "weight", "precision", "recall", "min PSNR dB", "max |weight err|", "s"]
+    table(header, rows)
+    print(f"\n{len(rows) - len(short)} of {len(rows)} cells meet every target; short of a target:")
+    table(header, short) if short else print("  none")
+
+
+def missing(cells: np.ndarray, cell_labels: np.ndarray, clean: int) -> None:
+    rows = []
+    for share, kind, weight in itertools.product((0.5, 1.0), KINDS, (0.3, 0.5, 0.8)):
+        spec = cf.FileSpec(templates=(cf.TemplateSpec(kind=kind, weight=weight, bases=10, copies=3),
+                                      cf.TemplateSpec(kind=kind, weight=weight, bases=10)),
+                           clean=clean, missing_bases=share, seed=int(weight * 10))  # fmt: skip
+        result, seconds = score(cf.build_file(cells, cell_labels, spec))
+        rows.append([f"{share:.0%}", kind, f"{weight:.1f}", f"{result.precision:.4f}", f"{result.corrupted_recall:.4f}",
+                     f"{result.outlier_recall:.4f}", f"{min(result.template_psnr):.1f}", f"{seconds:.1f}"])  # fmt: skip
+    table(["bases missing", "kind", "weight", "precision", "blend recall", "copy recall", "min PSNR dB", "s"], rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="the weight x templates x bases x kind table")
+    parser.add_argument("--missing", action="store_true", help="files whose bases are partly or wholly absent")
+    parser.add_argument("--clean", type=int, default=3000, help="clean pbc96 cells per generated file")
+    args = parser.parse_args()
+    loaded = load_pbc96()
+    if loaded is None:
+        return 1
+    pbc, _, _ = loaded
+    cells, cell_labels = pbc.images, pbc.manifest["label"].to_numpy()
+    if args.sweep or args.missing:
+        if args.sweep:
+            sweep(cells, cell_labels, args.clean)
+        if args.missing:
+            missing(cells, cell_labels, args.clean)
+        return 0
+    challenge_file()
+    clean_sets(cells, cell_labels)
+    timing(cells, cell_labels)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,11 +1,13 @@
 """Stage 2b: outliers (not blood-cell images) and corrupted images (cell + template blends).
 
-Order in the graph: colour statistics -> corruption report -> outlier report. A corrupted image is
-as atypical as a photograph, but it contains a real cell; only images that no blend explains can
-be called "not a blood-cell image at all".
+Order in the graph: colour statistics -> corruption report -> outlier report. Corrupted images are
+found by the exact algebra of a blend, whatever their colours (:mod:`bc_pipeline.lib.corruption`);
+only images that no blend explains can be called "not a blood-cell image at all", and copies of a
+recovered template are among them.
 """
 
 import time
+from dataclasses import replace
 
 import dagster as dg
 import numpy as np
@@ -36,7 +38,7 @@ def image_colour_stats(
     stats = outliers.colour_stats(raw_images.images, duplicate_groups)
     context.log.info(f"colour statistics of {len(stats)} images in {time.perf_counter() - start:.1f}s")
     png = score_histogram(
-        stats["atypicality"].to_numpy(), "atypicality (robust z of colour log-likelihood)", outliers.CANDIDATE_ATYPICALITY
+        stats["atypicality"].to_numpy(), "atypicality (robust z of colour log-likelihood)", outliers.OUTLIER_ATYPICALITY
     )
     metadata = {
         "median_atypicality": round(float(stats["atypicality"].median()), 3),
@@ -47,33 +49,37 @@ def image_colour_stats(
     return dg.Output(stats, data_version=dg.DataVersion(fingerprint(stats)), metadata=metadata)
 
 
+_DEFAULTS = corruption.CorruptionSettings()
+
+
 class CorruptionConfig(dg.Config):
-    candidate_atypicality: float = Field(
-        default=outliers.CANDIDATE_ATYPICALITY,
-        gt=0,
-        description="Images more atypical than this are examined as possible blends.",
+    """The thresholds of :class:`bc_pipeline.lib.corruption.CorruptionSettings` (its docstrings say why each holds)."""
+
+    residual_factor: float = Field(
+        default=_DEFAULTS.residual_factor, gt=1, description="A fit passes at most this many times the residual rounding leaves."
     )
-    link_threshold: float = Field(default=corruption.CorruptionSettings.link_threshold, gt=0, lt=1)
-    min_score: float = Field(default=corruption.CorruptionSettings.min_score, gt=0, le=1)
-    min_weight: float = Field(default=corruption.CorruptionSettings.min_weight, ge=0, lt=1)
-    max_weight: float = Field(default=corruption.CorruptionSettings.max_weight, gt=0, le=1)
+    template_snr: float = Field(
+        default=_DEFAULTS.template_snr, gt=0, description="A blend's template part must stand this many times above rounding."
+    )
+    min_weight: float = Field(default=_DEFAULTS.min_weight, gt=0, lt=1, description="Below this cell share: a copy of the template.")
+    max_weight: float = Field(default=_DEFAULTS.max_weight, gt=0, lt=1, description="Above this cell share: the cell itself.")
+    min_blends: int = Field(default=_DEFAULTS.min_blends, ge=2, description="Distinct blends a template needs.")
+    missing_bases: bool = Field(
+        default=_DEFAULTS.missing_bases, description="Also flag blends of a found template whose base is not in the file."
+    )
 
     def settings(self) -> corruption.CorruptionSettings:
-        return corruption.CorruptionSettings(
-            link_threshold=self.link_threshold,
-            min_score=self.min_score,
-            min_weight=self.min_weight,
-            max_weight=self.max_weight,
-        )
+        return replace(_DEFAULTS, **self.model_dump())
 
 
 @dg.asset(
-    code_version=with_config("1", CorruptionConfig),
+    code_version=with_config("2", CorruptionConfig),
     automation_condition=automation.on_change(),
     group_name="anomalies",
     kinds={"parquet"},
-    description="Images that are a blend A = a*B + (1-a)*C of a clean cell B and a fixed template C: "
-    "base, estimated weight, template and score for each.",
+    description="Images that are a blend A = a*B + (1-a)*C of another image B of the file and a shared template C "
+    "(found by the exact algebra of a blend, whatever the colours), and copies of the templates: for each, "
+    "its template, base, cell share, residual against rounding, and the reason in words.",
 )
 def corruption_report(
     context: dg.AssetExecutionContext,
@@ -82,19 +88,21 @@ def corruption_report(
     image_colour_stats: pd.DataFrame,
 ) -> dg.Output[pd.DataFrame]:
     start = time.perf_counter()
-    candidates, pool = outliers.candidates_and_pool(image_colour_stats, config.candidate_atypicality)
-    context.log.info(f"{len(candidates)} atypical distinct images examined against {len(pool)} clean ones")
-    result = corruption.find_corruptions(raw_images.images, candidates, pool, settings=config.settings())
+    distinct = outliers.distinct_rows(image_colour_stats)
+    context.log.info(f"searching {len(distinct)} distinct images for blends of shared templates")
+    result = corruption.find_corruptions(raw_images.images, distinct, settings=config.settings())
     report = outliers.expand_to_copies(result.report, image_colour_stats)
     seconds = time.perf_counter() - start
+    kinds = result.report["kind"].value_counts().to_dict()
     context.log.info(
-        f"{len(report)} corrupted images ({len(result.report)} distinct), {len(result.templates)} templates, {seconds:.1f}s"
+        f"{len(report)} flagged images ({len(result.report)} distinct: {kinds or 'none'}), "
+        f"{len(result.templates)} templates, {seconds:.1f}s"
     )
     metadata = {
-        "corrupted_images": len(report),
-        "distinct_corrupted": len(result.report),
+        "flagged_images": len(report),
+        "distinct_flagged": len(result.report),
+        "by_kind": dg.MetadataValue.json({str(k): int(v) for k, v in kinds.items()}),
         "templates": len(result.templates),
-        "candidates": len(candidates),
         "seconds": round(seconds, 2),
         "per_template": md.table(result.template_summary.round(4)),
         "preview": md.table(report.head(30).round(4)),
@@ -103,11 +111,12 @@ def corruption_report(
 
 
 @dg.asset(
-    code_version="1",
+    code_version="2",
     automation_condition=automation.on_change(),
     group_name="anomalies",
     kinds={"numpy"},
-    description="The recovered corruption templates (one per cluster of corrupted images), as images.",
+    description="The recovered corruption templates (least squares over every blend and copy of each), as images, "
+    "with their member counts and the spread of the cell share.",
 )
 def noise_templates(
     context: dg.AssetExecutionContext,
@@ -116,10 +125,11 @@ def noise_templates(
     storage: PipelineStorage,
 ) -> dg.Output[np.ndarray]:
     templates = corruption.templates_from_report(raw_images.images, corruption_report)
+    summary = corruption.template_summary(corruption_report)
     folder = storage.report_dir("noise_templates")
-    metadata: dict = {"templates": len(templates)}
+    metadata: dict = {"templates": len(templates), "per_template": md.table(summary.round(4))}
     if len(templates):
-        metadata.update(md.image(template_grid(templates), folder / "templates.png", "templates"))
+        metadata.update(md.image(template_grid(templates, summary), folder / "templates.png", "templates"))
         examples = outliers.decomposition_rows(corruption_report)
         png = decomposition_examples(raw_images.images, templates, examples)
         metadata.update(md.image(png, folder / "decompositions.png", "decompositions"))
@@ -147,11 +157,12 @@ class OutlierConfig(dg.Config):
 
 
 @dg.asset(
-    code_version=with_config("1", OutlierConfig),
+    code_version=with_config("2", OutlierConfig),
     automation_condition=automation.on_change(),
     group_name="anomalies",
     kinds={"parquet"},
-    description="Images that are not blood-cell images at all (and are not explained as blends).",
+    description="Images that are not blood-cell images at all: copies of a recovered template, and pictures "
+    "that no blend explains whose colours are no smear's.",
 )
 def outlier_report(
     context: dg.AssetExecutionContext,
@@ -171,7 +182,7 @@ def outlier_report(
         )
     report = outliers.find_outliers(
         image_colour_stats,
-        corrupted=corruption_report["index"].to_numpy(),
+        corruption_report,
         outlier_atypicality=config.outlier_atypicality,
         extreme_atypicality=config.extreme_atypicality,
     )

@@ -8,27 +8,22 @@ from bc_pipeline import automation
 from bc_pipeline.assets import _metadata as md
 from bc_pipeline.lib.artifacts import ImageSet
 from bc_pipeline.lib.cleaning import removal_counts, select_clean
+from bc_pipeline.lib.corruption import COPY
 from bc_pipeline.lib.storage import fingerprint
 
 
 def flagged_images(outlier_report: pd.DataFrame, corruption_report: pd.DataFrame) -> pd.DataFrame:
-    """Every image the anomaly stage flags, with its kind and reason (index, kind, reason)."""
-    corrupted = corruption_report.assign(
-        kind="corrupted",
-        reason=[
-            f"blend of image {b} with template {t} (weight {w:.2f}, score {s:.3f})"
-            for b, t, w, s in zip(
-                corruption_report["base_index"], corruption_report["template"],
-                corruption_report["weight"], corruption_report["score"],
-            )
-        ],
-    )  # fmt: skip
+    """Every image the anomaly stage flags, with its kind and reason (index, kind, reason).
+
+    Copies of a template are outliers (they are in both reports); every blend is "corrupted".
+    """
+    blends = corruption_report[corruption_report["kind"] != COPY].assign(kind="corrupted")
     columns = ["index", "kind", "reason"]
-    return pd.concat([outlier_report[columns], corrupted[columns]], ignore_index=True)
+    return pd.concat([outlier_report[columns], blends[columns]], ignore_index=True).drop_duplicates("index")
 
 
 @dg.asset(
-    code_version="2",
+    code_version="3",
     automation_condition=automation.on_change(),
     group_name="cleaning",
     kinds={"numpy", "parquet"},

@@ -1,20 +1,25 @@
-"""Per-image decisions from colour statistics: blend candidates, clean pool, outliers.
+"""Per-image decisions: colour statistics, outliers, and the corruption report's copies and figures.
 
 Everything is computed on *distinct* images (the first of each exact-duplicate group) and then
 copied to every duplicate, so neither the position of an image in the file nor the number of
 copies it has changes any decision.
+
+Colour does not decide which images are corrupted (a template may have a smear's colours; see
+:mod:`bc_pipeline.lib.corruption`); it finds pictures that are no smear at all and that no
+template explains.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from bc_pipeline.lib.anomalies import atypicality, stain_tinted
+from bc_pipeline.lib.corruption import (BLEND, COPY, CorruptionResult, CorruptionSettings, find_corruptions,
+                                        templates_from_report)  # fmt: skip
 
-#: Robust z above which a distinct image is examined as a possible blend. Loose on purpose: a
-#: clean image that is merely unusual is examined and then not confirmed as a blend.
-CANDIDATE_ATYPICALITY = 3.0
 #: An image that no blend explains is an outlier when it is atypical beyond this robust z *and*
 #: lacks the stain tint: stained cells keep the tint however unusual they are, photographs do not.
 OUTLIER_ATYPICALITY = 4.0
@@ -53,11 +58,9 @@ def tinted_share(stats: pd.DataFrame) -> float:
     return float(distinct["tinted"].mean()) if len(distinct) else 0.0
 
 
-def candidates_and_pool(stats: pd.DataFrame, candidate_atypicality: float) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct images to examine as blends, and distinct typical images to draw bases from."""
-    distinct = stats[stats["index"] == stats["representative"]]
-    atypical = distinct["atypicality"].to_numpy() > candidate_atypicality
-    return distinct["index"].to_numpy()[atypical], distinct["index"].to_numpy()[~atypical]
+def distinct_rows(stats: pd.DataFrame) -> np.ndarray:
+    """Rows of the distinct images (the first of each exact-duplicate group)."""
+    return np.unique(stats["representative"].to_numpy(np.int64))
 
 
 def expand_to_copies(report: pd.DataFrame, stats: pd.DataFrame) -> pd.DataFrame:
@@ -70,13 +73,16 @@ def expand_to_copies(report: pd.DataFrame, stats: pd.DataFrame) -> pd.DataFrame:
 
 def find_outliers(
     stats: pd.DataFrame,
+    corruption_report: pd.DataFrame,
     *,
-    corrupted: np.ndarray,
     outlier_atypicality: float = OUTLIER_ATYPICALITY,
     extreme_atypicality: float = EXTREME_ATYPICALITY,
 ) -> pd.DataFrame:
-    """Images no blend explains that are atypical and untinted, or extremely atypical."""
-    unexplained = ~stats["index"].isin(set(np.asarray(corrupted).tolist()))
+    """Copies of a recovered template, and images no blend explains that are atypical and untinted,
+    or extremely atypical."""
+    copies = corruption_report[corruption_report["kind"] == COPY]
+    explained = set(corruption_report["index"].tolist())
+    unexplained = ~stats["index"].isin(explained)
     untinted = (stats["atypicality"] > outlier_atypicality) & ~stats["tinted"]
     extreme = stats["atypicality"] > extreme_atypicality
     flagged = stats[unexplained & (untinted | extreme)].copy()
@@ -85,11 +91,40 @@ def find_outliers(
         f"colours atypical for a smear (robust z {a:.1f})" + ("" if t else " and no stain tint")
         for a, t in zip(flagged["atypicality"], flagged["tinted"])
     ]
-    return flagged.reset_index(drop=True)[OUTLIER_COLUMNS]
+    copied = stats[stats["index"].isin(set(copies["index"].tolist()))].merge(copies[["index", "template", "reason"]], on="index")
+    copied["kind"] = "outlier"
+    table = pd.concat([flagged, copied], ignore_index=True).sort_values("index")
+    return table.reset_index(drop=True)[OUTLIER_COLUMNS]
 
 
 def decomposition_rows(report: pd.DataFrame, per_template: int = 2) -> pd.DataFrame:
     """A few distinct corrupted images of each template, best score first, for figures."""
     distinct = report.drop_duplicates("representative") if "representative" in report else report
+    distinct = distinct[distinct["kind"] == BLEND]  # a decomposition needs the base
     ranked = distinct.sort_values(["template", "score"], ascending=[True, False])
     return ranked.groupby("template").head(per_template).reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class AnomalyResult:
+    """The whole anomaly stage in one call (what the three assets compute one after another)."""
+
+    stats: pd.DataFrame
+    corruption: CorruptionResult  # on distinct images
+    report: pd.DataFrame  # corruption report with every exact copy of a flagged image
+    outliers: pd.DataFrame
+    templates: np.ndarray  # recovered from ``report`` as ``noise_templates`` does
+
+    def flagged(self) -> np.ndarray:
+        return np.union1d(self.report["index"].to_numpy(np.int64), self.outliers["index"].to_numpy(np.int64))
+
+
+def detect(
+    images: np.ndarray, duplicates: pd.DataFrame, settings: CorruptionSettings = CorruptionSettings()
+) -> AnomalyResult:
+    """Colour statistics, corruption search, outliers and templates, with default thresholds."""
+    stats = colour_stats(images, duplicates)
+    result = find_corruptions(images, distinct_rows(stats), settings=settings)
+    report = expand_to_copies(result.report, stats)
+    found = find_outliers(stats, report)
+    return AnomalyResult(stats, result, report, found, templates_from_report(images, report))

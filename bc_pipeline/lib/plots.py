@@ -143,14 +143,19 @@ def score_histogram(scores: np.ndarray, label: str, threshold: float | None = No
     return figure_png(figure)
 
 
-def template_grid(templates: np.ndarray) -> bytes:
-    """The recovered templates side by side."""
+def template_grid(templates: np.ndarray, summary: pd.DataFrame | None = None) -> bytes:
+    """The recovered templates side by side, each titled with its members and cell-share spread."""
     plt = _pyplot()
     count = len(templates)
-    figure, axes = plt.subplots(1, count, figsize=(2.2 * count, 2.4), squeeze=False)
+    figure, axes = plt.subplots(1, count, figsize=(2.3 * count, 2.7), squeeze=False)
+    rows = {int(r.template): r for r in summary.itertuples()} if summary is not None else {}
     for k, axis in enumerate(axes[0]):
         axis.imshow(np.clip(np.rint(templates[k]), 0, 255).astype(np.uint8))
-        axis.set_title(f"template {k}", fontsize=9)
+        title = f"template {k}"
+        if k in rows:
+            r = rows[k]
+            title += f"\n{r.blends} blends, {r.copies} copies\na {r.weight_min:.2f}-{r.weight_max:.2f}"
+        axis.set_title(title, fontsize=8)
         axis.axis("off")
     figure.tight_layout()
     return figure_png(figure)
