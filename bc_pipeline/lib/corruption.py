@@ -16,15 +16,15 @@ holds on files built with any pictures; colour statistics only serve the outlier
 The search, on the distinct images only (all searches run on coarse copies, decorrelated by a
 whitening fitted to the file, see :func:`_whitening`):
 
-1. *Neighbours*: each image's most correlated other image.
+1. *Neighbours*: each image's two most correlated other images.
 2. *Seeds*: quadruples that pass the exact relation, proposed two ways, because which neighbour a
    blend has depends on the template's share:
 
    - a cell-dominated blend (``a`` high) has its own base as nearest neighbour, so what is left
      after removing that neighbour is ``(1 - a) C`` up to scale: blends of one template leave
      parallel residuals, and each image is paired with the two whose residuals are most parallel;
-   - a template-dominated blend (``a`` low) has a sibling (or a copy of the template) as nearest
-     neighbour, and the difference of two siblings is ``a (B_1 - B_2)``: the images most
+   - a template-dominated blend (``a`` low) has siblings (or a copy of the template) as nearest
+     neighbours, and the difference of two siblings is ``a (B_1 - B_2)``: the images most
      correlated with it, and with its negative, are the two bases.
 
    Every proposal is tested on the coarse copies, the survivors exactly at full size.
@@ -238,7 +238,8 @@ class _Seeds:
 def _proposals(data: _Images, settings: CorruptionSettings) -> tuple[np.ndarray, ...]:
     """Candidate quadruples (x1, b1, x2, b2) from both neighbour patterns (module docstring, step 2)."""
     self_ = np.arange(len(data))[:, None]
-    top1 = _top_matches(data.unit, data.unit, 1, self_, settings.block)[0][:, 0]
+    nearest = _top_matches(data.unit, data.unit, 2, self_, settings.block)[0]
+    top1 = nearest[:, 0]
     # Cell-dominated blends: residuals after the nearest neighbour are parallel within a template.
     x = data.coarse - data.coarse.mean(axis=1, keepdims=True)
     y = x[top1]
@@ -246,12 +247,16 @@ def _proposals(data: _Images, settings: CorruptionSettings) -> tuple[np.ndarray,
     residual = data.white_unit(x - scale[:, None] * y)
     partners = _top_matches(residual, residual, 2, np.concatenate([self_, top1[:, None]], axis=1), settings.block)[0]
     h1 = [(self_[:, 0], top1, p, top1[p]) for p in partners.T]
-    # Template-dominated blends: the nearest neighbour is a sibling; their difference is a(B1 - B2).
-    difference = data.white_unit(data.coarse - data.coarse[top1])
-    exclude = np.concatenate([self_, top1[:, None]], axis=1)
+    # Template-dominated blends: the nearest neighbours are siblings; a difference is a(B1 - B2).
+    # Two neighbours each, so that a pair whose bases are both in the file turns up even where
+    # some bases are not.
     k = settings.shortlist
-    positive, negative = _top_matches(difference, data.unit, k, exclude, settings.block, lowest=k)
-    h2 = [(self_[:, 0], positive[:, i], top1, negative[:, j]) for i in range(k) for j in range(k)]
+    h2 = []
+    for neighbour in nearest.T:
+        difference = data.white_unit(data.coarse - data.coarse[neighbour])
+        exclude = np.concatenate([self_, neighbour[:, None]], axis=1)
+        positive, negative = _top_matches(difference, data.unit, k, exclude, settings.block, lowest=k)
+        h2 += [(self_[:, 0], positive[:, i], neighbour, negative[:, j]) for i in range(k) for j in range(k)]
     return tuple(np.concatenate(parts) for parts in zip(*(h1 + h2)))
 
 
