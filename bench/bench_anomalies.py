@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from _common import load_pbc96, table
 
 from bc_pipeline.lib import challenge_files as cf
@@ -48,8 +49,6 @@ def run_stage(images: np.ndarray, labels: np.ndarray) -> tuple[outliers.AnomalyR
     """The stage as the assets run it (hashes and duplicates first, untimed); (result, seconds)."""
     ids = [image_id(x) for x in images]
     phash, dhash = compute_hashes(images)
-    import pandas as pd
-
     duplicates = find_duplicates(pd.Series(ids), labels, phash, dhash)
     start = time.perf_counter()
     result = outliers.detect(images, duplicates)

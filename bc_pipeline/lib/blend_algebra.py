@@ -72,15 +72,19 @@ def blend_fit(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-row weight ``a``, offset ``t`` and residual RMS of ``A - C = a (B - C) + t``.
 
-    ``template`` is one flat template (d,) or one per row (m, d).
+    ``template`` is one flat template (d,) or one per row (m, d). Float32 inputs stay float32
+    (the coarse searches fit many rows at once).
     """
-    y = _centre(np.asarray(blends, np.float64) - template)
-    x = _centre(np.asarray(bases, np.float64) - template)
-    weight = (x * y).sum(axis=1) / np.maximum((x * x).sum(axis=1), 1e-12)
-    residual = y - weight[:, None] * x
-    a_minus_c = np.asarray(blends, np.float64) - template
-    offset = a_minus_c.mean(axis=1) - weight * (np.asarray(bases, np.float64) - template).mean(axis=1)
-    return weight, offset, np.sqrt((residual**2).mean(axis=1))
+    dtype = np.result_type(blends, bases, template, np.float32)
+    y = np.asarray(blends, dtype) - template
+    x = np.asarray(bases, dtype) - template
+    y_mean, x_mean = y.mean(axis=1), x.mean(axis=1)
+    y -= y_mean[:, None]
+    x -= x_mean[:, None]
+    xx, xy, yy = (np.einsum("md,md->m", u, v) for u, v in ((x, x), (x, y), (y, y)))
+    weight = xy / np.maximum(xx, 1e-12)
+    residual = np.sqrt(np.maximum(yy - weight * xy, 0.0) / x.shape[1])
+    return weight, y_mean - weight * x_mean, residual
 
 
 def estimate_template(

@@ -354,12 +354,17 @@ class _Template:
     def members(self) -> np.ndarray:
         return np.concatenate([self.blends, self.copies])
 
+    def arrays(self, data: _Images) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(positions, is_copy, member images, base images) at full size; a copy's base row is itself."""
+        positions = self.members()
+        is_copy = np.concatenate([np.zeros(len(self.blends), bool), np.ones(len(self.copies), bool)])
+        return positions, is_copy, data.full(positions), data.full(np.concatenate([self.bases, self.copies]))
+
 
 def _fit(data: _Images, blends: np.ndarray, bases: np.ndarray, copies: np.ndarray) -> _Template:
-    positions = np.concatenate([blends, copies])
-    base_rows = np.concatenate([bases, copies])
-    is_copy = np.concatenate([np.zeros(len(blends), bool), np.ones(len(copies), bool)])
-    template, weights, _ = ba.fit_members(data.full(positions), data.full(base_rows), is_copy)
+    fit = _Template(blends, bases, copies, np.zeros(0), 0.0)
+    _, is_copy, a_images, b_images = fit.arrays(data)
+    template, weights, _ = ba.fit_members(a_images, b_images, is_copy)
     return _Template(blends, bases, copies, template, ba.template_noise(weights, data.full_noise))
 
 
@@ -401,7 +406,7 @@ def _members(data: _Images, fit: _Template, found: _Candidates, settings: Corrup
     copies = found.copies[copy_residual <= settings.residual_factor * np.hypot(data.full_noise, fit.noise)]
     x, b = found.blends, found.bases
     coarse_template = data.coarse_of(fit.template)[0]
-    weight, residual = _coarse_blend_fit(data.coarse[x], data.coarse[b], coarse_template)
+    weight, _, residual = ba.blend_fit(data.coarse[x], data.coarse[b], coarse_template.astype(np.float32))
     expected = ba.expected_residual(weight, data.coarse_noise, data.coarse_scale * fit.noise)
     # A lenient first cut on the coarse copies; the exact test at full size decides.
     plausible = (residual <= 2 * settings.residual_factor * expected)
@@ -414,19 +419,6 @@ def _members(data: _Images, fit: _Template, found: _Candidates, settings: Corrup
     x, b = x[ok], b[ok]
     x, first = np.unique(x, return_index=True)
     return _Template(x, b[first], copies, fit.template, fit.noise)
-
-
-def _coarse_blend_fit(blends: np.ndarray, bases: np.ndarray, template: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`blend_algebra.blend_fit` (weight, residual RMS) for many coarse rows, in float32."""
-    y = blends - template
-    x = bases - template
-    y -= y.mean(axis=1, keepdims=True)
-    x -= x.mean(axis=1, keepdims=True)
-    xx = np.einsum("md,md->m", x, x)
-    xy = np.einsum("md,md->m", x, y)
-    yy = np.einsum("md,md->m", y, y)
-    weight = xy / np.maximum(xx, 1e-9)
-    return weight, np.sqrt(np.maximum(yy - weight * xy, 0.0) / x.shape[1])
 
 
 def _blend_test(
@@ -447,10 +439,8 @@ def _verify(data: _Images, fit: _Template, settings: CorruptionSettings) -> tupl
     for _ in range(4):
         if len(fit.blends) < settings.min_blends:
             return None
-        positions = fit.members()
-        is_copy = np.concatenate([np.zeros(len(fit.blends), bool), np.ones(len(fit.copies), bool)])
-        a_images = data.full(positions)
-        b_images = np.where(is_copy[:, None], 0.0, data.full(np.concatenate([fit.bases, fit.copies])))
+        positions, is_copy, a_images, b_images = fit.arrays(data)
+        b_images[is_copy] = 0.0
         template, weights, offsets = ba.fit_members(a_images, b_images, is_copy)
         held_out, rest = ba.leave_one_out_templates(a_images, b_images, weights, offsets)
         held_noise = data.full_noise / np.sqrt(rest)
