@@ -1,8 +1,10 @@
-"""Resources: where images come from, and where reports and caches go."""
+"""Resources: where images come from, where reports and caches go, and where models train."""
 
 from __future__ import annotations
 
+import importlib
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -79,3 +81,65 @@ class ImageSource(dg.ConfigurableResource):
             class_names=self.class_names,
             on_bad_item=self.on_bad_item,
         )
+
+
+class TrainingWorker(dg.ConfigurableResource):
+    """Where ``trained_model`` runs its training worker, launched through Dagster Pipes.
+
+    ``launcher``: ``subprocess`` (default: a process on this machine, its CPU or GPU), ``docker``
+    (a container of ``image``, the data directory bind-mounted at ``data_mount``) or ``k8s`` (a pod
+    of ``image`` with ``gpus`` x ``nvidia.com/gpu``, the data directory from the PersistentVolumeClaim
+    ``data_volume_claim`` mounted at ``data_mount``, placed by ``node_selector``).
+    ``keras_backend``: tensorflow | jax | torch, for the worker only (the other assets stay on
+    TensorFlow). ``device``: auto | gpu (fail fast without one) | cpu. Set from the environment in
+    definitions.py: ``BC_KERAS_BACKEND``, ``BC_TRAINING_LAUNCHER``, ``BC_TRAINING_DEVICE``,
+    ``BC_WORKER_IMAGE``, ``BC_K8S_NAMESPACE``, ``BC_DATA_VOLUME_CLAIM``.
+    """
+
+    launcher: Literal["subprocess", "docker", "k8s"] = "subprocess"
+    keras_backend: Literal["tensorflow", "jax", "torch"] = "tensorflow"
+    device: Literal["auto", "gpu", "cpu"] = "auto"
+    input_workers: int = 0
+    python: str = ""
+    image: str = "bc-pipeline-worker:latest"
+    data_mount: str = "/data"
+    gpus: int = 1
+    namespace: str = ""
+    data_volume_claim: str = ""
+    node_selector: dict[str, str] = {}
+    env: dict[str, str] = {}
+
+    def run(self, context: dg.AssetExecutionContext, spec_path: Path, data_root: Path) -> list[dict]:
+        """Run the worker on ``spec_path`` to completion; the custom messages it sent (epochs, summary)."""
+        from bc_pipeline.lib import launch
+
+        env = {**self.env, "KERAS_BACKEND": self.keras_backend}
+        if self.launcher == "subprocess":
+            command = launch.worker_command(self.python or sys.executable, str(spec_path))
+            invocation = dg.PipesSubprocessClient().run(command=command, context=context, env=env)
+            return invocation.get_custom_messages()
+        inside = launch.path_in_container(spec_path, data_root, self.data_mount)
+        env["BC_WORKER_DATA_DIR"] = self.data_mount
+        command = launch.worker_command("python", inside)
+        if self.launcher == "docker":
+            client = _import_client("docker", "dagster_docker", "PipesDockerClient")()
+            kwargs = launch.docker_container_kwargs(data_root=data_root, mount=self.data_mount, gpus=self.gpus)
+            invocation = client.run(context=context, image=self.image, command=command, env=env, container_kwargs=kwargs)
+            return invocation.get_custom_messages()
+        pod_spec = launch.k8s_pod_spec(gpus=self.gpus, volume_claim=self.data_volume_claim, mount=self.data_mount,
+                                       node_selector=self.node_selector)  # fmt: skip
+        client = _import_client("k8s", "dagster_k8s", "PipesK8sClient")()
+        invocation = client.run(
+            context=context, image=self.image, command=command, env=env, namespace=self.namespace or None,
+            base_pod_spec=pod_spec, base_pod_meta={"labels": {"app.kubernetes.io/name": "bc-pipeline-trainer"}},
+        )  # fmt: skip
+        return invocation.get_custom_messages()
+
+
+def _import_client(extra: str, module: str, name: str) -> type:
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ImportError:
+        raise dg.Failure(
+            description=f"launcher {extra!r} needs {module}, which is not installed: pip install 'bc_pipeline[{extra}]'"
+        ) from None

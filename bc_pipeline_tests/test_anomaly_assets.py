@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import dagster as dg
@@ -146,5 +148,5 @@ def test_training_with_template_augmentation_uses_the_recovered_templates(an2dl_
         partition_key="custom_cnn",
     )  # fmt: skip
     assert result.success
-    assert result.output_for_node("trained_model").info["augmentation_templates"] == 2
+    assert json.loads((data_dir / "assets" / "trained_model" / "custom_cnn" / "info.json").read_text())["augmentation_templates"] == 2
     assert _metadata(result, "trained_model")["augmentation_templates"].value == 2

@@ -54,7 +54,7 @@ def trained_cnn(pbc_subset_arrays):
 
 @pytest.fixture(scope="module")
 def trained_predictions(trained_cnn, pbc_subset_arrays) -> np.ndarray:
-    from bc_pipeline.lib.training import predict_proba
+    from bc_pipeline.worker.training import predict_proba
 
     return predict_proba(trained_cnn, pbc_subset_arrays[0]).argmax(axis=1)
 
@@ -114,7 +114,7 @@ def test_unknown_view_names_the_valid_ones(pbc_subset_arrays):
 
 @pytest.mark.slow
 def test_predict_tta_is_the_mean_over_views_chunk_by_chunk(trained_cnn, pbc_subset_arrays, monkeypatch):
-    from bc_pipeline.lib.training import predict_proba
+    from bc_pipeline.worker.training import predict_proba
 
     images = pbc_subset_arrays[0][::13]  # 25 images across the classes
     per_view = np.stack([predict_proba(trained_cnn, tta_view(images, view)) for view in TTA_VIEWS])

@@ -64,7 +64,7 @@ def trained(pbc_subset_arrays):
 @pytest.fixture(scope="module")
 def expected(trained, pbc_subset_arrays) -> np.ndarray:
     """The Keras model's own class indices for the subset, the reference for every other path."""
-    from bc_pipeline.lib.training import predict_proba
+    from bc_pipeline.worker.training import predict_proba
 
     labels = predict_proba(trained, pbc_subset_arrays[0]).argmax(axis=1)
     assert len(np.unique(labels)) >= 3, f"the quick model predicts too few classes: {np.bincount(labels)}"
@@ -117,12 +117,21 @@ def test_model_py_imports_only_numpy_and_keras(submission):
     assert imported <= {"os", "numpy", "keras"}, imported
 
 
+def _backends() -> list[str]:
+    """The Keras backends installed here (TensorFlow and JAX in the dev extra; PyTorch if present)."""
+    return [name for name in ("tensorflow", "jax", "torch") if importlib.util.find_spec(name) is not None]
+
+
 @pytest.mark.slow
-def test_standalone_model_py_predicts_what_the_keras_model_predicts(submission, pbc_subset_arrays, expected, tmp_path):
+@pytest.mark.parametrize("backend", _backends())
+def test_standalone_model_py_predicts_what_the_keras_model_predicts(
+    submission, pbc_subset_arrays, expected, tmp_path, backend
+):
+    """The submission, trained on TensorFlow, gives the same classes on every Keras backend."""
     images = pbc_subset_arrays[0]
     assert images.dtype == np.uint8 and images.shape[1:] == (96, 96, 3)
     np.save(tmp_path / "X.npy", images)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"TF_CPP_MIN_LOG_LEVEL": "3"}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"TF_CPP_MIN_LOG_LEVEL": "3", "KERAS_BACKEND": backend}
     done = subprocess.run(
         [sys.executable, "-I", "-c", STANDALONE_SCRIPT, str(tmp_path / "X.npy"), str(tmp_path / "y.npy")],
         cwd=submission, env=env, capture_output=True, text=True, timeout=300,
@@ -158,7 +167,7 @@ def test_write_submission_refuses_a_class_count_that_does_not_match(trained, tmp
 
 def test_load_classifier_reads_artifacts_submissions_and_bare_files(trained, submission, tmp_path):
     from bc_pipeline.lib.artifacts import write_artifact
-    from bc_pipeline.lib.training import TrainedModel
+    from bc_pipeline.worker.training import TrainedModel
 
     names = [f"cell_{i}" for i in range(8)]
     info = {"class_names": names, "model_name": "x"}
@@ -234,6 +243,27 @@ def test_cli_reports_expected_errors_with_status_2_and_no_traceback(submission, 
     assert not (tmp_path / "p.csv").exists()
     assert main([]) == 2 and "usage: bc-predict" in capsys.readouterr().err
     assert main(["m", "i", "--batch-size", "0"]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", [b for b in _backends() if b != "tensorflow"])
+def test_cli_gives_the_same_probabilities_on_another_backend(submission, trained, pbc_subset_arrays, tmp_path, backend):
+    """bc-predict on JAX (or PyTorch) with a model trained on TensorFlow: probabilities within 1e-4."""
+    from bc_pipeline.worker.training import predict_proba
+
+    images = pbc_subset_arrays[0][:64]
+    np.savez(tmp_path / "new.npz", images=images)
+    done = subprocess.run(
+        [sys.executable, "-m", "bc_pipeline.cli", str(submission), str(tmp_path / "new.npz"), "-o", str(tmp_path / "p.csv")],
+        env=os.environ | {"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    frame = pd.read_csv(tmp_path / "p.csv")
+    theirs = frame[[f"p_{name}" for name in CLASS_NAMES]].to_numpy()
+    ours = predict_proba(trained, images)
+    assert ours.max(axis=1).min() < 0.99  # not a saturated model, for which any backend would agree
+    np.testing.assert_allclose(theirs, ours, atol=1e-4)
 
 
 def test_cli_module_entry_point_exits_with_status_2(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 
 from bc_pipeline.assets.training import PhaseConfig, TrainingConfig
 from bc_pipeline.lib.balancing import class_weights
-from bc_pipeline.lib.training import Phase, TrainingSettings
+from bc_pipeline.worker.training import Phase, TrainingSettings
 
 
 def test_balanced_class_weights_equalise_class_mass():
@@ -35,8 +35,8 @@ def test_config_maps_onto_every_training_setting():
 
 
 def test_default_schedule_is_one_phase_from_scratch_and_three_when_pretrained(tmp_path):
-    from bc_pipeline.lib.training import default_phases
     from bc_pipeline.lib.zoo import model_spec
+    from bc_pipeline.worker.training import default_phases
 
     settings = TrainingSettings(epochs=9, learning_rate=1e-3)
     assert default_phases(model_spec("custom_cnn"), settings) == (Phase("all", 1e-3, 9, 4),)
@@ -49,7 +49,7 @@ def test_default_schedule_is_one_phase_from_scratch_and_three_when_pretrained(tm
 
 
 def test_focal_loss_is_cross_entropy_at_gamma_zero_and_down_weights_easy_examples():
-    from bc_pipeline.lib.training import make_loss
+    from bc_pipeline.worker.training import make_loss
 
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(64, 8)).astype(np.float32)
@@ -65,8 +65,8 @@ def test_focal_loss_is_cross_entropy_at_gamma_zero_and_down_weights_easy_example
 
 
 def test_optimizers_and_cyclical_rate():
-    from bc_pipeline.lib.callbacks import cyclical_rate
-    from bc_pipeline.lib.training import make_optimizer
+    from bc_pipeline.worker.callbacks import cyclical_rate
+    from bc_pipeline.worker.training import make_optimizer
 
     assert [type(make_optimizer(n, 1e-3, 1e-4)).__name__ for n in ("adam", "adamw", "lion")] == ["Adam", "AdamW", "Lion"]
     with pytest.raises(ValueError, match="unknown optimizer"):
@@ -87,8 +87,8 @@ def _subset(per_class: int = 40):
 
 @pytest.mark.slow
 def test_training_learns_a_real_subset_and_logs_each_epoch():
-    from bc_pipeline.lib.training import predict_proba, train_classifier
     from bc_pipeline.lib.zoo import model_spec
+    from bc_pipeline.worker.training import predict_proba, train_classifier
 
     train_x, train_y, val_x, val_y = _subset(per_class=80)
     lines: list[str] = []
@@ -109,8 +109,8 @@ def test_training_learns_a_real_subset_and_logs_each_epoch():
 def test_a_frozen_phase_trains_only_the_head_and_the_next_phase_unfreezes():
     import keras
 
-    from bc_pipeline.lib.training import train_classifier
     from bc_pipeline.lib.zoo import build_model, model_spec
+    from bc_pipeline.worker.training import train_classifier
 
     train_x, train_y, val_x, val_y = _subset()
     spec = model_spec("custom_cnn")
@@ -146,8 +146,8 @@ class _Interrupted(RuntimeError):
     ids=["mid-phase", "between-phases"],
 )
 def test_an_interrupted_training_resumes_after_its_last_saved_epoch(tmp_path, phases, interrupt_at):
-    from bc_pipeline.lib.training import train_classifier
     from bc_pipeline.lib.zoo import model_spec
+    from bc_pipeline.worker.training import train_classifier
 
     train_x, train_y, val_x, val_y = _subset()
     settings = TrainingSettings(phases=phases, batch_size=32, lr_schedule="constant")
@@ -184,35 +184,32 @@ def test_an_interrupted_training_resumes_after_its_last_saved_epoch(tmp_path, ph
 
 
 def test_template_augmentation_blends_a_recovered_template_with_a_bounded_weight():
-    import tensorflow as tf
-
-    from bc_pipeline.lib.training import _template_blender
+    from bc_pipeline.worker.data import blend_templates
 
     rng = np.random.default_rng(0)
     templates = rng.uniform(0, 255, size=(2, 8, 8, 3)).astype(np.float32)
-    images = rng.uniform(0, 255, size=(200, 8, 8, 3)).astype(np.float32)
-    tf.random.set_seed(1)
-    blend = _template_blender(templates, probability=1.0, max_weight=0.3)
+    images = rng.integers(0, 256, size=(200, 8, 8, 3)).astype(np.uint8)
+    out = blend_templates(images, templates, np.random.default_rng(1), probability=1.0, max_weight=0.3)
+    assert out.dtype == np.uint8
     weights = []
-    for image in images:
-        out = blend(tf.constant(image), 0)[0].numpy()
-        # out = (1 - w) x + w T_k for one k: solve w for each template, keep the exact one.
+    for image, blended in zip(images.astype(np.float32), out.astype(np.float32)):
+        # out = round((1 - w) x + w T_k) for one k: solve w for each template, keep the exact one.
         fits = []
         for template in templates:
             d = (template - image).ravel()
-            w = float(((out - image).ravel() @ d) / (d @ d))
-            fits.append((np.abs(image + w * (template - image) - out).max(), w))
+            w = float(((blended - image).ravel() @ d) / (d @ d))
+            fits.append((np.abs(image + w * (template - image) - blended).max(), w))
         error, w = min(fits)
-        assert error < 1e-3
+        assert error <= 0.6  # rounding to uint8 (0.5), plus w fitted to the rounded pixels
         weights.append(w)
-    assert 0.0 <= min(weights) and max(weights) <= 0.3 + 1e-6 and np.std(weights) > 0.05
-    never = _template_blender(templates, probability=0.0, max_weight=0.3)
-    np.testing.assert_array_equal(never(tf.constant(images[0]), 0)[0].numpy(), images[0])
+    assert -0.01 <= min(weights) and max(weights) <= 0.3 + 0.01 and np.std(weights) > 0.05
+    never = blend_templates(images, templates, np.random.default_rng(1), probability=0.0, max_weight=0.3)
+    np.testing.assert_array_equal(never, images)
 
 
 def test_template_augmentation_is_off_by_default_and_skipped_without_templates():
-    from bc_pipeline.lib.training import _templates_for
     from bc_pipeline.lib.zoo import build_model, model_spec
+    from bc_pipeline.worker.training import _templates_for
 
     assert TrainingConfig().template_augmentation is False
     model = build_model(model_spec("custom_cnn"), 8)
@@ -235,8 +232,8 @@ def test_template_augmentation_is_off_by_default_and_skipped_without_templates()
     ],
 )
 def test_rate_schedules_and_optimizers_drive_a_real_training(optimizer, schedule, expected):
-    from bc_pipeline.lib.training import train_classifier
     from bc_pipeline.lib.zoo import model_spec
+    from bc_pipeline.worker.training import train_classifier
 
     train_x, train_y, val_x, val_y = _subset(per_class=16)
     settings = TrainingSettings(
@@ -253,7 +250,7 @@ def test_rate_schedules_and_optimizers_drive_a_real_training(optimizer, schedule
 def test_the_reported_best_epoch_is_the_one_the_final_weights_come_from():
     import pandas as pd
 
-    from bc_pipeline.lib.training import best_epoch
+    from bc_pipeline.worker.training import best_epoch
 
     # Phase 1's epoch 1 has the lowest loss, but phase 2 restored its own best (epoch 4).
     two_phases = pd.DataFrame({"epoch": [1, 2, 3, 4, 5], "phase": [1, 1, 2, 2, 2], "val_loss": [0.1, 0.5, 0.4, 0.3, 0.35]})

@@ -28,7 +28,7 @@ def _batch(n: int = 8, size: int = 96, seed: int = 0) -> tuple[np.ndarray, np.nd
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(REGISTRY))
 def test_every_registered_model_builds_and_takes_a_training_step(name):
-    from bc_pipeline.lib.training import make_loss, make_optimizer
+    from bc_pipeline.worker.training import make_loss, make_optimizer
 
     model = build_model(model_spec(name, image_size=32), num_classes=8)
     assert [layer.name for layer in model.layers] == ["image", "resize", "preprocess", "backbone", "head"]

@@ -7,8 +7,9 @@ For every image preset (``IMAGE_PRESETS``) on ``--images`` pbc96 images (a fixed
   (b) per-image: the same ``build_preset`` function mapped over single (96, 96, 3) images
       (AUTOTUNE, deterministic, then rounded to uint8 and batched by 64), timed the same way;
 and for each the process CPU time over wall time (about 2 on 2 cores when both are busy).
-Then the batch-level mixers (``batch_mixer``: mixup, cutmix, mixup+cutmix) on float32 batches of
-64 with one-hot labels, against the same pipeline without a mixer. Every time is the best of
+Then the batch-level mixers of the training worker (``bc_pipeline.worker.data.mix_batch``: mixup,
+cutmix, mixup+cutmix; numpy, uint8) on batches of 64 with one-hot labels, against the same loop
+without a mixer. Every time is the best of
 ``--repeats`` runs (``--mixer-repeats`` for the mixers, which take about a second each).
 
 Run: ``.venv/bin/python bench/bench_augmentation.py [--images N] [--repeats R]`` (or ``make bench``).
@@ -25,9 +26,10 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
-
-from bc_pipeline.lib.augmentation import IMAGE_PRESETS, augment_images, batch_mixer, build_preset
 from _common import best_of, load_pbc96, table, timed
+
+from bc_pipeline.lib.augmentation import IMAGE_PRESETS, augment_images, build_preset
+from bc_pipeline.worker.data import mix_batch, one_hot
 
 BATCH = 64
 NUM_CLASSES = 8
@@ -52,20 +54,14 @@ def per_image_augment(images: np.ndarray, preset: str, *, seed: int = 0, batch_s
 
 
 def mixed_batches(images: np.ndarray, labels: np.ndarray, name: str, *, seed: int = 0) -> int:
-    """Batches of 64 (float32 images, one-hot labels), mixed by ``batch_mixer(name)``; images made."""
-    import tensorflow as tf
-
-    data = (
-        tf.data.Dataset.from_tensor_slices((images, labels.astype(np.int32)))
-        .batch(BATCH, drop_remainder=True)
-        .map(lambda x, y: (tf.cast(x, tf.float32), tf.one_hot(y, NUM_CLASSES)), num_parallel_calls=tf.data.AUTOTUNE)
-    )
-    if name != "none":
-        data = data.map(batch_mixer(name, seed=seed), num_parallel_calls=tf.data.AUTOTUNE)
+    """Batches of 64 (uint8 images, one-hot labels), mixed by ``mix_batch(name)``; images made."""
+    rng = np.random.default_rng(seed)
     made = 0
-    for x, y in data.prefetch(tf.data.AUTOTUNE):
-        made += len(x.numpy())
-        y.numpy()
+    for start in range(0, len(images) - BATCH + 1, BATCH):
+        x, y = images[start : start + BATCH], one_hot(labels[start : start + BATCH], NUM_CLASSES)
+        if name != "none":
+            x, y = mix_batch(name, x, y, rng)
+        made += len(x)
     return made
 
 
@@ -153,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             mix_rows.append((name, first_s, made, made / wall, cpu / wall))
             print(f"  done: {name}", file=sys.stderr, flush=True)
         print(
-            f"batch mixers (batch_mixer), float32 batches of {BATCH} with one-hot labels, every batch mixed, "
+            f"batch mixers (worker.data.mix_batch), uint8 batches of {BATCH} with one-hot labels, every batch mixed, "
             f"best of {args.mixer_repeats}"
         )
         table(

@@ -14,8 +14,8 @@ import pandas as pd
 from pydantic import Field
 
 from bc_pipeline import automation
-from bc_pipeline.assets._versions import with_config
 from bc_pipeline.assets import _metadata as md
+from bc_pipeline.assets._versions import with_config
 from bc_pipeline.assets.training import split_arrays
 from bc_pipeline.io_managers import ALL_PARTITIONS
 from bc_pipeline.lib.artifacts import ImageSet, PartitionedArtifacts
@@ -23,9 +23,9 @@ from bc_pipeline.lib.evaluation import report_markdown, score_predictor
 from bc_pipeline.lib.leaderboard import RANK_COLUMNS, leaderboard_figure, leaderboard_markdown, leaderboard_table
 from bc_pipeline.lib.plots import confusion_matrix_figure, gradcam_grid, training_curves_figure
 from bc_pipeline.lib.storage import fingerprint, save_bytes, save_json, save_parquet
-from bc_pipeline.lib.training import TrainedModel, predict_proba
 from bc_pipeline.partitions import model_partitions
 from bc_pipeline.resources import PipelineStorage
+from bc_pipeline.worker.training import TrainedModel, predict_proba
 
 
 class EvaluationConfig(dg.Config):
@@ -230,8 +230,8 @@ def submission_package(
     trained_model: PartitionedArtifacts,
     storage: PipelineStorage,
 ) -> dg.Output[dict]:
-    from bc_pipeline.lib.model import weights_fingerprint
     from bc_pipeline.lib.submission import write_submission
+    from bc_pipeline.worker.training import weights_fingerprint
 
     name = config.model or str(model_leaderboard.iloc[0]["model"])
     if name not in trained_model:

@@ -1,4 +1,4 @@
-"""Stage 4: train each model of the zoo (one partition per model), early-stopped on the validation split."""
+"""Stage 4: train each model of the zoo (one partition per model) in the Pipes training worker (bc_pipeline.worker)."""
 
 import dataclasses
 from typing import Literal
@@ -9,20 +9,23 @@ import pandas as pd
 from pydantic import Field
 
 from bc_pipeline import automation
-from bc_pipeline.assets._versions import with_config
 from bc_pipeline.assets import _metadata as md
-from bc_pipeline.lib.artifacts import ImageSet, ShardSet
-from bc_pipeline.lib.model import weights_fingerprint
-from bc_pipeline.lib.training import Phase, TrainedModel, TrainingSettings, train_classifier
+from bc_pipeline.assets._versions import with_config
+from bc_pipeline.lib.artifacts import ImageSet, ModelFolder, ShardSet, read_model_folder, training_metadata
+from bc_pipeline.lib.launch import describe_failure
+from bc_pipeline.lib.training_job import prepare_job
 from bc_pipeline.lib.zoo import ModelSpec, WeightsUnavailableError, model_spec
 from bc_pipeline.partitions import model_partitions
-from bc_pipeline.resources import ImageSource, PipelineStorage
+from bc_pipeline.resources import ImageSource, PipelineStorage, TrainingWorker
+from bc_pipeline.worker.report import EPOCH
+from bc_pipeline.worker.spec import FAILURE_FILE
+from bc_pipeline.worker.training import Phase, TrainingSettings
 
 _DEFAULTS = TrainingSettings()
 
 
 class PhaseConfig(dg.Config):
-    """One phase of the schedule (see lib.training.Phase)."""
+    """One phase of the schedule (see worker.training.Phase)."""
 
     trainable: str = Field(default="all", description="frozen | last:N | last:N% | all (backbone layers that train).")
     learning_rate: float = Field(default=1e-3, gt=0)
@@ -76,8 +79,12 @@ class TrainingConfig(dg.Config):
     )
     template_probability: float = Field(default=_DEFAULTS.template_probability, ge=0, le=1)
     template_max_weight: float = Field(default=_DEFAULTS.template_max_weight, ge=0, lt=1)
-    mixed_precision: Literal["auto", "on", "off"] = Field(default="auto", description="auto: float16 on a GPU only.")
-    jit_compile: Literal["auto", "on", "off"] = Field(default="auto", description="auto: XLA on a GPU only.")
+    mixed_precision: Literal["auto", "on", "off"] = Field(
+        default=_DEFAULTS.mixed_precision, description="auto: bfloat16 (float16 before Ampere) on a GPU only."
+    )
+    jit_compile: Literal["auto", "on", "off"] = Field(
+        default=_DEFAULTS.jit_compile, description="auto: XLA on JAX (GPU and CPU); off on TensorFlow and PyTorch."
+    )
     resume: bool = Field(default=True, description="Checkpoint every epoch and resume an interrupted training.")
 
     def settings(self) -> TrainingSettings:
@@ -102,14 +109,20 @@ def class_weight_of(balanced: ImageSet) -> dict[int, float] | None:
     return None if all(w == 1.0 for w in weights.values()) else {c: w for c, w in weights.items() if w > 0}
 
 
+def split_rows(splits: pd.DataFrame, split: str) -> np.ndarray:
+    """Rows of the image set in one split, in split-table order."""
+    return splits.loc[splits["split"] == split, "index"].to_numpy(np.int64)
+
+
 @dg.asset(
-    code_version=with_config("4", TrainingConfig),
+    code_version=with_config("5", TrainingConfig),
     automation_condition=automation.per_model(),
     group_name="training",
-    kinds={"tensorflow", "keras"},
+    kinds={"keras", "tensorflow", "jax"},
     partitions_def=model_partitions,
     pool="gpu",  # one training at a time on the machine's accelerator (see README: GPU pool)
-    description="One model of the zoo per partition, trained in phases; saved as .keras with its history.",
+    description="One model of the zoo per partition, trained in phases by the Pipes training worker; "
+    "saved as .keras with its history.",
 )
 def trained_model(
     context: dg.AssetExecutionContext,
@@ -121,46 +134,33 @@ def trained_model(
     noise_templates: np.ndarray,
     image_source: ImageSource,
     storage: PipelineStorage,
-) -> dg.Output[TrainedModel]:
-    name = context.partition_key
+    training_worker: TrainingWorker,
+) -> dg.Output[ModelFolder]:
+    name, worker = context.partition_key, training_worker
     try:
         spec = config.spec(name)
     except (ValueError, KeyError, WeightsUnavailableError) as error:
         raise dg.Failure(description=str(error)) from None
-    val_x, val_y = split_arrays(clean_images, data_splits, "val")
-    class_names = list(image_source.class_names)
-    shards = [augmented_train_set.load(i) for i in range(len(augmented_train_set.manifest))]
-    checkpoints = storage.cache_dir() / "checkpoints" / "trained_model" / name if config.resume else None
+    job = prepare_job(
+        storage.cache_dir() / "training" / name, storage.staging_dir(f"trained_model/{name}"), data_root=storage.root,
+        model=spec, settings=config.settings(), num_classes=len(image_source.class_names), train=balanced_train_set,
+        shards=augmented_train_set, images=clean_images, val_rows=split_rows(data_splits, "val"),
+        templates=noise_templates, class_weight=class_weight_of(balanced_train_set),
+        checkpoint_dir=storage.cache_dir() / "checkpoints" / "trained_model" / name if config.resume else None,
+        backend=worker.keras_backend, device=worker.device, input_workers=worker.input_workers,
+        info={"class_names": list(image_source.class_names), "settings": dataclasses.asdict(config.settings())},
+    )  # fmt: skip
+    context.log.info(f"launching the {worker.keras_backend} training worker ({worker.launcher}) on {job.spec_path}")
     try:
-        result = train_classifier(
-            balanced_train_set.images, balanced_train_set.manifest["label"].to_numpy(np.int64), val_x, val_y,
-            num_classes=len(class_names), spec=spec, settings=config.settings(),
-            class_weight=class_weight_of(balanced_train_set), augmented=shards, templates=noise_templates,
-            checkpoint_dir=checkpoints, log=context.log.info,
-        )  # fmt: skip
-    except WeightsUnavailableError as error:
-        raise dg.Failure(description=str(error)) from None
-    result.info["class_names"] = class_names
-    result.info["settings"] = dataclasses.asdict(config.settings())
-    best = result.history.loc[result.history["epoch"] == result.info["best_epoch"]].iloc[0]
-    metadata = {
-        "model": name,
-        "backbone": spec.backbone,
-        "image_size": spec.image_size,
-        "weights": spec.weights,
-        "device": result.info["device"],
-        "parameters": result.info["parameters"],
-        "phases": len(result.info["phases"]),
-        "epochs_run": result.info["epochs_run"],
-        "best_epoch": result.info["best_epoch"],
-        "best_val_accuracy": round(float(best["val_accuracy"]), 4),
-        "train_seconds": result.info["train_seconds"],
-        "resumed_from_epoch": result.info["resumed_from_epoch"],
-        "pool_images": result.info["pool_images"],
-        "augmented_shards": result.info["augmented_shards"],
-        "class_weighted": result.info["class_weight"] is not None,
-        "augmentation_templates": result.info["augmentation_templates"],
-        "history": md.table(result.history.round(4)),
-    }
-    version = weights_fingerprint(result.model)
-    return dg.Output(result, data_version=dg.DataVersion(version), metadata=metadata)
+        messages = worker.run(context, job.spec_path, storage.root)
+    except dg.Failure:
+        raise
+    except Exception as error:  # noqa: BLE001 - any launcher's error: explained, with what to do next
+        raise dg.Failure(description=describe_failure(
+            name, error, failure_file=job.output_dir / FAILURE_FILE, checkpoint_dir=job.checkpoint_dir,
+            launcher=worker.launcher,
+        )) from None  # fmt: skip
+    info, history = read_model_folder(job.output_dir)
+    streamed = sum(1 for m in messages if isinstance(m, dict) and m.get("kind") == EPOCH)
+    metadata = {**training_metadata(spec, info, history), "epochs_streamed": streamed, "history": md.table(history.round(4))}
+    return dg.Output(ModelFolder(job.output_dir), data_version=dg.DataVersion(info["weights_fingerprint"]), metadata=metadata)

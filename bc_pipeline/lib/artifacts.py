@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from bc_pipeline.lib.storage import atomic_path, save_json, save_npy, save_parquet
-from bc_pipeline.lib.training import TrainedModel
+from bc_pipeline.worker.training import TrainedModel
 
 
 @dataclass
@@ -29,6 +29,8 @@ class ImageSet:
     images: np.ndarray
     manifest: pd.DataFrame
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    # The folder it was read from (images.npy there), so a worker process can map the same file.
+    directory: Path | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.images) != len(self.manifest):
@@ -60,6 +62,38 @@ class ShardSet:
         return int(self.manifest["count"].sum()) if len(self.manifest) else 0
 
 
+@dataclass
+class ModelFolder:
+    """A trained model the worker wrote as files (model.keras, history.parquet, info.json).
+
+    Stored by moving the folder into place, so the Dagster process never loads Keras to save it;
+    read back as a :class:`TrainedModel`.
+    """
+
+    directory: Path
+
+
+def read_model_folder(folder: Path) -> tuple[dict[str, Any], pd.DataFrame]:
+    """(info, history) of a model folder, without loading the model (no Keras)."""
+    folder = Path(folder)
+    for required in ("model.keras", "info.json", "history.parquet"):
+        if not (folder / required).is_file():
+            raise ArtifactNotFoundError(f"{folder}: {required} is missing; the training worker did not complete")
+    return json.loads((folder / "info.json").read_text()), pd.read_parquet(folder / "history.parquet")
+
+
+def training_metadata(spec: Any, info: dict[str, Any], history: pd.DataFrame) -> dict[str, Any]:
+    """The facts of a training run shown on the asset page (the history table is added by the asset)."""
+    best = history.loc[history["epoch"] == info["best_epoch"]].iloc[0]
+    keys = ("backend", "device", "dtype_policy", "parameters", "epochs_run", "best_epoch", "train_seconds",
+            "worker_seconds", "resumed_from_epoch", "pool_images", "augmented_shards", "augmentation_templates")  # fmt: skip
+    return {
+        "model": spec.name, "backbone": spec.backbone, "image_size": spec.image_size, "weights": spec.weights,
+        **{key: info.get(key) for key in keys}, "phases": len(info["phases"]),
+        "best_val_accuracy": round(float(best["val_accuracy"]), 4), "class_weighted": info.get("class_weight") is not None,
+    }  # fmt: skip
+
+
 class ArtifactNotFoundError(FileNotFoundError):
     pass
 
@@ -81,6 +115,13 @@ def write_artifact(base: Path, value: Any) -> Path:
             value.history.to_parquet(tmp / "history.parquet", engine="pyarrow", index=False)
             (tmp / "info.json").write_text(json.dumps(value.info, indent=2, default=str))
         return base
+    if isinstance(value, ModelFolder):
+        if not (Path(value.directory) / "model.keras").is_file():
+            raise ValueError(f"{value.directory}: no model.keras; the worker did not finish writing the model")
+        with atomic_path(base) as tmp:
+            _move_dir(Path(value.directory), tmp)
+        value.directory = base
+        return base
     if isinstance(value, ShardSet):
         with atomic_path(base) as tmp:
             _move_dir(Path(value.directory), tmp)
@@ -101,14 +142,17 @@ def read_artifact(base: Path, *, what: str = "artifact") -> Any:
     if (base / "images.npy").is_file():
         tables = {p.stem: pd.read_parquet(p) for p in sorted(base.glob("*.parquet")) if p.stem != "manifest"}
         images = np.load(base / "images.npy", mmap_mode="r", allow_pickle=False)
-        return ImageSet(images=images, manifest=pd.read_parquet(base / "manifest.parquet"), tables=tables)
+        return ImageSet(images=images, manifest=pd.read_parquet(base / "manifest.parquet"), tables=tables, directory=base)
     if (base / "shards.parquet").is_file():
         return ShardSet(directory=base, manifest=pd.read_parquet(base / "shards.parquet"))
     if (base / "model.keras").is_file():
         import keras
 
         return TrainedModel(
-            model=keras.saving.load_model(base / "model.keras"),
+            # compile=False: the pipeline only predicts with a stored model, and a model compiled
+            # for XLA on JAX would otherwise be XLA-compiled here too, where TensorFlow's XLA has no
+            # kernel for the antialiased resize every zoo model starts with.
+            model=keras.saving.load_model(base / "model.keras", compile=False),
             history=pd.read_parquet(base / "history.parquet"),
             info=json.loads((base / "info.json").read_text()),
         )

@@ -12,7 +12,8 @@ the pipelines their reports describe:
 - ``categorical``: one random geometric, one colour and one distortion op per image (the
   report's own "categorical" pipeline).
 - ``mixup`` / ``cutmix``: batch-level, they mix pairs of images *and their labels*, so they only
-  exist in the training input pipeline (:func:`batch_mixer`), never as stored datasets.
+  exist in the training input pipeline (:func:`bc_pipeline.worker.data.mix_batch`), never as
+  stored datasets.
 
 Image presets map float32 batches in [0, 255] to float32 batches in [0, 255] (``value_range`` is
 (0, 255) everywhere); :func:`augment_images` wraps that as uint8 in -> uint8 out.
@@ -209,40 +210,3 @@ def make_augmenter(preset: str, *, seed: int = 0, batch_size: int = 64) -> Calla
 def augment_images(images: np.ndarray, preset: str, *, seed: int = 0, batch_size: int = 64) -> np.ndarray:
     """Augment one array with ``preset`` (see :func:`make_augmenter`, which to prefer for many arrays)."""
     return make_augmenter(preset, seed=seed, batch_size=batch_size)(images)
-
-
-def batch_mixer(name: str, *, seed: int = 0, alpha: float | None = None) -> Callable[[Any, Any], tuple[Any, Any]]:
-    """(images float32 batch, one-hot labels) -> mixed (images, labels) for MixUp, CutMix or either.
-
-    ``name`` is ``mixup``, ``cutmix`` or ``mixup+cutmix`` (each batch gets one of the two at random).
-    Meant for ``tf.data.Dataset.map`` after batching.
-    """
-    import keras
-    import keras_cv
-    import tensorflow as tf
-
-    makers = {
-        "mixup": lambda: keras_cv.layers.MixUp(alpha=0.2 if alpha is None else alpha, seed=seed),
-        # Keras' own CutMix: keras-cv's labels a patch by its whole box even where the image
-        # border cuts the box off (measured: partner share 0.18 too high on average, up to 0.65).
-        "cutmix": lambda: keras.layers.CutMix(factor=1.0 if alpha is None else alpha, seed=seed + 1),
-    }
-    parts = name.split("+")
-    if not parts or any(part not in makers for part in parts):
-        raise ValueError(f"unknown batch augmentation {name!r}; use mixup, cutmix or mixup+cutmix")
-    layers = [makers[part]() for part in parts]
-
-    def mix(images: Any, labels: Any) -> tuple[Any, Any]:
-        if len(layers) == 1:
-            out = layers[0]({"images": images, "labels": labels}, training=True)
-            return out["images"], out["labels"]
-        pick = tf.random.uniform([], 0, len(layers), dtype=tf.int32)
-        branches = [lambda layer=layer: _mixed(layer, images, labels) for layer in layers]
-        return tf.switch_case(pick, branches)
-
-    return mix
-
-
-def _mixed(layer: Any, images: Any, labels: Any) -> tuple[Any, Any]:
-    out = layer({"images": images, "labels": labels}, training=True)
-    return out["images"], out["labels"]

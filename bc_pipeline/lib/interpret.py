@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bc_pipeline.lib.training import predict_proba
+from bc_pipeline.worker.training import predict_proba
 
 TTA_VIEWS: tuple[str, ...] = ("identity", "flip_lr", "flip_ud", "rotate+10", "rotate-10")
 

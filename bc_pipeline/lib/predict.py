@@ -204,7 +204,7 @@ def predict_frame(
     batch_size: int = 256,
 ) -> pd.DataFrame:
     """One row per image: source, predicted_index, predicted_class, then ``p_<class>`` per class."""
-    from bc_pipeline.lib.training import predict_proba
+    from bc_pipeline.worker.training import predict_proba
 
     if len(sources) != len(images):
         raise ValueError(f"{len(sources)} sources for {len(images)} images")

@@ -1,4 +1,9 @@
-"""Train a zoo model on in-memory uint8 images: phases, optimizers, losses, schedules, checkpoints."""
+"""Train a zoo model on uint8 images: phases, optimizers, losses, schedules, checkpoints.
+
+Backend-neutral: Keras on TensorFlow, JAX or PyTorch, fed by the numpy pipeline of
+:mod:`bc_pipeline.worker.data`. Keras is imported inside the functions, after
+:func:`bc_pipeline.worker.backend.select_backend` has chosen the backend.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +17,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bc_pipeline.lib.augmentation import batch_mixer
-from bc_pipeline.lib.model import configure_devices
-from bc_pipeline.lib.checkpoint import Checkpoint, new_state
 from bc_pipeline.lib.storage import fingerprint
 from bc_pipeline.lib.zoo import ModelSpec, build_model, set_trainable
+from bc_pipeline.worker.backend import Device, configure_device, precision_policy, use_jit
+from bc_pipeline.worker.checkpoint import Checkpoint, new_state
+from bc_pipeline.worker.data import ImagePool, evaluation_batches, feed, training_batches
 
 Log = Callable[[str], None]
 
@@ -74,7 +79,8 @@ class TrainingSettings:
     template_augmentation: bool = False
     template_probability: float = 0.5
     template_max_weight: float = 0.5
-    # auto: float16 compute and XLA on a GPU, plain float32 on a CPU (where both only slow down).
+    # mixed_precision auto: bfloat16 (float16 before Ampere) on a GPU, float32 on a CPU (worker.backend);
+    # jit_compile auto: XLA on JAX, off on TensorFlow (no XLA kernel for the antialiased resize) and PyTorch.
     mixed_precision: str = "auto"  # auto | on | off
     jit_compile: str = "auto"  # auto | on | off
 
@@ -86,86 +92,6 @@ class TrainedModel:
     model: Any
     history: pd.DataFrame
     info: dict[str, Any] = field(default_factory=dict)
-
-
-def _dataset(
-    images: np.ndarray,
-    labels: np.ndarray,
-    batch_size: int,
-    *,
-    num_classes: int,
-    augment: bool,
-    seed: int,
-    repeat: bool = False,
-    templates: np.ndarray | None = None,
-    template_probability: float = 0.0,
-    template_max_weight: float = 0.0,
-    batch_augment: str = "none",
-    batch_augment_probability: float = 0.5,
-) -> Any:
-    """Batches of (float32 images, one-hot labels), prefetched so the model never waits for them.
-
-    With ``augment`` the images are shuffled and randomly flipped / turned by 90 degrees: a blood
-    cell has no preferred orientation, so all eight symmetries are valid examples, and they are
-    exact and cheap. With ``templates`` a random corruption template is blended over a share of the
-    images; with ``batch_augment`` (mixup, cutmix) a share of the batches mix images and labels.
-    Labels are one-hot throughout so that mixed (soft) labels and plain ones share the same loss.
-    """
-    import tensorflow as tf
-
-    data = tf.data.Dataset.from_tensor_slices((images, labels.astype(np.int32)))
-    if augment:
-        data = data.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
-        data = data.map(_flip_and_turn, num_parallel_calls=tf.data.AUTOTUNE)
-    if repeat:
-        data = data.repeat()
-    if templates is not None and len(templates):
-        blend = _template_blender(templates, template_probability, template_max_weight)
-        data = data.map(blend, num_parallel_calls=tf.data.AUTOTUNE)
-    data = data.batch(batch_size, drop_remainder=batch_augment != "none").map(
-        lambda x, y: (tf.cast(x, tf.float32), tf.one_hot(y, num_classes)), num_parallel_calls=tf.data.AUTOTUNE
-    )
-    if batch_augment != "none":
-        data = data.map(_sometimes(batch_mixer(batch_augment, seed=seed), batch_augment_probability))
-    return data.prefetch(tf.data.AUTOTUNE)
-
-
-def _sometimes(mix: Callable[[Any, Any], tuple[Any, Any]], probability: float) -> Callable[[Any, Any], tuple[Any, Any]]:
-    """Apply ``mix`` to a batch with ``probability``; otherwise pass it through."""
-    import tensorflow as tf
-
-    def maybe(images: Any, labels: Any) -> tuple[Any, Any]:
-        return tf.cond(tf.random.uniform([]) < probability, lambda: mix(images, labels), lambda: (images, labels))
-
-    return maybe
-
-
-def _template_blender(templates: np.ndarray, probability: float, max_weight: float) -> Any:
-    """x -> (1 - w) x + w T_k for a random template k and w ~ U(0, max_weight), with ``probability``.
-
-    This is the augmentation one course team tried with the noise they recovered: it shows the
-    network cells seen through the same kind of overlay as the corrupted images, so it learns to
-    look past it instead of being thrown by it.
-    """
-    import tensorflow as tf
-
-    stack = tf.constant(np.asarray(templates, dtype=np.float32))
-
-    def blend(image: Any, label: Any) -> tuple[Any, Any]:
-        k = tf.random.uniform([], 0, tf.shape(stack)[0], dtype=tf.int32)
-        on = tf.cast(tf.random.uniform([]) < probability, tf.float32)
-        weight = on * tf.random.uniform([], 0.0, max_weight)
-        return (1.0 - weight) * tf.cast(image, tf.float32) + weight * stack[k], label
-
-    return blend
-
-
-def _flip_and_turn(image: Any, label: Any) -> tuple[Any, Any]:
-    import tensorflow as tf
-
-    image = tf.image.random_flip_left_right(image)
-    turns = tf.random.uniform([], 0, 4, dtype=tf.int32)
-    return tf.image.rot90(image, turns), label
 
 
 def default_phases(spec: ModelSpec, settings: TrainingSettings) -> tuple[Phase, ...]:
@@ -226,6 +152,9 @@ def train_classifier(
     templates: np.ndarray | None = None,
     checkpoint_dir: Path | None = None,
     log: Log = print,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    device: Device | None = None,
+    input_workers: int = 1,
 ) -> TrainedModel:
     """Build ``spec`` and fit it phase by phase, early-stopped on validation loss.
 
@@ -237,45 +166,48 @@ def train_classifier(
     With ``checkpoint_dir`` the model, its optimizer and the schedule's progress are saved after
     every epoch; called again with the same data and settings, training resumes after the last
     saved epoch instead of starting over. The folder is emptied when training completes.
+
+    ``progress`` receives each epoch's history row as it ends (the worker streams them to Dagster);
+    ``device`` is where to train (default: the backend's GPU if it has one); ``input_workers``
+    threads build training batches ahead of the model.
     """
     if len(train_images) == 0 or len(val_images) == 0:
         raise ValueError("training needs a non-empty train and validation split")
     if not settings.include_original and not augmented:
         raise ValueError("include_original is off and there are no augmented copies: nothing to train on")
-    device = configure_devices()
     import keras
 
-    on_gpu = device.startswith("GPU")
+    device = device or configure_device(keras.backend.backend())
     phases = default_phases(spec, settings)
     checkpoint = Checkpoint(checkpoint_dir, _run_key(spec, settings, class_weight, train_labels, val_labels, augmented))
     previous_policy = keras.config.dtype_policy().name
-    if _enabled(settings.mixed_precision, on_gpu):
-        keras.mixed_precision.set_global_policy("mixed_float16")
+    keras.mixed_precision.set_global_policy(precision_policy(settings.mixed_precision, device))
     try:
         keras.utils.set_random_seed(settings.seed)
         resumed = checkpoint.load(log)
         model, state = resumed if resumed else (build_model(spec, num_classes), new_state())
-        pool_x, pool_y = _training_pool(model, train_images, train_labels, augmented, settings.include_original)
-        log(f"training {spec.name} on {device}: {len(pool_x)} images to draw from ({len(augmented)} augmented "
-            f"shards), {len(train_images)} per epoch, {len(val_images)} val, at {spec.image_size}px, "
-            f"{len(phases)} phase(s), {keras.config.dtype_policy().name}")  # fmt: skip
+        pool = _training_pool(model, train_images, train_labels, augmented, settings.include_original)
+        log(f"training {spec.name} with Keras {keras.__version__} on {keras.backend.backend()}, {device.description}: "
+            f"{len(pool)} images to draw from ({len(augmented)} augmented shards), {len(train_images)} per epoch, "
+            f"{len(val_images)} val, at {spec.image_size}px, {len(phases)} phase(s), {keras.config.dtype_policy().name}, "
+            f"{input_workers} input thread(s)")  # fmt: skip
         steps = max(1, -(-len(train_images) // settings.batch_size))
         templates_small = _templates_for(model, templates, settings, log)
-        train_data = _dataset(
-            pool_x, pool_y, settings.batch_size, num_classes=num_classes, augment=settings.augment, seed=settings.seed,
-            repeat=True, templates=templates_small,
-            template_probability=settings.template_probability, template_max_weight=settings.template_max_weight,
-            batch_augment=settings.batch_augment, batch_augment_probability=settings.batch_augment_probability,
-        )  # fmt: skip
-        val_data = _dataset(
-            resize_like_model(model, val_images), val_labels, settings.batch_size,
-            num_classes=num_classes, augment=False, seed=0,
-        )  # fmt: skip
+        train_data = feed(training_batches(
+            pool, num_classes=num_classes, batch_size=settings.batch_size, seed=settings.seed, augment=settings.augment,
+            templates=templates_small, template_probability=settings.template_probability,
+            template_max_weight=settings.template_max_weight, batch_augment=settings.batch_augment,
+            batch_augment_probability=settings.batch_augment_probability, workers=input_workers,
+        ), keras.backend.backend(), workers=input_workers)  # fmt: skip
+        val_data = feed(evaluation_batches(
+            resize_like_model(model, val_images), val_labels, num_classes=num_classes, batch_size=settings.batch_size
+        ), keras.backend.backend())  # fmt: skip
         start = time.perf_counter()
         for index in range(state["phase"], len(phases)):
             model = _run_phase(
-                model, index, phases[index], state, spec=spec, settings=settings, steps=steps, on_gpu=on_gpu,
+                model, index, phases[index], state, spec=spec, settings=settings, steps=steps, device=device,
                 train_data=train_data, val_data=val_data, class_weight=class_weight, checkpoint=checkpoint, log=log,
+                progress=progress,
             )  # fmt: skip
         seconds = time.perf_counter() - start
     finally:
@@ -286,14 +218,17 @@ def train_classifier(
         "model_name": spec.name,
         "spec": asdict(spec),
         "phases": [asdict(p) for p in phases],
-        "device": device,
+        "device": device.description,
+        "backend": keras.backend.backend(),
+        "keras_version": keras.__version__,
+        "dtype_policy": precision_policy(settings.mixed_precision, device),
         "train_seconds": round(seconds + state["seconds_before_resume"], 1),
         "resumed_from_epoch": state["resumed_from_epoch"],
         "epochs_run": int(len(history)),
         "best_epoch": best_epoch(history),
         "parameters": int(model.count_params()),
         "class_weight": class_weight,
-        "pool_images": int(len(pool_x)),
+        "pool_images": int(len(pool)),
         "augmented_shards": len(augmented),
         "augmentation_templates": 0 if templates_small is None else int(len(templates_small)),
     }
@@ -310,12 +245,6 @@ def best_epoch(history: pd.DataFrame) -> int:
     return int(last.loc[last["val_loss"].idxmin(), "epoch"])
 
 
-def _enabled(choice: str, on_gpu: bool) -> bool:
-    if choice not in ("auto", "on", "off"):
-        raise ValueError(f"expected auto, on or off, not {choice!r}")
-    return on_gpu if choice == "auto" else choice == "on"
-
-
 def _run_phase(
     model: Any,
     index: int,
@@ -325,12 +254,13 @@ def _run_phase(
     spec: ModelSpec,
     settings: TrainingSettings,
     steps: int,
-    on_gpu: bool,
+    device: Device,
     train_data: Any,
     val_data: Any,
     class_weight: dict[int, float] | None,
     checkpoint: Checkpoint,
     log: Log,
+    progress: Callable[[dict[str, Any]], None] | None,
 ) -> Any:
     """Fit one phase (or what is left of it after a resume); return the model with its best weights."""
     if state["phase_epochs"] == 0:  # a fresh phase: set trainable layers, start a new optimizer
@@ -340,15 +270,15 @@ def _run_phase(
             loss=make_loss(settings.loss, label_smoothing=settings.label_smoothing, gamma=settings.focal_gamma,
                            alpha=settings.focal_alpha),
             metrics=["accuracy"],
-            jit_compile=_enabled(settings.jit_compile, on_gpu),
+            jit_compile=use_jit(settings.jit_compile, device),
         )  # fmt: skip
         state.update(phase_start=state["epochs_done"], best_val_loss=None, wait=0)
         log(f"phase {index + 1}: trainable={phase.trainable} ({trainable} weight tensors), "
             f"lr {phase.learning_rate:g}, up to {phase.epochs} epochs")  # fmt: skip
-    from bc_pipeline.lib.callbacks import PhaseMonitor, rate_callbacks
+    from bc_pipeline.worker.callbacks import PhaseMonitor, rate_callbacks
 
     remaining = phase.epochs - state["phase_epochs"]
-    monitor = PhaseMonitor(index, phase.patience, state, checkpoint, log)
+    monitor = PhaseMonitor(index, phase.patience, state, checkpoint, log, progress)
     rates = rate_callbacks(
         settings.lr_schedule, learning_rate=phase.learning_rate, patience=phase.patience,
         phase_start=state["phase_start"], steps_per_epoch=steps, decay=settings.lr_decay,
@@ -363,7 +293,7 @@ def _run_phase(
             epochs=state["epochs_done"] + remaining,
             class_weight=class_weight,
             callbacks=[*rates, monitor],
-            shuffle=False,  # the tf.data pipeline shuffles
+            shuffle=False,  # the PyDataset shuffles (one permutation of the pool per pass)
             verbose=0,
         )
     monitor.restore_best(model)
@@ -397,16 +327,22 @@ def _training_pool(
     labels: np.ndarray,
     augmented: Sequence[tuple[np.ndarray, np.ndarray]],
     include_original: bool,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Everything training draws from, resized once to the model's input size.
+) -> ImagePool:
+    """Everything training draws from, at the model's input size, as uint8.
 
-    Resizing each shard as it is read keeps only the small images in memory (a 32px float copy is
-    a ninth of the 96px uint8 one). At the model's own size nothing is resized and the uint8
-    shards are kept as they are.
+    At the model's own size the (memory-mapped) arrays are used as they are: a batch reads only its
+    rows. Otherwise each array is resized once by the model's own ``resize`` layer and rounded to
+    uint8 (half a grey level at most), which keeps only the small images in memory (a ninth of
+    the 96 px ones at 32 px) and spares the model a resize per step.
     """
     parts = ([(images, labels)] if include_original else []) + list(augmented)
-    xs = [resize_like_model(model, x) for x, _ in parts]
-    return np.concatenate(xs), np.concatenate([np.asarray(y, np.int64) for _, y in parts])
+    return ImagePool([(_as_uint8(resize_like_model(model, x)), np.asarray(y, np.int64)) for x, y in parts])
+
+
+def _as_uint8(images: np.ndarray) -> np.ndarray:
+    if images.dtype == np.uint8:
+        return images
+    return np.clip(np.rint(images), 0, 255).astype(np.uint8)
 
 
 def _templates_for(model: Any, templates: np.ndarray | None, settings: TrainingSettings, log: Log) -> np.ndarray | None:
@@ -436,6 +372,13 @@ def resize_like_model(model: Any, images: np.ndarray, batch_size: int = 1024) ->
         for start in range(0, len(images), batch_size)
     ]
     return np.concatenate(chunks) if chunks else np.zeros((0, *size, images.shape[-1]), np.float32)
+
+
+def weights_fingerprint(model: Any) -> str:
+    """Content hash of a model's weights: the trained model's data version (the same on any backend)."""
+    import keras
+
+    return fingerprint(*[np.asarray(keras.ops.convert_to_numpy(w)) for w in model.get_weights()])
 
 
 def predict_proba(model: Any, images: np.ndarray, batch_size: int = 256) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Keras callbacks of the training loop: per-phase early stopping with checkpoints, rate schedules.
 
-This module imports Keras at the top; :mod:`bc_pipeline.lib.training` imports it only inside
+This module imports Keras at the top; :mod:`bc_pipeline.worker.training` imports it only inside
 ``train_classifier``, so that importing the pipeline's definitions stays free of TensorFlow.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from bc_pipeline.lib.checkpoint import Checkpoint
+from bc_pipeline.worker.checkpoint import Checkpoint
 
 Log = Callable[[str], None]
 
@@ -68,9 +68,13 @@ class PhaseMonitor(keras.callbacks.Callback):
     without improvement, history) lives in one dict, ``state``, which the checkpoint saves.
     """
 
-    def __init__(self, phase: int, patience: int, state: dict[str, Any], checkpoint: Checkpoint, log: Log) -> None:
+    def __init__(
+        self, phase: int, patience: int, state: dict[str, Any], checkpoint: Checkpoint, log: Log,
+        progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.phase, self.patience, self.state, self.checkpoint, self.log = phase, patience, state, checkpoint, log
+        self.progress = progress
         self.best_weights: list[np.ndarray] | None = None
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
@@ -100,6 +104,8 @@ class PhaseMonitor(keras.callbacks.Callback):
             f"val_acc {logs.get('val_accuracy', np.nan):.4f} | lr {lr:.2e} | {seconds:.1f}s"
         )
         self.checkpoint.save(self.model, state)
+        if self.progress is not None:
+            self.progress(state["history"][-1])
 
     def restore_best(self, model: keras.Model) -> None:
         """The phase's best weights: from memory, or from the checkpoint after a resume."""

@@ -1,0 +1,72 @@
+"""Run one training job from its spec: load the arrays, train, write the model folder atomically.
+
+The model folder is what :func:`bc_pipeline.lib.artifacts.read_artifact` reads as a trained
+model: ``model.keras``, ``history.parquet`` and ``info.json`` (with the weights' fingerprint, the
+asset's data version). Files are written under temporary names and renamed, and the folder itself
+is a staging folder that the asset renames into place only when the worker has succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from bc_pipeline.worker.report import EPOCH, SUMMARY, Reporter
+from bc_pipeline.worker.spec import WorkerSpec, load_array, load_ref
+
+
+def input_threads(requested: int) -> int:
+    """Threads that build batches: as asked, or one per core beyond the first two, at most 8.
+
+    On a small CPU machine the cores train the model; a thread would take them from it.
+    """
+    if requested > 0:
+        return requested
+    return max(1, min(8, (os.cpu_count() or 1) - 2))
+
+
+def run_job(spec: WorkerSpec, reporter: Reporter) -> Path:
+    """Train the spec's model and write its folder; returns the folder. Keras must not be imported yet."""
+    from bc_pipeline.worker.backend import configure_device, select_backend
+
+    started = time.perf_counter()
+    select_backend(spec.backend)
+    device = configure_device(spec.backend, spec.device)
+    from bc_pipeline.worker.training import train_classifier, weights_fingerprint
+
+    train_x, train_y = load_ref(spec, spec.train)
+    val_x, val_y = load_ref(spec, spec.val)
+    augmented = [load_ref(spec, ref) for ref in spec.augmented]
+    templates = load_array(spec, spec.templates, mmap=False) if spec.templates else None
+    reporter.log(f"worker ready in {time.perf_counter() - started:.1f}s: {spec.backend} on {device.description}")
+    result = train_classifier(
+        train_x, train_y, val_x, val_y, num_classes=spec.num_classes, spec=spec.model, settings=spec.settings,
+        class_weight=spec.class_weight, augmented=augmented, templates=templates,
+        checkpoint_dir=spec.path(spec.checkpoint_dir) if spec.checkpoint_dir else None,
+        log=reporter.log, progress=lambda row: reporter.message(EPOCH, _plain(row)), device=device,
+        input_workers=input_threads(spec.input_workers),
+    )  # fmt: skip
+    result.info.update(spec.info, weights_fingerprint=weights_fingerprint(result.model))
+    result.info["worker_seconds"] = round(time.perf_counter() - started, 1)
+    folder = write_model_folder(spec.path(spec.output_dir), result)
+    reporter.message(SUMMARY, {k: result.info[k] for k in ("device", "backend", "train_seconds", "epochs_run", "best_epoch")})
+    return folder
+
+
+def write_model_folder(folder: Path, result: Any) -> Path:
+    """``model.keras``, ``history.parquet``, ``info.json`` in ``folder``, each written then renamed."""
+    from bc_pipeline.lib.storage import save_json, save_parquet
+    from bc_pipeline.worker.checkpoint import save_via_temp
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_via_temp(folder / "model.keras", result.model.save)
+    save_parquet(folder / "history.parquet", result.history)
+    save_json(folder / "info.json", json.loads(json.dumps(result.info, default=str)))
+    return folder
+
+
+def _plain(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v if isinstance(v, (int, str)) else float(v)) for k, v in row.items()}
