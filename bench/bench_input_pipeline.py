@@ -39,7 +39,7 @@ PUBLISHED_EFFECTIVE_TFLOPS = 170.0
 def training_rate(model, pool, batch_size: int, steps: int, repeats: int) -> float:
     import keras
 
-    from bc_pipeline.worker.data import training_batches
+    from bc_pipeline.worker.data import feed, training_batches
 
     made = training_batches(pool, num_classes=8, batch_size=batch_size, seed=0)
     cached = [made[i] for i in range(steps)]
@@ -60,7 +60,7 @@ def training_rate(model, pool, batch_size: int, steps: int, repeats: int) -> flo
             Clock.seconds.append(time.perf_counter() - self._start)
 
     Clock.seconds = []
-    model.fit(Cached(), epochs=1 + repeats, callbacks=[Clock()], verbose=0, shuffle=False)
+    model.fit(feed(Cached(), keras.backend.backend()), epochs=1 + repeats, callbacks=[Clock()], verbose=0, shuffle=False)
     return steps * batch_size / min(Clock.seconds[1:])
 
 
