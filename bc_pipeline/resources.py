@@ -113,26 +113,25 @@ class TrainingWorker(dg.ConfigurableResource):
         """Run the worker on ``spec_path`` to completion; the custom messages it sent (epochs, summary)."""
         from bc_pipeline.lib import launch
 
-        env = {**self.env, "KERAS_BACKEND": self.keras_backend}
+        # The backend and device travel in the spec; the environment only re-roots its paths in a container.
         if self.launcher == "subprocess":
             command = launch.worker_command(self.python or sys.executable, str(spec_path))
-            invocation = dg.PipesSubprocessClient().run(command=command, context=context, env=env)
+            invocation = dg.PipesSubprocessClient().run(command=command, context=context, env=dict(self.env))
             return invocation.get_custom_messages()
-        inside = launch.path_in_container(spec_path, data_root, self.data_mount)
-        env["BC_WORKER_DATA_DIR"] = self.data_mount
-        command = launch.worker_command("python", inside)
+        env = {**self.env, "BC_WORKER_DATA_DIR": self.data_mount}
+        command = launch.worker_command("python", launch.path_in_container(spec_path, data_root, self.data_mount))
         if self.launcher == "docker":
             client = _import_client("docker", "dagster_docker", "PipesDockerClient")()
             kwargs = launch.docker_container_kwargs(data_root=data_root, mount=self.data_mount, gpus=self.gpus)
             invocation = client.run(context=context, image=self.image, command=command, env=env, container_kwargs=kwargs)
-            return invocation.get_custom_messages()
-        pod_spec = launch.k8s_pod_spec(gpus=self.gpus, volume_claim=self.data_volume_claim, mount=self.data_mount,
-                                       node_selector=self.node_selector)  # fmt: skip
-        client = _import_client("k8s", "dagster_k8s", "PipesK8sClient")()
-        invocation = client.run(
-            context=context, image=self.image, command=command, env=env, namespace=self.namespace or None,
-            base_pod_spec=pod_spec, base_pod_meta={"labels": {"app.kubernetes.io/name": "bc-pipeline-trainer"}},
-        )  # fmt: skip
+        else:
+            pod_spec = launch.k8s_pod_spec(gpus=self.gpus, volume_claim=self.data_volume_claim, mount=self.data_mount,
+                                           node_selector=self.node_selector)  # fmt: skip
+            client = _import_client("k8s", "dagster_k8s", "PipesK8sClient")()
+            invocation = client.run(
+                context=context, image=self.image, command=command, env=env, namespace=self.namespace or None,
+                base_pod_spec=pod_spec, base_pod_meta={"labels": {"app.kubernetes.io/name": "bc-pipeline-trainer"}},
+            )  # fmt: skip
         return invocation.get_custom_messages()
 
 

@@ -7,6 +7,7 @@ worker itself (``python -m bc_pipeline.worker --spec``), and asserts on what the
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -152,8 +153,7 @@ def test_a_killed_worker_fails_with_a_clear_message_and_the_next_run_resumes_fro
     assert history["epoch"].tolist() == list(range(1, 7))
 
 
-@pytest.mark.skipif(importlib_util_find := __import__("importlib.util").util.find_spec("torch") is not None,
-                    reason="PyTorch is installed here")  # fmt: skip
+@pytest.mark.skipif(importlib.util.find_spec("torch") is not None, reason="PyTorch is installed here")
 def test_a_worker_whose_backend_is_missing_fails_fast_naming_it(prepared):
     start = time.perf_counter()
     result = _train(prepared, TrainingWorker(keras_backend="torch"), QUICK, partition="resnet50")

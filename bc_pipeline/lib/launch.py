@@ -12,6 +12,7 @@ and what to tell the user when it fails. Plain data; the Dagster resource hands 
 from __future__ import annotations
 
 import json
+import re
 import signal
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -126,7 +127,5 @@ def checkpoint_state(checkpoint_dir: Path | None) -> dict[str, Any] | None:
 
 
 def _exit_code(text: str) -> int | None:
-    import re
-
     match = re.search(r"code (-?\d+)", text)
     return int(match.group(1)) if match else None
