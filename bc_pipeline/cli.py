@@ -69,16 +69,17 @@ def _at_least(minimum: int) -> Callable[[str], int]:
 
 def predict_to_csv(model_path: Path, input_path: Path, output: Path, batch_size: int, image_size: int) -> list[str]:
     """Classify, write the CSV atomically, and return the summary lines to print."""
-    from bc_pipeline.lib.predict import locate_model, load_classifier, predict_frame, read_new_images
+    from bc_pipeline.lib.predict import locate_model, load_classifier, predict_frame, read_new_images, stored_temperature
     from bc_pipeline.lib.storage import write_atomic
 
-    locate_model(model_path)  # a wrong model path fails before a large folder is read
+    model_file = locate_model(model_path)  # a wrong model path fails before a large folder is read
     new = read_new_images(input_path, image_size=image_size)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter is noise here
     model, class_names = load_classifier(model_path)
-    frame = predict_frame(model, new.images, new.sources, class_names, batch_size=batch_size)
+    temperature = stored_temperature(model_file.parent)
+    frame = predict_frame(model, new.images, new.sources, class_names, batch_size=batch_size, temperature=temperature)
     write_atomic(output, lambda tmp: frame.to_csv(tmp, index=False))
-    return _summary(input_path, output, frame, new.skipped)
+    return [*_summary(input_path, output, frame, new.skipped), f"probabilities calibrated with temperature {temperature:.3f}"]
 
 
 def _summary(input_path: Path, output: Path, frame: pd.DataFrame, skipped: list[tuple[str, str]]) -> list[str]:

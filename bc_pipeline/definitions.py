@@ -20,6 +20,7 @@ from bc_pipeline.assets import (
     anomalies,
     augmentation,
     balancing,
+    benchmark,
     cleaning,
     dedup,
     evaluation,
@@ -33,7 +34,7 @@ from bc_pipeline.resources import ImageSource, PipelineStorage, TrainingWorker
 from bc_pipeline.schedules import all_schedules
 from bc_pipeline.sensors import all_sensors
 
-ASSET_MODULES = [ingest, dedup, anomalies, cleaning, splits, balancing, augmentation, training, evaluation]
+ASSET_MODULES = [ingest, dedup, anomalies, cleaning, splits, balancing, augmentation, benchmark, training, evaluation]
 
 
 def training_worker_from_env() -> TrainingWorker:

@@ -7,6 +7,7 @@ once per model.
 
 import dagster as dg
 
+from bc_pipeline.lib.recipes import load_recipe, recipe_names
 from bc_pipeline.partitions import model_partitions
 
 observe_raw_source_job = dg.define_asset_job(
@@ -35,4 +36,23 @@ weekly_retrain_job = dg.define_asset_job(
     ),
 )
 
-all_jobs = [observe_raw_source_job, nightly_evaluation_job, weekly_retrain_job]
+
+
+def recipe_job(name: str):
+    """The whole graph with a shipped recipe's run config (bc_pipeline/recipes/), one model per run.
+
+    The launchpad opens with the recipe's config; pick a model partition (a backfill of several
+    partitions trains each of the recipe's models).
+    """
+    recipe = load_recipe(name)
+    return dg.define_asset_job(
+        f"recipe_{name.replace('-', '_')}",
+        selection=dg.AssetSelection.all(),
+        partitions_def=model_partitions,
+        config=recipe.run_config or None,
+        description=f"Recipe '{name}' ({recipe.path.name}): {recipe.description} Models: {', '.join(recipe.models)}.",
+    )
+
+
+recipe_jobs = [recipe_job(name) for name in recipe_names()]
+all_jobs = [observe_raw_source_job, nightly_evaluation_job, weekly_retrain_job, *recipe_jobs]

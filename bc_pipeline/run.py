@@ -1,6 +1,9 @@
 """`make run`: materialize the whole graph for one or more models, then print the leaderboard.
 
-    python -m bc_pipeline.run [--models custom_cnn resnet50] [--config-json '{"ops": {...}}']
+    python -m bc_pipeline.run [--recipe quick] [--models custom_cnn resnet50] [--config-json '{"ops": {...}}']
+
+A recipe (bc_pipeline/recipes/<name>.yaml, or a path) gives the models and the run config;
+``--models`` replaces its models and ``--config-json`` is laid over its config.
 
 The first model's run materializes everything; each further model's run only trains and
 evaluates it and refreshes the leaderboard and the submission, reusing the stored upstream
@@ -17,6 +20,7 @@ import sys
 
 import dagster as dg
 
+from bc_pipeline.lib.recipes import DEFAULT_RECIPE, load_recipe, merged_config, recipe_names
 from bc_pipeline.lib.zoo import REGISTRY
 
 PER_MODEL = ["trained_model", "evaluation_report", "model_leaderboard", "submission_package"]
@@ -31,19 +35,26 @@ def _config_for(run_config: dict, selection: list[str] | None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bc-run", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["custom_cnn"], help=f"models to train: {', '.join(REGISTRY)}")
+    parser.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"a shipped recipe ({', '.join(recipe_names())}) or a .yaml path")
+    parser.add_argument("--models", nargs="+", default=None, help=f"models to train (default: the recipe's): {', '.join(REGISTRY)}")
     parser.add_argument("--config-json", default="{}", help="Dagster run config (ops: {asset: {config: ...}})")
     parser.add_argument(
         "--models-only", action="store_true", help="upstream assets are materialized: train and evaluate the models only"
     )
     args = parser.parse_args(argv)
+    try:
+        recipe = load_recipe(args.recipe)
+    except ValueError as error:
+        parser.error(str(error))
+    args.models = args.models or list(recipe.models) or ["custom_cnn"]
     unknown = [m for m in args.models if m not in REGISTRY]
     if unknown:
         parser.error(f"unknown model(s) {', '.join(unknown)}; registered: {', '.join(REGISTRY)}")
     try:
-        run_config = json.loads(args.config_json)
+        run_config = merged_config(recipe.run_config, json.loads(args.config_json))
     except json.JSONDecodeError as error:
         parser.error(f"--config-json is not valid JSON: {error}")
+    print(f"== recipe {recipe.name}: {recipe.description}", flush=True)
 
     from bc_pipeline.definitions import all_asset_checks, all_assets, defs
 

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from bc_pipeline.assets.splits import class_proportions_match, no_group_in_two_splits, no_image_in_two_splits
+from bc_pipeline.assets.training import split_arrays
 from bc_pipeline.definitions import all_asset_checks, all_assets, build_resources
 from bc_pipeline.lib.artifacts import read_artifact
 from bc_pipeline.lib.classes import CLASS_NAMES
@@ -26,6 +27,7 @@ TRAIN_CONFIG = {
         "balanced_train_set": {"config": {"strategy": "oversample+class_weights", "target_ratio": 1.0}},
         "augmented_train_set": {"config": {"policy": "light", "copies": 2, "shard_size": 200}},
         "robustness_eval_sets": {"config": {"policies": ["strong", "gridmask"]}},
+        "corruption_benchmark_set": {"config": {"corruptions": ["gaussian_noise", "zoom_blur", "brightness"], "severities": [1, 5], "max_images": 24, "workers": 2}},
         "trained_model": {"config": {"epochs": 2, "image_size": 32, "batch_size": 32, "batch_augment": "mixup+cutmix"}},
     }
 }
@@ -154,6 +156,56 @@ def test_model_and_report_are_written_and_consistent(full_run):
     assert metadata["robust_accuracy"].value == pytest.approx(report["robust_accuracy"], abs=1e-4)
     assert metadata["confusion_matrix"].value.startswith("![confusion_matrix](data:image/png;base64,")
     assert len(metadata["per_class"].value.records) == len(CLASS_NAMES)
+
+
+@pytest.mark.slow
+def test_corruption_benchmark_and_calibration_are_scored_and_reported(full_run):
+    """The stored ImageNet-C set scores the model per corruption and severity; the temperature calibrates."""
+    from bc_pipeline.lib.calibration import reliability, scale_probabilities
+    from bc_pipeline.worker.training import predict_proba
+
+    result, data_dir = full_run
+    trained = read_artifact(data_dir / "assets" / "trained_model" / "custom_cnn")
+    benchmark = result.output_for_node("corruption_benchmark_set")
+    splits = result.output_for_node("data_splits")
+    test_rows = set(splits.loc[splits["split"] == "test", "index"])
+    assert set(benchmark.manifest["clean_index"]) <= test_rows, "only test images are corrupted"
+    assert benchmark.manifest.groupby(["corruption", "severity"]).size().nunique() == 1
+    assert len(benchmark.images) == 3 * 2 * min(24, len(test_rows))
+
+    report = result.output_for_node("evaluation_report")
+    cells = pd.DataFrame(report["corruptions"])
+    assert set(zip(cells["corruption"], cells["severity"])) == {(c, s) for c in ("gaussian_noise", "zoom_blur", "brightness") for s in (1, 5)}
+    # Recompute one cell from the stored images with the stored model.
+    rows = benchmark.manifest.index[(benchmark.manifest["corruption"] == "zoom_blur") & (benchmark.manifest["severity"] == 5)]
+    hits = predict_proba(trained.model, benchmark.images[rows]).argmax(1) == benchmark.manifest.loc[rows, "label"].to_numpy()
+    cell = cells[(cells["corruption"] == "zoom_blur") & (cells["severity"] == 5)].iloc[0]
+    assert cell["accuracy"] == pytest.approx(hits.mean())
+    assert report["corruption_accuracy"] == pytest.approx(cells["accuracy"].mean())
+    # Trained on 'light' copies: its Gaussian noise and brightness families are not counted as unseen.
+    assert report["trained_presets"] == ["light"]
+    assert report["corruptions_seen_in_training"] == ["gaussian_noise", "brightness"]
+    assert report["corruption_accuracy_unseen"] == pytest.approx(cells.loc[cells["corruption"] == "zoom_blur", "accuracy"].mean())
+
+    # The worker fitted the temperature on the validation split and saved it with the model.
+    temperature = trained.info["temperature"]
+    assert report["temperature"] == temperature and report["calibration"]["fitted_by"] == "training worker"
+    test_x, test_y = split_arrays(result.output_for_node("clean_images"), splits, "test")
+    proba = predict_proba(trained.model, test_x)
+    assert report["ece"] == pytest.approx(reliability(proba, test_y).ece)
+    assert report["ece_scaled"] == pytest.approx(reliability(scale_probabilities(proba, temperature), test_y).ece)
+
+    folder = data_dir / "reports" / "evaluation_report" / "custom_cnn"
+    text = (folder / "report.md").read_text()
+    assert "## Robustness benchmark: the ImageNet-C corruptions" in text and "zoom_blur" in text
+    assert "gaussian_noise (seen in training)" in text and "| light" not in text
+    assert "## Accuracy under the training families" in text
+    assert "## Calibration (test split)" in text
+    for name in ("corruption_heatmap.png", "reliability.png", "corruptions.parquet"):
+        assert (folder / name).stat().st_size > 0, name
+    metadata = _metadata(result, "evaluation_report")
+    assert metadata["corruption_heatmap"].value.startswith("![corruption_heatmap](data:image/png;base64,")
+    assert metadata["corruption_accuracy"].value == pytest.approx(report["corruption_accuracy"], abs=1e-4)
 
 
 @pytest.mark.slow

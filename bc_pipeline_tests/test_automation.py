@@ -32,6 +32,7 @@ TINY_RUN_CONFIG = {
     "ops": {
         "augmented_train_set": {"config": {"copies": 1, "shard_size": 64}},
         "robustness_eval_sets": {"config": {"policies": ["light"]}},
+        "corruption_benchmark_set": {"config": {"corruptions": ["gaussian_noise", "pixelate"], "severities": [3], "max_images": 16, "workers": 1}},
         "trained_model": {"config": {"epochs": 1, "image_size": 32, "batch_size": 32}},
         "evaluation_report": {"config": {"robust_policy": "light", "tta": False, "gradcam_per_class": 0}},
     }
@@ -39,7 +40,7 @@ TINY_RUN_CONFIG = {
 _GRAPH = project_defs.resolve_asset_graph()  # test_definitions pins the exact set of assets
 UNPARTITIONED = sorted(k.to_user_string() for k in _GRAPH.materializable_asset_keys if not _GRAPH.get(k).partitions_def)
 PER_MODEL = sorted(k.to_user_string() for k in _GRAPH.materializable_asset_keys if _GRAPH.get(k).partitions_def)
-assert len(UNPARTITIONED) == 14 and PER_MODEL == ["evaluation_report", "trained_model"]
+assert len(UNPARTITIONED) == 15 and PER_MODEL == ["evaluation_report", "trained_model"]
 MATERIALIZABLE = dg.AssetSelection.all()  # every asset, not the observable source
 
 
@@ -235,7 +236,7 @@ def test_a_code_bump_with_identical_output_upstream_of_the_random_stages_retrain
     current = pipeline.defs().resolve_asset_graph().get(dg.AssetKey("data_splits")).code_version
     pipeline.replace("data_splits", code_version="99." + current.split(".", 1)[1])
     requests = pipeline.settle()
-    assert [sorted(r) for r in requests] == [["augmented_train_set", "balanced_train_set", "data_splits", "robustness_eval_sets"]]
+    assert [sorted(r) for r in requests] == [["augmented_train_set", "balanced_train_set", "corruption_benchmark_set", "data_splits", "robustness_eval_sets"]]
     for name in random_stages:
         stored = pipeline.instance.get_latest_materialization_event(dg.AssetKey(name)).asset_materialization
         assert stored.metadata["reused_stored_sample"].value is True, name

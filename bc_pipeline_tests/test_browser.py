@@ -53,6 +53,7 @@ RUN_CONFIG = {
     "ops": {
         "data_splits": {"config": {"train": 0.6, "val": 0.2, "test": 0.2}},
         "robustness_eval_sets": {"config": {"policies": ["light"]}},
+        "corruption_benchmark_set": {"config": {"corruptions": ["gaussian_noise", "pixelate"], "severities": [3], "max_images": 16, "workers": 1}},
         "trained_model": {"config": {"epochs": 1, "image_size": 32, "batch_size": 16}},
         "evaluation_report": {"config": {"tta": False, "gradcam_per_class": 0, "robust_policy": "light"}},
     }

@@ -22,6 +22,7 @@ EXPECTED_ASSETS = {
     "balanced_train_set",
     "augmented_train_set",
     "robustness_eval_sets",
+    "corruption_benchmark_set",
     "trained_model",
     "evaluation_report",
     "model_leaderboard",
@@ -45,7 +46,10 @@ def test_definitions_load_with_the_whole_graph():
     assert parents["trained_model"] == {
         "balanced_train_set", "augmented_train_set", "clean_images", "data_splits", "noise_templates"
     }  # fmt: skip
-    assert parents["evaluation_report"] == {"clean_images", "data_splits", "trained_model", "robustness_eval_sets"}
+    assert parents["corruption_benchmark_set"] == {"clean_images", "data_splits"}
+    assert parents["evaluation_report"] == {
+        "clean_images", "data_splits", "trained_model", "robustness_eval_sets", "corruption_benchmark_set"
+    }  # fmt: skip
     assert parents["model_leaderboard"] == {"evaluation_report"}
     assert parents["submission_package"] == {"model_leaderboard", "trained_model"}
     checks = {key.name for key in graph.asset_check_keys}

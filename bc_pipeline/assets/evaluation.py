@@ -19,9 +19,17 @@ from bc_pipeline.assets._versions import with_config
 from bc_pipeline.assets.training import split_arrays
 from bc_pipeline.io_managers import ALL_PARTITIONS
 from bc_pipeline.lib.artifacts import ImageSet, PartitionedArtifacts
-from bc_pipeline.lib.evaluation import report_markdown, score_predictor
+from bc_pipeline.lib.calibration import calibration_summary, fit_temperature, reliability, scale_probabilities
+from bc_pipeline.lib.corruptions import seen_in_training
+from bc_pipeline.lib.evaluation import calibration_section, corruption_section, report_markdown, score_corruptions, score_predictor
 from bc_pipeline.lib.leaderboard import RANK_COLUMNS, leaderboard_figure, leaderboard_markdown, leaderboard_table
-from bc_pipeline.lib.plots import confusion_matrix_figure, gradcam_grid, training_curves_figure
+from bc_pipeline.lib.plots import (
+    confusion_matrix_figure,
+    corruption_heatmap,
+    gradcam_grid,
+    reliability_figure,
+    training_curves_figure,
+)
 from bc_pipeline.lib.storage import fingerprint, save_bytes, save_json, save_parquet
 from bc_pipeline.partitions import model_partitions
 from bc_pipeline.resources import PipelineStorage
@@ -39,12 +47,13 @@ class EvaluationConfig(dg.Config):
 
 
 @dg.asset(
-    code_version=with_config("3", EvaluationConfig),
+    code_version=with_config("4", EvaluationConfig),
     automation_condition=automation.on_change(),  # waits for its model: a missing input blocks it
     group_name="evaluation",
     kinds={"parquet", "markdown"},
     partitions_def=model_partitions,
-    description="Per model: clean and robust test accuracy with and without TTA, P/R/F1, confusion, Grad-CAM.",
+    description="Per model: clean accuracy, the corruption benchmark (mCA), calibration, the training-family presets, "
+    "TTA, P/R/F1, confusion, Grad-CAM.",
 )
 def evaluation_report(
     context: dg.AssetExecutionContext,
@@ -53,6 +62,7 @@ def evaluation_report(
     data_splits: pd.DataFrame,
     trained_model: TrainedModel,
     robustness_eval_sets: ImageSet,
+    corruption_benchmark_set: ImageSet,
     storage: PipelineStorage,
 ) -> dg.Output[dict]:
     from bc_pipeline.lib.interpret import grad_cam, gradcam_examples, predict_tta
@@ -65,12 +75,22 @@ def evaluation_report(
     test_proba = predict_proba(model, test_x)
     images_per_second = len(test_x) / max(time.perf_counter() - start, 1e-9)
     context.log.info(f"{name}: {len(test_y)} test images at {images_per_second:.0f} images/s")
+    val_proba = predict_proba(model, val_x)
+    info = trained_model.info
+    trained_presets = list(info.get("augmentation_policies", []))
+    corruption = score_corruptions(
+        lambda x: predict_proba(model, x), corruption_benchmark_set.images, corruption_benchmark_set.manifest,
+        seen=seen_in_training(trained_presets),
+    )  # fmt: skip
+    context.log.info(f"corruption benchmark: mCA {corruption.mean_accuracy}, unseen families {corruption.mean_accuracy_unseen}")
+    temperature = info.get("temperature") or fit_temperature(val_proba, val_y)  # older models: fit it here
+    calibration = {**calibration_summary(test_proba, test_y, temperature), "fitted_by": "training worker" if info.get("temperature") else "evaluation"}
 
     perturbed = robustness_eval_sets.manifest
     common = {"test": (test_x, test_y), "val": (val_x, val_y), "class_names": class_names, "robust_policy": config.robust_policy}
     runs = {
         "plain": score_predictor(
-            lambda x: test_proba if x is test_x else predict_proba(model, x),
+            lambda x: test_proba if x is test_x else val_proba if x is val_x else predict_proba(model, x),
             perturbed_images=robustness_eval_sets.images, perturbed=perturbed, **common,
         )
     }
@@ -96,7 +116,13 @@ def evaluation_report(
     pngs = {
         "confusion_matrix": confusion_matrix_figure(evaluation.confusion, class_names),
         "training_curves": training_curves_figure(trained_model.history),
+        "reliability": reliability_figure(
+            reliability(test_proba, test_y), reliability(scale_probabilities(test_proba, temperature), test_y),
+            temperature=temperature, title=f"{name}: reliability on the test split",
+        ),
     }
+    if len(corruption.table):
+        pngs["corruption_heatmap"] = corruption_heatmap(corruption.table, title=f"{name}: accuracy under the ImageNet-C corruptions")
     if config.gradcam_per_class:
         picks = gradcam_examples(test_y, test_pred, len(class_names), per_class=config.gradcam_per_class)
         if len(picks):
@@ -107,7 +133,7 @@ def evaluation_report(
             images["Grad-CAM, correct and wrong predictions per class"] = "gradcam.png"
     save_parquet(folder / "per_class.parquet", evaluation.per_class)
     save_parquet(folder / "robustness.parquet", robustness)
-    info = trained_model.info
+    save_parquet(folder / "corruptions.parquet", corruption.table)
     summary = {
         "model": name,
         "accuracy": evaluation.accuracy,
@@ -115,6 +141,15 @@ def evaluation_report(
         "robust_accuracy": robust_accuracy,
         "robust_accuracy_tta": tta_robust,
         "robust_policy": config.robust_policy,
+        "corruption_accuracy": corruption.mean_accuracy,
+        "corruption_accuracy_unseen": corruption.mean_accuracy_unseen,
+        "corruptions_seen_in_training": corruption.seen,
+        "corruptions": corruption.table.to_dict("records"),
+        "trained_presets": trained_presets,
+        "calibration": calibration,
+        "ece": calibration["ece"],
+        "ece_scaled": calibration["ece_scaled"],
+        "temperature": temperature,
         "weighted": evaluation.weighted,
         "weighted_tta": tta_eval.weighted if tta_eval else None,
         "test_images": int(len(test_y)),
@@ -135,7 +170,11 @@ def evaluation_report(
     report = report_markdown(
         evaluation, title=f"bc_pipeline evaluation of {name} (test split)", images=images,
         robust_accuracy=robust_accuracy, robust_policy=config.robust_policy, robustness=robustness,
-        tta=tta_eval, robust_accuracy_tta=tta_robust,
+        tta=tta_eval, robust_accuracy_tta=tta_robust, trained_presets=trained_presets,
+        extra_sections=[
+            *corruption_section(corruption, clean_accuracy=evaluation.accuracy, heatmap="corruption_heatmap.png" if "corruption_heatmap" in pngs else None),
+            *calibration_section(calibration, diagram="reliability.png"),
+        ],
     )  # fmt: skip
     save_bytes(folder / "report.md", report.encode())
     metadata = {
@@ -143,6 +182,12 @@ def evaluation_report(
         "accuracy_tta": round(tta_eval.accuracy, 4) if tta_eval else None,
         "robust_accuracy": _round(robust_accuracy),
         "robust_accuracy_tta": _round(tta_robust),
+        "corruption_accuracy": _round(corruption.mean_accuracy),
+        "corruption_accuracy_unseen": _round(corruption.mean_accuracy_unseen),
+        "corruptions": md.table(corruption.table.round(4), max_rows=100),
+        "ece": round(calibration["ece"], 4),
+        "ece_scaled": round(calibration["ece_scaled"], 4),
+        "temperature": round(temperature, 4),
         "inference_images_per_second": round(images_per_second, 1),
         "robustness": md.table(robustness.round(4)),
         **{f"weighted_{k}": round(v, 4) for k, v in evaluation.weighted.items()},
@@ -173,10 +218,11 @@ def _round(value: float | None) -> float | None:
 
 class LeaderboardConfig(dg.Config):
     rank_by: str = Field(default="accuracy", description=f"Column to rank by: one of {', '.join(RANK_COLUMNS)}.")
+    mce_baseline: str = Field(default="custom_cnn", description="Model the mean corruption error (mCE) is relative to.")
 
 
 @dg.asset(
-    code_version=with_config("1", LeaderboardConfig),
+    code_version=with_config("2", LeaderboardConfig),
     automation_condition=automation.across_models(["evaluation_report"]),
     group_name="evaluation",
     kinds={"parquet", "markdown"},
@@ -193,11 +239,15 @@ def model_leaderboard(
         raise dg.Failure(description="no model has been evaluated yet: materialize evaluation_report for a partition first")
     if config.rank_by not in RANK_COLUMNS:
         raise dg.Failure(description=f"rank_by must be one of {', '.join(RANK_COLUMNS)}, not {config.rank_by!r}")
-    table = leaderboard_table({name: evaluation_report[name] for name in evaluation_report}, rank_by=config.rank_by)
+    table = leaderboard_table(
+        {name: evaluation_report[name] for name in evaluation_report}, rank_by=config.rank_by, mce_baseline=config.mce_baseline
+    )
     folder = storage.report_dir("model_leaderboard")
     png = leaderboard_figure(table)
     save_parquet(folder / "leaderboard.parquet", table)
-    save_bytes(folder / "leaderboard.md", leaderboard_markdown(table, rank_by=config.rank_by, missing=evaluation_report.missing).encode())
+    save_bytes(folder / "leaderboard.md", leaderboard_markdown(
+        table, rank_by=config.rank_by, missing=evaluation_report.missing, mce_baseline=config.mce_baseline
+    ).encode())
     context.log.info(f"best by {config.rank_by}: {table.iloc[0]['model']} ({table.iloc[0][config.rank_by]:.4f})")
     metadata = {
         "models": len(table),
@@ -240,7 +290,8 @@ def submission_package(
     row = model_leaderboard.loc[model_leaderboard["model"] == name]
     scores = row.iloc[0].to_dict() if len(row) else {}
     folder = storage.root / "submission"
-    write_submission(chosen.model, chosen.info["class_names"], folder, info={"model": name, **scores})
+    info = {"model": name, "temperature": chosen.info.get("temperature", 1.0), **scores}
+    write_submission(chosen.model, chosen.info["class_names"], folder, info=info)
     context.log.info(f"packaged {name} in {folder}")
     summary = {"model": name, "folder": str(folder), "accuracy": scores.get("accuracy"), "robust_accuracy": scores.get("robust_accuracy")}
     metadata = {

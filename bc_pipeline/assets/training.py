@@ -115,7 +115,7 @@ def split_rows(splits: pd.DataFrame, split: str) -> np.ndarray:
 
 
 @dg.asset(
-    code_version=with_config("5", TrainingConfig),
+    code_version=with_config("6", TrainingConfig),
     automation_condition=automation.per_model(),
     group_name="training",
     kinds={"keras", "tensorflow", "jax"},
@@ -148,7 +148,8 @@ def trained_model(
         templates=noise_templates, class_weight=class_weight_of(balanced_train_set),
         checkpoint_dir=storage.cache_dir() / "checkpoints" / "trained_model" / name if config.resume else None,
         backend=worker.keras_backend, device=worker.device, input_workers=worker.input_workers,
-        info={"class_names": list(image_source.class_names), "settings": dataclasses.asdict(config.settings())},
+        info={"class_names": list(image_source.class_names), "settings": dataclasses.asdict(config.settings()),
+              "augmentation_policies": sorted(set(augmented_train_set.manifest.get("policy", [])))},
     )  # fmt: skip
     context.log.info(f"launching the {worker.keras_backend} training worker ({worker.launcher}) on {job.spec_path}")
     try:

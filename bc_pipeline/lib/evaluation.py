@@ -130,12 +130,16 @@ def report_markdown(
     robustness: pd.DataFrame | None = None,
     tta: Evaluation | None = None,
     robust_accuracy_tta: float | None = None,
+    trained_presets: Sequence[str] = (),
+    extra_sections: Sequence[str] = (),
 ) -> str:
     """A self-contained Markdown report; ``images`` maps captions to file names beside it.
 
     With ``robustness`` (see :func:`policy_scores`) the report gains the robust accuracy and a
     table per perturbation policy; a ``robust_recall`` column in ``per_class`` is shown too. With
     ``tta`` (the same split scored with test-time augmentation) both are shown side by side.
+    The policy table is labelled as what it is, the families augmentation trains on, with the
+    ``trained_presets`` the model saw marked; ``extra_sections`` (Markdown) come before it.
     """
     lines = [f"# {title}", "", "| | without TTA |" + (" with TTA |" if tta else ""), "|---|---|" + ("---|" if tta else "")]
     rows = [("accuracy", evaluation.accuracy, tta.accuracy if tta else None)]
@@ -147,15 +151,19 @@ def report_markdown(
     lines += ["", *_per_class_lines(evaluation.per_class)]
     if tta is not None:
         lines += ["### With test-time augmentation", "", *_per_class_lines(tta.per_class)]
+    lines += list(extra_sections)
     if robustness is not None and len(robustness):
         has_tta = "tta" in robustness
         lines += [
-            "## Accuracy under each perturbation policy",
+            "## Accuracy under the training families (keras-cv presets)",
+            "",
+            "These are the augmentation presets training can use: a model trained on one is scored on its own "
+            "training distribution here. The robustness benchmark is the corruption suite above.",
             "",
             "| policy | split | tta | images | accuracy | weighted f1 | drop from clean |",
             "|---|---|---|---|---|---|---|",
             *(
-                f"| {r['policy']} | {r['split']} | {'yes' if has_tta and r['tta'] else 'no'} | {r['images']} "
+                f"| {r['policy']}{' (used in training)' if r['policy'] in trained_presets else ''} | {r['split']} | {'yes' if has_tta and r['tta'] else 'no'} | {r['images']} "
                 f"| {r['accuracy']:.4f} | {r['weighted_f1']:.4f} | {r['drop_from_clean']:+.4f} |"
                 for r in robustness.to_dict("records")
             ),
@@ -177,3 +185,65 @@ def _per_class_lines(per_class: pd.DataFrame) -> list[str]:
         ),
         "",
     ]
+
+
+@dataclass(frozen=True)
+class CorruptionResult:
+    """A predictor scored on the corruption suite (lib.corruptions)."""
+
+    table: pd.DataFrame  # corruption, severity, family, images, accuracy, error
+    mean_accuracy: float | None  # over every corruption and severity
+    mean_accuracy_unseen: float | None  # leaving out the corruptions training overlapped
+    seen: list[str]  # corruptions whose family a training preset used
+
+
+def score_corruptions(
+    predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray, manifest: pd.DataFrame, *, seen: Sequence[str] = ()
+) -> CorruptionResult:
+    """Accuracy per corruption and severity, and the mean corruption accuracy (all, and unseen only)."""
+    from bc_pipeline.lib.corruptions import corruption_scores, mean_accuracy
+
+    if not len(manifest):
+        empty = pd.DataFrame(columns=["corruption", "severity", "family", "images", "accuracy", "error"])
+        return CorruptionResult(empty, None, None, list(seen))
+    guess = predict(images).argmax(axis=1)
+    table = corruption_scores(manifest["label"].to_numpy(np.int64), guess, manifest.reset_index(drop=True))
+    scored = [name for name in seen if name in set(table["corruption"])]
+    return CorruptionResult(table, mean_accuracy(table), mean_accuracy(table, exclude=scored), scored)
+
+
+def corruption_section(result: CorruptionResult, *, clean_accuracy: float, heatmap: str | None) -> list[str]:
+    """The report's robustness benchmark: the headline numbers, then the table and its heatmap."""
+    from bc_pipeline.lib.corruptions import corruption_markdown
+
+    if result.mean_accuracy is None:
+        return []
+    unseen = "" if result.mean_accuracy_unseen is None else f"{result.mean_accuracy_unseen:.4f}"
+    return [
+        "## Robustness benchmark: the ImageNet-C corruptions (never used in training)",
+        "",
+        f"- mean corruption accuracy (mCA): **{result.mean_accuracy:.4f}** (clean {clean_accuracy:.4f})",
+        f"- mCA over the corruptions no training preset resembles: **{unseen or '-'}**"
+        + (f" (left out: {', '.join(result.seen)})" if result.seen else " (training used none of the families)"),
+        "- mCE against the baseline model: see the leaderboard",
+        "",
+        *corruption_markdown(result.table, seen=result.seen, heatmap=heatmap),
+    ]
+
+
+def calibration_section(summary: dict[str, float], *, diagram: str | None) -> list[str]:
+    """Expected calibration error, NLL and Brier score before and after temperature scaling."""
+    lines = [
+        "## Calibration (test split)",
+        "",
+        f"Temperature {summary['temperature']:.3f}, fitted on the validation split ({summary.get('fitted_by', 'worker')}); "
+        "bc-predict's probability columns use it.",
+        "",
+        "| | as trained | temperature-scaled |",
+        "|---|---|---|",
+        f"| expected calibration error (15 bins) | {100 * summary['ece']:.2f} % | **{100 * summary['ece_scaled']:.2f} %** |",
+        f"| negative log-likelihood | {summary['nll']:.4f} | {summary['nll_scaled']:.4f} |",
+        f"| Brier score | {summary['brier']:.4f} | {summary['brier_scaled']:.4f} |",
+        "",
+    ]
+    return lines + ([f"![reliability diagram]({diagram})", ""] if diagram else [])

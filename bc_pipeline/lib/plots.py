@@ -238,3 +238,54 @@ def gradcam_grid(
         figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     return figure_png(figure)
+
+
+def reliability_figure(before, after, *, temperature: float, title: str = "Reliability (test split)") -> bytes:
+    """Accuracy against confidence per bin, before and after temperature scaling.
+
+    ``before`` and ``after`` are :class:`bc_pipeline.lib.calibration.Reliability`. A calibrated
+    model's bars touch the diagonal; bars below it are over-confidence.
+    """
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, 2, figsize=(9, 4), sharey=True)
+    for axis, data, label in ((axes[0], before, "as trained"), (axes[1], after, f"temperature {temperature:.2f}")):
+        centres = (data.edges[:-1] + data.edges[1:]) / 2
+        width = data.edges[1] - data.edges[0]
+        filled = data.counts > 0
+        axis.bar(centres[filled], data.accuracy[filled], width=width * 0.95, color="tab:blue", alpha=0.8, label="accuracy")
+        axis.bar(centres[filled], (data.confidence - data.accuracy)[filled], bottom=data.accuracy[filled],
+                 width=width * 0.95, color="tab:red", alpha=0.3, label="gap to confidence")  # fmt: skip
+        axis.plot([0, 1], [0, 1], "k--", linewidth=1)
+        axis.set_xlim(0, 1)
+        axis.set_ylim(0, 1)
+        axis.set_xlabel("confidence (top probability)")
+        axis.set_title(f"{label}: ECE {100 * data.ece:.2f} %")
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(loc="upper left", fontsize=8)
+    figure.suptitle(title)
+    figure.tight_layout()
+    return figure_png(figure)
+
+
+def corruption_heatmap(table: pd.DataFrame, *, title: str) -> bytes:
+    """Accuracy per corruption (rows) and severity (columns), with each row's mean on the right.
+
+    ``table`` has ``corruption``, ``severity`` and ``accuracy`` columns (lib.corruptions).
+    """
+    plt = _pyplot()
+    grid = table.pivot_table(index="corruption", columns="severity", values="accuracy", sort=False)
+    grid["mean"] = grid.mean(axis=1)
+    values = grid.to_numpy(float)
+    figure, axis = plt.subplots(figsize=(1.0 * values.shape[1] + 3, 0.36 * values.shape[0] + 1.4))
+    axis.imshow(values, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    axis.set_xticks(np.arange(values.shape[1]), [str(c) for c in grid.columns])
+    axis.set_yticks(np.arange(values.shape[0]), list(grid.index))
+    axis.set_xlabel("severity")
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            axis.text(j, i, f"{100 * values[i, j]:.0f}", ha="center", va="center", fontsize=7)
+    axis.axvline(values.shape[1] - 1.5, color="black", linewidth=1)
+    axis.set_title(title)
+    figure.tight_layout()
+    return figure_png(figure)

@@ -89,6 +89,24 @@ def stored_class_names(folder: Path) -> list[str] | None:
     return names
 
 
+def stored_temperature(folder: Path) -> float:
+    """The calibration temperature in ``folder``'s ``info.json`` (1.0, no scaling, when none is stored).
+
+    The training worker fits it on the validation split (lib.calibration); a submission folder
+    carries it over from its model.
+    """
+    info_file = Path(folder) / "info.json"
+    if not info_file.is_file():
+        return 1.0
+    try:
+        value = json.loads(info_file.read_text()).get("temperature", 1.0)
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return 1.0  # stored_class_names reports a broken info.json; the temperature only refines
+    if not isinstance(value, (int, float)) or not 0 < value < 1e3:
+        raise ValueError(f"{info_file}: 'temperature' must be a positive number, got {value!r}")
+    return float(value)
+
+
 def _load_keras(model_file: Path) -> Any:
     import keras
 
@@ -202,8 +220,14 @@ def predict_frame(
     sources: Sequence[str],
     class_names: Sequence[str],
     batch_size: int = 256,
+    temperature: float = 1.0,
 ) -> pd.DataFrame:
-    """One row per image: source, predicted_index, predicted_class, then ``p_<class>`` per class."""
+    """One row per image: source, predicted_index, predicted_class, then ``p_<class>`` per class.
+
+    The probabilities are divided by ``temperature`` in log space (lib.calibration), which
+    changes how sure they are, never which class wins.
+    """
+    from bc_pipeline.lib.calibration import scale_probabilities
     from bc_pipeline.worker.training import predict_proba
 
     if len(sources) != len(images):
@@ -211,6 +235,7 @@ def predict_frame(
     probabilities = predict_proba(model, images, batch_size=batch_size)
     if probabilities.shape[1] != len(class_names):
         raise ValueError(f"{len(class_names)} class names for a model with {probabilities.shape[1]} outputs")
+    probabilities = scale_probabilities(probabilities, temperature)
     predicted = probabilities.argmax(axis=1).astype(np.int64)
     frame = pd.DataFrame(
         {

@@ -50,10 +50,23 @@ def run_job(spec: WorkerSpec, reporter: Reporter) -> Path:
         input_workers=input_threads(spec.input_workers),
     )  # fmt: skip
     result.info.update(spec.info, weights_fingerprint=weights_fingerprint(result.model))
+    result.info["temperature"] = _temperature(result.model, val_x, val_y, reporter)
     result.info["worker_seconds"] = round(time.perf_counter() - started, 1)
     folder = write_model_folder(spec.path(spec.output_dir), result)
     reporter.message(SUMMARY, {k: result.info[k] for k in ("device", "backend", "train_seconds", "epochs_run", "best_epoch")})
     return folder
+
+
+def _temperature(model: Any, val_x: Any, val_y: Any, reporter: Reporter) -> float:
+    """The softmax temperature that calibrates ``model`` on the validation split (saved in info.json)."""
+    from bc_pipeline.lib.calibration import fit_temperature, reliability, scale_probabilities
+    from bc_pipeline.worker.training import predict_proba
+
+    proba = predict_proba(model, val_x)
+    temperature = fit_temperature(proba, val_y)
+    before, after = reliability(proba, val_y).ece, reliability(scale_probabilities(proba, temperature), val_y).ece
+    reporter.log(f"calibration: temperature {temperature:.3f} on the validation split (ECE {100 * before:.2f} % -> {100 * after:.2f} %)")
+    return round(temperature, 6)
 
 
 def write_model_folder(folder: Path, result: Any) -> Path:
