@@ -21,7 +21,7 @@ import sys
 import dagster as dg
 
 from bc_pipeline.lib.recipes import DEFAULT_RECIPE, load_recipe, merged_config, recipe_names
-from bc_pipeline.lib.zoo import REGISTRY
+from bc_pipeline.lib.zoo import MODEL_NAMES
 
 PER_MODEL = ["trained_model", "evaluation_report", "model_leaderboard", "submission_package"]
 
@@ -36,7 +36,7 @@ def _config_for(run_config: dict, selection: list[str] | None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bc-run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"a shipped recipe ({', '.join(recipe_names())}) or a .yaml path")
-    parser.add_argument("--models", nargs="+", default=None, help=f"models to train (default: the recipe's): {', '.join(REGISTRY)}")
+    parser.add_argument("--models", nargs="+", default=None, help=f"models to train (default: the recipe's): {', '.join(MODEL_NAMES)}")
     parser.add_argument("--config-json", default="{}", help="Dagster run config (ops: {asset: {config: ...}})")
     parser.add_argument(
         "--models-only", action="store_true", help="upstream assets are materialized: train and evaluate the models only"
@@ -47,9 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     args.models = args.models or list(recipe.models) or ["custom_cnn"]
-    unknown = [m for m in args.models if m not in REGISTRY]
+    unknown = [m for m in args.models if m not in MODEL_NAMES]
     if unknown:
-        parser.error(f"unknown model(s) {', '.join(unknown)}; registered: {', '.join(REGISTRY)}")
+        parser.error(f"unknown model(s) {', '.join(unknown)}; registered: {', '.join(MODEL_NAMES)}")
     try:
         run_config = merged_config(recipe.run_config, json.loads(args.config_json))
     except json.JSONDecodeError as error:

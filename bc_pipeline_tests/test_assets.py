@@ -25,7 +25,7 @@ from bc_pipeline_tests.conftest import pbc96_files
 TRAIN_CONFIG = {
     "ops": {
         "balanced_train_set": {"config": {"strategy": "oversample+class_weights", "target_ratio": 1.0}},
-        "augmented_train_set": {"config": {"policy": "light", "copies": 2, "shard_size": 200}},
+        "augmented_train_set": {"config": {"mix": ["light", "gridmask"], "copies": 2, "shard_size": 200}},
         "robustness_eval_sets": {"config": {"policies": ["strong", "gridmask"]}},
         "corruption_benchmark_set": {"config": {"corruptions": ["gaussian_noise", "zoom_blur", "brightness"], "severities": [1, 5], "max_images": 24, "workers": 2}},
         "trained_model": {"config": {"epochs": 2, "image_size": 32, "batch_size": 32, "batch_augment": "mixup+cutmix"}},
@@ -182,14 +182,14 @@ def test_corruption_benchmark_and_calibration_are_scored_and_reported(full_run):
     cell = cells[(cells["corruption"] == "zoom_blur") & (cells["severity"] == 5)].iloc[0]
     assert cell["accuracy"] == pytest.approx(hits.mean())
     assert report["corruption_accuracy"] == pytest.approx(cells["accuracy"].mean())
-    # Trained on 'light' copies: its Gaussian noise and brightness families are not counted as unseen.
-    assert report["trained_presets"] == ["light"]
+    # Trained on a 'light' and a 'gridmask' copy: light's Gaussian noise and brightness are not unseen.
+    assert report["trained_presets"] == ["gridmask", "light"]
     assert report["corruptions_seen_in_training"] == ["gaussian_noise", "brightness"]
     assert report["corruption_accuracy_unseen"] == pytest.approx(cells.loc[cells["corruption"] == "zoom_blur", "accuracy"].mean())
 
     # The worker fitted the temperature on the validation split and saved it with the model.
     temperature = trained.info["temperature"]
-    assert report["temperature"] == temperature and report["calibration"]["fitted_by"] == "training worker"
+    assert report["temperature"] == temperature and report["calibration"]["fitted_by"].startswith("the training worker")
     test_x, test_y = split_arrays(result.output_for_node("clean_images"), splits, "test")
     proba = predict_proba(trained.model, test_x)
     assert report["ece"] == pytest.approx(reliability(proba, test_y).ece)
@@ -198,7 +198,8 @@ def test_corruption_benchmark_and_calibration_are_scored_and_reported(full_run):
     folder = data_dir / "reports" / "evaluation_report" / "custom_cnn"
     text = (folder / "report.md").read_text()
     assert "## Robustness benchmark: the ImageNet-C corruptions" in text and "zoom_blur" in text
-    assert "gaussian_noise (seen in training)" in text and "| light" not in text
+    assert "gaussian_noise (seen in training)" in text and "| gridmask (used in training) | test |" in text
+    assert "| strong | test |" in text, "a preset training did not use is not marked"
     assert "## Accuracy under the training families" in text
     assert "## Calibration (test split)" in text
     for name in ("corruption_heatmap.png", "reliability.png", "corruptions.parquet"):
@@ -251,6 +252,21 @@ def test_a_second_model_partition_joins_the_leaderboard_and_the_best_is_packaged
     assert packaged == board.iloc[0]["model"]
     info = json.loads((data_dir / "submission" / "info.json").read_text())
     assert info["model"] == packaged
+    assert info["temperature"] == read_artifact(data_dir / "assets" / "trained_model" / packaged).info["temperature"]
+
+    # The ensemble partition averages the two trained models and is evaluated and ranked like them.
+    third = _materialize(
+        data_dir, source, ["trained_model", "evaluation_report", "model_leaderboard"], partition_key="ensemble",
+        run_config={"ops": {"evaluation_report": {"config": {"tta": True, "tta_views": ["identity", "flip_lr"], "gradcam_per_class": 1}}}},
+    )  # fmt: skip
+    assert third.success
+    ensemble = read_artifact(data_dir / "assets" / "trained_model" / "ensemble")
+    assert ensemble.info["members"] == ["custom_cnn", "mobilenetv3small"] and ensemble.info["temperature"] > 0
+    board = third.output_for_node("model_leaderboard").set_index("model")
+    assert set(board.index) == {"custom_cnn", "mobilenetv3small", "ensemble"}
+    assert board.loc["custom_cnn", "mce"] == pytest.approx(1.0), "custom_cnn is the default mCE baseline"
+    assert np.isfinite(board.loc["ensemble", ["accuracy", "corruption_accuracy", "mce", "ece_scaled", "accuracy_tta"]].astype(float)).all()
+    assert (data_dir / "reports" / "evaluation_report" / "ensemble" / "gradcam.png").stat().st_size > 0
 
 
 @pytest.mark.slow

@@ -123,13 +123,13 @@ def test_importing_definitions_does_not_import_tensorflow_or_keras():
     assert output.strip() == "[]"
 
 
-def test_training_and_evaluation_are_partitioned_by_the_model_registry():
+def test_training_and_evaluation_are_partitioned_by_the_model_registry_and_the_ensemble():
     from bc_pipeline.lib.zoo import REGISTRY
 
     graph = defs.resolve_asset_graph()
     for name in ("trained_model", "evaluation_report"):
         partitions = graph.get(dg.AssetKey(name)).partitions_def
-        assert partitions is not None and partitions.get_partition_keys() == list(REGISTRY)
+        assert partitions is not None and partitions.get_partition_keys() == [*REGISTRY, "ensemble"]
     for name in ("model_leaderboard", "submission_package", "clean_images"):
         assert graph.get(dg.AssetKey(name)).partitions_def is None
     # One training at a time on the accelerator: trained_model is in the "gpu" pool.

@@ -44,3 +44,27 @@ def test_partitioned_artifacts_load_lazily_and_name_the_missing_ones(tmp_path):
     assert stored["c"]["x"].tolist() == [1]
     with pytest.raises(KeyError, match="not stored"):
         stored["b"]
+
+
+def test_mce_is_relative_to_the_named_baseline_and_ranks_by_corruption_accuracy():
+    def corruptions(errors: dict[str, list[float]]) -> list[dict]:
+        return [
+            {"corruption": c, "severity": s + 1, "family": "x", "images": 10, "accuracy": 1 - e, "error": e}
+            for c, per_severity in errors.items() for s, e in enumerate(per_severity)
+        ]  # fmt: skip
+
+    base = {**_summary(0.90, 0.3, 1_000_000), "corruptions": corruptions({"fog": [0.2, 0.6], "snow": [0.3, 0.5]})}
+    better = {**_summary(0.92, 0.3, 2_000_000), "corruptions": corruptions({"fog": [0.1, 0.3], "snow": [0.3, 0.5]})}
+    for summary in (base, better):
+        summary["corruption_accuracy"] = float(np.mean([1 - r["error"] for r in summary["corruptions"]]))
+    table = leaderboard_table({"base": base, "better": better}, rank_by="corruption_accuracy", mce_baseline="base")
+    assert table["model"].tolist() == ["better", "base"]
+    rows = table.set_index("model")
+    assert rows.loc["base", "mce"] == pytest.approx(1.0)
+    assert rows.loc["better", "mce"] == pytest.approx((0.4 / 0.8 + 1.0) / 2)  # fog halved, snow the same
+    # relative: errors above each model's clean error (0.08 vs the baseline's 0.10)
+    assert rows.loc["better", "relative_mce"] == pytest.approx(((0.4 - 0.16) / (0.8 - 0.2) + (0.8 - 0.16) / (0.8 - 0.2)) / 2)
+    without = leaderboard_table({"base": base, "better": better}, mce_baseline="resnet50")
+    assert without["mce"].isna().all(), "no baseline evaluated: no mCE, rather than a wrong one"
+    page = leaderboard_markdown(table, rank_by="corruption_accuracy", mce_baseline="base")
+    assert "mCE" in page and "relative to `base`" in page and "| 100.0 % |" in page

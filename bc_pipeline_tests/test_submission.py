@@ -304,3 +304,22 @@ def test_a_folder_with_no_readable_image_is_an_error(submission, tmp_path, capsy
     assert _run_cli(submission, tmp_path / "empty", "-o", tmp_path / "p.csv") == 2
     err = capsys.readouterr().err
     assert "empty" in err and "no readable images" in err and "1 files skipped" in err
+
+
+def test_cli_probabilities_use_the_stored_temperature(trained, pbc_subset_arrays, expected, tmp_path, capsys):
+    """A submission written with a temperature gives softer probabilities and the same classes."""
+    from bc_pipeline.lib.calibration import scale_probabilities
+    from bc_pipeline.worker.training import predict_proba
+
+    images = pbc_subset_arrays[0][:40]
+    np.savez(tmp_path / "few.npz", X=images)
+    folder = write_submission(trained, CLASS_NAMES, tmp_path / "calibrated", info={"temperature": 2.5})
+    assert _run_cli(folder, tmp_path / "few.npz", "-o", tmp_path / "p.csv") == 0
+    assert "temperature 2.500" in capsys.readouterr().out
+    frame = pd.read_csv(tmp_path / "p.csv")
+    probabilities = frame[[f"p_{name}" for name in CLASS_NAMES]].to_numpy()
+    np.testing.assert_allclose(probabilities, scale_probabilities(predict_proba(trained, images), 2.5), atol=1e-5)
+    np.testing.assert_array_equal(frame["predicted_index"], expected[:40])
+    (folder / "info.json").write_text(json.dumps({"temperature": -1}))
+    assert _run_cli(folder, tmp_path / "few.npz", "-o", tmp_path / "q.csv") == 2
+    assert "'temperature' must be a positive number" in capsys.readouterr().err

@@ -28,7 +28,21 @@ class AugmentConfig(dg.Config):
     """Which preset makes the stored training copies, and how many copies."""
 
     policy: ImagePreset = Field(default="light", description="Augmentation preset (see lib/augmentation.py).")
+    mix: list[str] = Field(
+        default=[], description="Presets taken in turn, copy k by mix[k % len(mix)], for more variety per epoch "
+        "(empty: every copy by policy).",
+    )  # fmt: skip
     copies: int = Field(default=1, ge=0, le=64, description="Augmented copies K of the balanced set; 0 stores none.")
+
+    @field_validator("mix")
+    @classmethod
+    def _image_presets(cls, names: list[str]) -> list[str]:
+        for name in names:
+            check_image_preset(name)
+        return names
+
+    def policy_of(self, copy: int) -> str:
+        return self.mix[copy % len(self.mix)] if self.mix else self.policy
     shard_size: int = Field(default=4096, ge=64, description="Images per .npy shard.")
     seed: int = 0
 
@@ -52,7 +66,7 @@ class RobustnessConfig(dg.Config):
 
 
 @dg.asset(
-    code_version=with_config("1", AugmentConfig),
+    code_version=with_config("2", AugmentConfig),
     automation_condition=automation.on_change(),
     group_name="augmentation",
     kinds={"numpy", "tensorflow"},
@@ -75,12 +89,12 @@ def augmented_train_set(
             "reused_stored_sample": True, "policy": config.policy, "copies": config.copies, "images": len(value),
             "shards": len(value.manifest), CONFIG_FINGERPRINT: config_fingerprint(config),
         }  # fmt: skip
-        version = fingerprint(config.policy, labels, *versions)
+        version = fingerprint(list(dict.fromkeys(value.manifest["policy"])) or [config.policy], labels, *versions)
         return dg.Output(value, data_version=dg.DataVersion(version), metadata=metadata)
     rows, versions, seconds = [], [], 0.0
     spans = [(start, min(start + config.shard_size, len(images))) for start in range(0, len(images), config.shard_size)]
     for copy in range(config.copies):
-        augment = make_augmenter(config.policy, seed=config.seed * 1_009 + copy)
+        augment = make_augmenter(config.policy_of(copy), seed=config.seed * 1_009 + copy)
         for part, (start, stop) in enumerate(spans):
             began = time.perf_counter()
             shard = augment(np.asarray(images[start:stop]))
@@ -89,7 +103,7 @@ def augmented_train_set(
             save_npy(staging / f"{name}.images.npy", shard)
             save_npy(staging / f"{name}.labels.npy", labels[start:stop])
             versions.append(fingerprint(shard))
-            rows.append((f"{name}.images.npy", f"{name}.labels.npy", copy, part, config.policy, start, stop - start))
+            rows.append((f"{name}.images.npy", f"{name}.labels.npy", copy, part, config.policy_of(copy), start, stop - start))
             context.log.info(
                 f"copy {copy + 1}/{config.copies} shard {part + 1}/{len(spans)}: {stop - start} images "
                 f"({(stop - start) / (time.perf_counter() - began):.0f} images/s)"
@@ -97,9 +111,10 @@ def augmented_train_set(
     manifest = pd.DataFrame(rows, columns=["file", "labels_file", "copy", "part", "policy", "start", "count"])
     value = ShardSet(directory=staging, manifest=manifest)
     total = len(value)
+    used = list(dict.fromkeys(config.policy_of(copy) for copy in range(config.copies))) or [config.policy]
     metadata = {
-        "policy": config.policy,
-        "policy_description": PRESETS[config.policy].description,
+        "policy": ", ".join(used),
+        "policy_description": "; ".join(PRESETS[p].description for p in used),
         "copies": config.copies,
         "images": total,
         "shards": len(manifest),
@@ -109,9 +124,9 @@ def augmented_train_set(
         CONFIG_FINGERPRINT: config_fingerprint(config),
     }
     if total:
-        grid = _copies_grid(images, value, config.policy, seed=config.seed)
+        grid = _copies_grid(images, value, ", ".join(used), seed=config.seed)
         metadata.update(md.image(grid, storage.report_dir("augmented_train_set") / "samples.png", "samples"))
-    version = fingerprint(config.policy, labels, *versions)
+    version = fingerprint(used, labels, *versions)
     return dg.Output(value, data_version=dg.DataVersion(version), metadata=metadata)
 
 
@@ -201,7 +216,7 @@ def _copies_grid(images: np.ndarray, shards: ShardSet, policy: str, *, seed: int
     chosen = np.sort(np.random.default_rng(seed).choice(int(first["count"].min()), size=count, replace=False))
     rows = [("original", np.asarray(images[chosen]))]
     for i, row in first.head(4).iterrows():
-        rows.append((f"{policy} copy {row['copy'] + 1}", np.asarray(shards.load(i)[0][chosen])))
+        rows.append((f"{row['policy']} copy {row['copy'] + 1}", np.asarray(shards.load(i)[0][chosen])))
     return image_rows(rows, title=f"Stored training copies ({policy})")
 
 

@@ -84,7 +84,8 @@ def evaluation_report(
     )  # fmt: skip
     context.log.info(f"corruption benchmark: mCA {corruption.mean_accuracy}, unseen families {corruption.mean_accuracy_unseen}")
     temperature = info.get("temperature") or fit_temperature(val_proba, val_y)  # older models: fit it here
-    calibration = {**calibration_summary(test_proba, test_y, temperature), "fitted_by": "training worker" if info.get("temperature") else "evaluation"}
+    fitted_by = info.get("temperature_source", "the training worker, on the validation split") if info.get("temperature") else "the evaluation, on the validation split"
+    calibration = {**calibration_summary(test_proba, test_y, temperature), "fitted_by": fitted_by}
 
     perturbed = robustness_eval_sets.manifest
     common = {"test": (test_x, test_y), "val": (val_x, val_y), "class_names": class_names, "robust_policy": config.robust_policy}
@@ -266,7 +267,7 @@ class SubmissionConfig(dg.Config):
 
 
 @dg.asset(
-    code_version=with_config("1", SubmissionConfig),
+    code_version=with_config("2", SubmissionConfig),
     automation_condition=automation.across_models(["trained_model"], after_ranking=True),
     group_name="evaluation",
     kinds={"keras"},

@@ -14,7 +14,7 @@ from bc_pipeline.assets._versions import with_config
 from bc_pipeline.lib.artifacts import ImageSet, ModelFolder, ShardSet, read_model_folder, training_metadata
 from bc_pipeline.lib.launch import describe_failure
 from bc_pipeline.lib.training_job import prepare_job
-from bc_pipeline.lib.zoo import ModelSpec, WeightsUnavailableError, model_spec
+from bc_pipeline.lib.zoo import ENSEMBLE, ModelSpec, WeightsUnavailableError, model_spec
 from bc_pipeline.partitions import model_partitions
 from bc_pipeline.resources import ImageSource, PipelineStorage, TrainingWorker
 from bc_pipeline.worker.report import EPOCH
@@ -31,6 +31,7 @@ class PhaseConfig(dg.Config):
     learning_rate: float = Field(default=1e-3, gt=0)
     epochs: int = Field(default=5, ge=1)
     patience: int = Field(default=4, ge=1, description="Early-stopping patience within the phase.")
+    restore_best: bool = Field(default=True, description="End on the phase's best validation loss (off: the last epoch).")
 
 
 class TrainingConfig(dg.Config):
@@ -85,7 +86,24 @@ class TrainingConfig(dg.Config):
     jit_compile: Literal["auto", "on", "off"] = Field(
         default=_DEFAULTS.jit_compile, description="auto: XLA on JAX (GPU and CPU); off on TensorFlow and PyTorch."
     )
+    consistency_loss: Literal["none", "jsd"] = Field(
+        default=_DEFAULTS.consistency_loss,  # type: ignore[arg-type]
+        description="jsd: AugMix's Jensen-Shannon consistency between each image and two of its stored copies "
+        "(needs copies >= 2; 3x the compute per step).",
+    )
+    consistency_weight: float = Field(default=_DEFAULTS.consistency_weight, ge=0, description="The JS term's weight (AugMix: 12).")
+    cv_folds: int = Field(
+        default=_DEFAULTS.cv_folds, ge=0, le=20,
+        description="k >= 2: k-fold cross-validation on the training set chooses each phase's epoch count (0: early stopping).",
+    )  # fmt: skip
+    retrain_on_validation: bool = Field(
+        default=_DEFAULTS.retrain_on_validation,
+        description="Train the final model on train + validation for the chosen epoch count (the test split stays untouched).",
+    )
     resume: bool = Field(default=True, description="Checkpoint every epoch and resume an interrupted training.")
+    ensemble_members: list[str] = Field(
+        default=[], description="The 'ensemble' partition: models whose probabilities it averages (empty: every trained model).",
+    )
 
     def settings(self) -> TrainingSettings:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainingSettings) if f.name != "phases"}
@@ -137,6 +155,8 @@ def trained_model(
     training_worker: TrainingWorker,
 ) -> dg.Output[ModelFolder]:
     name, worker = context.partition_key, training_worker
+    if name == ENSEMBLE:
+        return _ensemble(context, config, clean_images, data_splits, storage)
     try:
         spec = config.spec(name)
     except (ValueError, KeyError, WeightsUnavailableError) as error:
@@ -165,3 +185,26 @@ def trained_model(
     streamed = sum(1 for m in messages if isinstance(m, dict) and m.get("kind") == EPOCH)
     metadata = {**training_metadata(spec, info, history), "epochs_streamed": streamed, "history": md.table(history.round(4))}
     return dg.Output(ModelFolder(job.output_dir), data_version=dg.DataVersion(info["weights_fingerprint"]), metadata=metadata)
+
+
+def _ensemble(
+    context: dg.AssetExecutionContext, config: TrainingConfig, images: ImageSet, splits: pd.DataFrame, storage: PipelineStorage
+) -> dg.Output[ModelFolder]:
+    """The 'ensemble' partition: the stored member models averaged (lib.ensemble), no training.
+
+    The members are read from their stored partitions: retrain a member, then rematerialize this
+    partition to refresh it.
+    """
+    from bc_pipeline.lib.ensemble import EnsembleError, assemble_ensemble
+    from bc_pipeline.worker.run import write_model_folder
+
+    val_x, val_y = split_arrays(images, splits, "val")
+    try:
+        result = assemble_ensemble(storage.root / "assets" / "trained_model", config.ensemble_members, val_x, val_y)
+    except EnsembleError as error:
+        raise dg.Failure(description=str(error)) from None
+    folder = write_model_folder(storage.staging_dir(f"trained_model/{ENSEMBLE}"), result)
+    info = result.info
+    context.log.info(f"ensemble of {', '.join(info['members'])}: temperature {info['temperature']:.3f}")
+    metadata = {"members": ", ".join(info["members"]), "parameters": info["parameters"], "temperature": info["temperature"]}
+    return dg.Output(ModelFolder(folder), data_version=dg.DataVersion(info["weights_fingerprint"]), metadata=metadata)

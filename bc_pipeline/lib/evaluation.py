@@ -236,7 +236,7 @@ def calibration_section(summary: dict[str, float], *, diagram: str | None) -> li
     lines = [
         "## Calibration (test split)",
         "",
-        f"Temperature {summary['temperature']:.3f}, fitted on the validation split ({summary.get('fitted_by', 'worker')}); "
+        f"Temperature {summary['temperature']:.3f}, fitted by {summary.get('fitted_by', 'the training worker')}; "
         "bc-predict's probability columns use it.",
         "",
         "| | as trained | temperature-scaled |",

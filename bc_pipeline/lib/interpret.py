@@ -150,6 +150,11 @@ def grad_cam(
         raise ValueError(f"grad_cam: {len(images)} images but {len(classes)} class indices")
     if len(images) == 0:
         return np.zeros((0, *images.shape[1:3]), np.float32)
+    from bc_pipeline.lib.ensemble import ensemble_members
+
+    members = ensemble_members(model)
+    if members:  # an ensemble: each member's evidence for the class, averaged
+        return _unit_peak(np.mean([grad_cam(m, images, classes, batch_size) for m in members], axis=0))
     parts = _gradcam_parts(model)
     maps = [
         _gradcam_batch(parts, images[start : start + batch_size], classes[start : start + batch_size])

@@ -102,6 +102,11 @@ def training_curves_figure(history: pd.DataFrame) -> bytes:
     """Loss and accuracy per epoch, training and validation; the best epoch and phase starts marked."""
     plt = _pyplot()
     figure, (loss_axis, acc_axis) = plt.subplots(1, 2, figsize=(10, 3.6))
+    if not len(history):  # an ensemble trains nothing itself
+        for axis in (loss_axis, acc_axis):
+            axis.text(0.5, 0.5, "no training history (an ensemble of trained models)", ha="center", va="center")
+            axis.set_axis_off()
+        return figure_png(figure)
     last = history[history["phase"] == history["phase"].max()] if "phase" in history else history
     best_epoch = int(last.loc[last["val_loss"].idxmin(), "epoch"]) if "val_loss" in last else None  # what the model keeps
     for axis, metric in ((loss_axis, "loss"), (acc_axis, "accuracy")):

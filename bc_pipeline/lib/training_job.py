@@ -74,6 +74,16 @@ def prepare_job(
         templates=name(save_npy(job_dir / "templates.npy", np.asarray(templates))) if templates is not None and len(templates) else None,
         class_weight=class_weight, checkpoint_dir=name(checkpoint_dir) if checkpoint_dir else None,
         output_dir=name(output_dir), backend=backend, device=device, input_workers=input_workers, info=info or {},
+        train_groups=name(save_npy(job_dir / "train_groups.npy", _groups(train))),
     )  # fmt: skip
     spec_path = spec.save(job_dir / "spec.json")
     return TrainingJob(spec=spec, spec_path=spec_path, output_dir=output_dir, checkpoint_dir=checkpoint_dir)
+
+
+def _groups(train: ImageSet) -> np.ndarray:
+    """The source image of each training row (its clean_images row; a SMOTE sample is its own group)."""
+    rows = np.arange(len(train.manifest))
+    if "clean_index" not in train.manifest:
+        return rows
+    source = train.manifest["clean_index"].to_numpy(np.int64)
+    return np.where(source >= 0, source, -1 - rows)

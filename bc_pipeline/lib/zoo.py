@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 Preprocessing = Literal["builtin", "unit", "tf", "torch", "caffe"]
+INPUT_NORMS = ("none", "image", "channel")
 HeadType = Literal["gap_dense", "inception"]
 
 CUSTOM_CNN = "custom_cnn"
@@ -76,6 +77,11 @@ class ModelSpec:
     dropout: float = 0.3
     weights: str = "none"
     frozen_layers: int = 0
+    # "image": each image standardised by its own mean and deviation before the backbone, which
+    # makes the model blind to global brightness and contrast; "channel": the same per colour
+    # channel, blind to per-channel gain and offset too; "none": the backbone's preprocessing only
+    # (what pretrained weights expect).
+    input_norm: str = "none"
 
     @property
     def pretrained(self) -> bool:
@@ -85,13 +91,21 @@ class ModelSpec:
 REGISTRY: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
-        ModelSpec(CUSTOM_CNN, CUSTOM_CNN, image_size=32, dense_units=512, dropout=0.4),
+        # Standardised per channel: blind to per-channel gain and offset (stain intensity, white
+        # balance, contrast), which from-scratch training cannot otherwise learn from one lab's smears.
+        ModelSpec(CUSTOM_CNN, CUSTOM_CNN, image_size=32, dense_units=512, dropout=0.4, input_norm="channel"),
         ModelSpec("efficientnetv2b0", "efficientnetv2b0", image_size=96),
         ModelSpec("mobilenetv3small", "mobilenetv3small", image_size=96),
         ModelSpec("convnext_tiny", "convnext_tiny", image_size=96),
         ModelSpec("resnet50", "resnet50", image_size=96),
     )
 }
+
+
+# Every partition of trained_model: the registry's models, then the ensemble of trained ones
+# (lib.ensemble: it averages other partitions' probabilities instead of training).
+ENSEMBLE = "ensemble"
+MODEL_NAMES: tuple[str, ...] = (*REGISTRY, ENSEMBLE)
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -116,6 +130,8 @@ def check_spec(spec: ModelSpec) -> None:
         raise ValueError(f"model {spec.name!r}: image_size {spec.image_size} is below the backbone's minimum {smallest}")
     if spec.head not in ("gap_dense", "inception"):
         raise ValueError(f"model {spec.name!r}: unknown head {spec.head!r} (gap_dense or inception)")
+    if spec.input_norm not in INPUT_NORMS:
+        raise ValueError(f"model {spec.name!r}: unknown input_norm {spec.input_norm!r} ({', '.join(INPUT_NORMS)})")
     if spec.backbone == CUSTOM_CNN and spec.pretrained:
         raise ValueError(f"model {spec.name!r}: the custom CNN has no pretrained weights; use weights='none'")
     if spec.weights not in ("none", "imagenet") and not Path(spec.weights).expanduser().is_file():
@@ -136,7 +152,7 @@ def build_model(spec: ModelSpec, num_classes: int) -> Any:
     head = _build_head(spec, backbone.output.shape[1:], num_classes)
     inputs = keras.Input(shape=(None, None, 3), name="image")
     x = layers.Resizing(size, size, antialias=True, name="resize")(inputs)
-    x = _build_preprocessing(_preprocessing_of(spec), size)(x)
+    x = _build_preprocessing(_preprocessing_of(spec), size, spec.input_norm)(x)
     # A pretrained backbone keeps its batch-norm statistics (inference mode) even while its layers
     # are fine-tuned: updating them from small batches of a new domain wrecks the features.
     x = backbone(x, training=False) if spec.pretrained else backbone(x)
@@ -148,13 +164,16 @@ def _preprocessing_of(spec: ModelSpec) -> Preprocessing:
     return "unit" if spec.backbone == CUSTOM_CNN else FAMILIES[spec.backbone].preprocessing
 
 
-def _build_preprocessing(mode: Preprocessing, size: int) -> Any:
+def _build_preprocessing(mode: Preprocessing, size: int, input_norm: str = "none") -> Any:
     """The backbone's expected input normalisation, from uint8-range pixels, as a nested model.
 
     ``builtin``: the backbone normalises by itself (EfficientNetV2, ConvNeXt, MobileNetV3);
     ``unit``: [0, 1]; ``tf``: [-1, 1]; ``torch``: ImageNet mean/std on [0, 1];
     ``caffe``: RGB -> BGR and ImageNet channel means subtracted (a fixed 1x1 linear map).
-    These match ``keras.applications.<family>.preprocess_input`` (tested).
+    These match ``keras.applications.<family>.preprocess_input`` (tested). ``input_norm="image"``
+    first standardises each image over all its pixels and channels (a LayerNormalization without
+    weights) and maps it to mean 128, deviation 64, so what follows no longer depends on the
+    image's overall brightness and contrast.
     """
     import keras
     import numpy as np
@@ -177,6 +196,13 @@ def _build_preprocessing(mode: Preprocessing, size: int) -> Any:
         steps = [to_bgr]
     else:
         raise ValueError(f"unknown preprocessing {mode!r}")
+    if input_norm != "none":  # back to pixel-like values (mean 128, deviation 64), then as usual
+        axes = (1, 2, 3) if input_norm == "image" else (1, 2)
+        steps = [
+            layers.LayerNormalization(axis=axes, center=False, scale=False, epsilon=1e-3, name="per_image_standardize"),
+            layers.Rescaling(64.0, offset=128.0, name="to_pixel_range"),
+            *steps,
+        ]
     model = keras.Sequential([keras.Input((size, size, 3)), *steps], name="preprocess")
     if mode == "caffe":
         permutation = np.eye(3, dtype=np.float32)[::-1]  # out[:, j] = in[:, 2 - j]

@@ -158,6 +158,25 @@ def cutmix(
     return mixed, (1.0 - share) * labels + share * labels[partner]
 
 
+def select_rows(
+    images: np.ndarray, labels: np.ndarray, augmented: Sequence[tuple[np.ndarray, np.ndarray]], rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+    """``rows`` of the training set and of each stored copy (shards follow the set's rows, copy by copy)."""
+    selected = [(np.asarray(images[rows]), np.asarray(labels)[rows])]
+    offset, copy_x, copy_y = 0, [], []
+    for shard_x, shard_y in augmented:
+        copy_x.append(shard_x)
+        copy_y.append(np.asarray(shard_y))
+        offset += len(shard_y)
+        if offset == len(labels):  # one whole copy: take the rows
+            x = copy_x[0] if len(copy_x) == 1 else np.concatenate([np.asarray(c) for c in copy_x])
+            selected.append((np.asarray(x[rows]), np.concatenate(copy_y)[rows]))
+            offset, copy_x, copy_y = 0, [], []
+    if offset:
+        raise ValueError(f"the augmented shards hold {offset} rows past a whole number of copies of {len(labels)} images")
+    return selected[0][0], selected[0][1], selected[1:]
+
+
 def _to_uint8(values: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(values), 0, 255).astype(np.uint8)
 
@@ -246,6 +265,52 @@ def training_batches(
     return TrainingBatches()
 
 
+def view_batches(
+    originals: np.ndarray,
+    copies: Sequence[np.ndarray],
+    labels: np.ndarray,
+    *,
+    num_classes: int,
+    batch_size: int,
+    seed: int,
+    augment: bool = True,
+    workers: int = 1,
+) -> object:
+    """An endless ``PyDataset`` of ``[clean; view 1; view 2]`` batches for AugMix's consistency loss.
+
+    Batch ``i`` draws ``batch_size`` rows of the training set (a fresh permutation per pass, as
+    :func:`training_batches`), then the same rows of two different stored augmented copies, so the
+    three blocks show the same cells; labels are repeated three times. Flips and turns are drawn
+    per image and block.
+    """
+    if len(copies) < 2:
+        raise ValueError(f"the consistency loss needs at least 2 stored augmented copies, found {len(copies)}: "
+                         "raise augmented_train_set's copies")  # fmt: skip
+    labels = np.asarray(labels, np.int64)
+    base = _keras_py_dataset()
+
+    class ViewBatches(base):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=max(8, 2 * workers))
+            self.schedule = _Schedule(len(labels), batch_size, seed)
+
+        @property
+        def num_batches(self) -> None:
+            return None
+
+        def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+            rows = np.sort(self.schedule.rows(index))
+            rng = np.random.default_rng([seed, 2, index])
+            first, second = rng.choice(len(copies), size=2, replace=False)
+            blocks = [np.take(source, rows, axis=0) for source in (originals, copies[first], copies[second])]
+            if augment:
+                blocks = [flip_and_turn(block, rng) for block in blocks]
+            target = one_hot(labels[rows], num_classes)
+            return np.concatenate(blocks), np.concatenate([target] * 3)
+
+    return ViewBatches()
+
+
 def make_batch(
     pool: ImagePool,
     rows: np.ndarray,
@@ -282,8 +347,14 @@ def mix_batch(
     return (mixup if kind == "mixup" else cutmix)(images, labels, rng)
 
 
-def evaluation_batches(images: np.ndarray, labels: np.ndarray, *, num_classes: int, batch_size: int) -> object:
-    """A finite ``PyDataset`` of (uint8 images, one-hot labels) in order, for validation."""
+def evaluation_batches(
+    images: np.ndarray, labels: np.ndarray, *, num_classes: int, batch_size: int, repeat: int = 1
+) -> object:
+    """A finite ``PyDataset`` of (uint8 images, one-hot labels) in order, for validation.
+
+    ``repeat`` > 1 stacks each batch that many times, the shape of :func:`view_batches`' batches
+    (a consistency loss sees identical views, so only its cross-entropy is left).
+    """
     base = _keras_py_dataset()
     count = len(images)
 
@@ -297,7 +368,8 @@ def evaluation_batches(images: np.ndarray, labels: np.ndarray, *, num_classes: i
 
         def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
             part = slice(index * batch_size, min(count, (index + 1) * batch_size))
-            return np.asarray(images[part]), one_hot(np.asarray(labels[part], np.int64), num_classes)
+            x, y = np.asarray(images[part]), one_hot(np.asarray(labels[part], np.int64), num_classes)
+            return (x, y) if repeat == 1 else (np.concatenate([x] * repeat), np.concatenate([y] * repeat))
 
     return EvaluationBatches()
 

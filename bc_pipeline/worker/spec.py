@@ -56,6 +56,7 @@ class WorkerSpec:
     device: str = "auto"  # auto | gpu (fail without one) | cpu
     input_workers: int = 0  # threads building batches; 0: one per spare core, at most 8
     info: dict[str, Any] = field(default_factory=dict)  # copied into the model's info.json
+    train_groups: str | None = None  # source image of each training row (k-fold keeps them together)
 
     def root(self) -> Path:
         return Path(os.environ.get(DATA_DIR_ENV) or self.data_dir)
@@ -98,6 +99,7 @@ class WorkerSpec:
                 templates=raw.get("templates"), class_weight=None if weights is None else {int(k): float(v) for k, v in weights.items()},
                 checkpoint_dir=raw.get("checkpoint_dir"), backend=raw.get("backend", "tensorflow"),
                 device=raw.get("device", "auto"), input_workers=int(raw.get("input_workers", 0)), info=raw.get("info", {}),
+                train_groups=raw.get("train_groups"),
             )  # fmt: skip
         except (KeyError, TypeError) as error:
             raise SpecError(f"{where}: not a training spec ({type(error).__name__}: {error})") from None

@@ -21,7 +21,7 @@ from bc_pipeline.lib.storage import fingerprint
 from bc_pipeline.lib.zoo import ModelSpec, build_model, set_trainable
 from bc_pipeline.worker.backend import Device, configure_device, precision_policy, use_jit
 from bc_pipeline.worker.checkpoint import Checkpoint, new_state
-from bc_pipeline.worker.data import ImagePool, evaluation_batches, feed, training_batches
+from bc_pipeline.worker.data import ImagePool, evaluation_batches, feed, select_rows, training_batches, view_batches
 
 Log = Callable[[str], None]
 
@@ -40,6 +40,9 @@ class Phase:
     learning_rate: float = 1e-3
     epochs: int = 13
     patience: int = 4
+    # False: run exactly ``epochs`` and keep the last weights (a count chosen beforehand, for a
+    # retraining whose validation images are training images too).
+    restore_best: bool = True
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,14 @@ class TrainingSettings:
     # jit_compile auto: XLA on JAX, off on TensorFlow (no XLA kernel for the antialiased resize) and PyTorch.
     mixed_precision: str = "auto"  # auto | on | off
     jit_compile: str = "auto"  # auto | on | off
+    # Epoch selection (worker.selection): k-fold cross-validation on the training set chooses each
+    # phase's epoch count (0: off, early stopping on the validation split instead); then the final
+    # model trains on train + validation for that count (retrain_on_validation).
+    cv_folds: int = 0
+    retrain_on_validation: bool = False
+    # AugMix's Jensen-Shannon consistency (worker.consistency): none | jsd; needs >= 2 stored copies.
+    consistency_loss: str = "none"
+    consistency_weight: float = 12.0
 
 
 @dataclass
@@ -122,8 +133,14 @@ def make_optimizer(name: str, learning_rate: float, weight_decay: float = 0.0) -
     raise ValueError(f"unknown optimizer {name!r} (adam, adamw or lion)")
 
 
-def make_loss(name: str, *, label_smoothing: float = 0.0, gamma: float = 2.0, alpha: float = 1.0) -> Any:
+def make_loss(
+    name: str, *, label_smoothing: float = 0.0, gamma: float = 2.0, alpha: float = 1.0,
+    consistency: str = "none", consistency_weight: float = 12.0,
+) -> Any:  # fmt: skip
     """Categorical cross-entropy or focal loss, both on one-hot (or mixed) labels.
+
+    With ``consistency="jsd"`` the loss is AugMix's cross-entropy plus Jensen-Shannon consistency
+    (:class:`bc_pipeline.worker.consistency.AugMixConsistency`), for batches of three views.
 
     Focal loss scales each example's cross-entropy by ``alpha * (1 - p_true) ** gamma``: examples
     the model already gets right weigh less, hard ones (rare classes, perturbed images) more. At
@@ -131,6 +148,10 @@ def make_loss(name: str, *, label_smoothing: float = 0.0, gamma: float = 2.0, al
     """
     import keras
 
+    if consistency == "jsd":
+        from bc_pipeline.worker.consistency import AugMixConsistency
+
+        return AugMixConsistency(weight=consistency_weight, label_smoothing=label_smoothing)
     if name == "categorical_crossentropy":
         return keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
     if name == "focal":
@@ -175,7 +196,10 @@ def train_classifier(
         raise ValueError("training needs a non-empty train and validation split")
     if not settings.include_original and not augmented:
         raise ValueError("include_original is off and there are no augmented copies: nothing to train on")
+    _check_consistency(settings)
     import keras
+
+    import bc_pipeline.worker.consistency  # noqa: F401 - registers the loss a checkpoint may be compiled with
 
     device = device or configure_device(keras.backend.backend())
     phases = default_phases(spec, settings)
@@ -187,20 +211,28 @@ def train_classifier(
         resumed = checkpoint.load(log)
         model, state = resumed if resumed else (build_model(spec, num_classes), new_state())
         pool = _training_pool(model, train_images, train_labels, augmented, settings.include_original)
+        views = settings.consistency_loss == "jsd"
         log(f"training {spec.name} with Keras {keras.__version__} on {keras.backend.backend()}, {device.description}: "
             f"{len(pool)} images to draw from ({len(augmented)} augmented shards), {len(train_images)} per epoch, "
             f"{len(val_images)} val, at {spec.image_size}px, {len(phases)} phase(s), {keras.config.dtype_policy().name}, "
             f"{input_workers} input thread(s)")  # fmt: skip
         steps = max(1, -(-len(train_images) // settings.batch_size))
         templates_small = _templates_for(model, templates, settings, log)
-        train_data = feed(training_batches(
-            pool, num_classes=num_classes, batch_size=settings.batch_size, seed=settings.seed, augment=settings.augment,
-            templates=templates_small, template_probability=settings.template_probability,
-            template_max_weight=settings.template_max_weight, batch_augment=settings.batch_augment,
-            batch_augment_probability=settings.batch_augment_probability, workers=input_workers,
-        ), keras.backend.backend(), workers=input_workers)  # fmt: skip
+        if views:  # [clean; view 1; view 2] of the same rows, for AugMix's consistency loss
+            originals, copies = _aligned_copies(model, train_images, train_labels, augmented)
+            batches = view_batches(originals, copies, train_labels, num_classes=num_classes, batch_size=settings.batch_size,
+                                   seed=settings.seed, augment=settings.augment, workers=input_workers)  # fmt: skip
+        else:
+            batches = training_batches(
+                pool, num_classes=num_classes, batch_size=settings.batch_size, seed=settings.seed, augment=settings.augment,
+                templates=templates_small, template_probability=settings.template_probability,
+                template_max_weight=settings.template_max_weight, batch_augment=settings.batch_augment,
+                batch_augment_probability=settings.batch_augment_probability, workers=input_workers,
+            )  # fmt: skip
+        train_data = feed(batches, keras.backend.backend(), workers=input_workers)
         val_data = feed(evaluation_batches(
-            resize_like_model(model, val_images), val_labels, num_classes=num_classes, batch_size=settings.batch_size
+            resize_like_model(model, val_images), val_labels, num_classes=num_classes, batch_size=settings.batch_size,
+            repeat=3 if views else 1,
         ), keras.backend.backend())  # fmt: skip
         start = time.perf_counter()
         for index in range(state["phase"], len(phases)):
@@ -268,7 +300,8 @@ def _run_phase(
         model.compile(
             optimizer=make_optimizer(settings.optimizer, phase.learning_rate, settings.weight_decay),
             loss=make_loss(settings.loss, label_smoothing=settings.label_smoothing, gamma=settings.focal_gamma,
-                           alpha=settings.focal_alpha),
+                           alpha=settings.focal_alpha, consistency=settings.consistency_loss,
+                           consistency_weight=settings.consistency_weight),
             metrics=["accuracy"],
             jit_compile=use_jit(settings.jit_compile, device),
         )  # fmt: skip
@@ -296,7 +329,8 @@ def _run_phase(
             shuffle=False,  # the PyDataset shuffles (one permutation of the pool per pass)
             verbose=0,
         )
-    monitor.restore_best(model)
+    if phase.restore_best:
+        monitor.restore_best(model)
     state.update(phase=index + 1, phase_epochs=0, phase_stopped=False)
     checkpoint.save(model, state)
     return model
@@ -337,6 +371,23 @@ def _training_pool(
     """
     parts = ([(images, labels)] if include_original else []) + list(augmented)
     return ImagePool([(_as_uint8(resize_like_model(model, x)), np.asarray(y, np.int64)) for x, y in parts])
+
+
+def _check_consistency(settings: TrainingSettings) -> None:
+    if settings.consistency_loss not in ("none", "jsd"):
+        raise ValueError(f"unknown consistency_loss {settings.consistency_loss!r} (none or jsd)")
+    if settings.consistency_loss == "jsd" and (settings.batch_augment != "none" or settings.loss != "categorical_crossentropy"):
+        raise ValueError("the jsd consistency loss is cross-entropy on unmixed views: set batch_augment none and "
+                         "loss categorical_crossentropy")  # fmt: skip
+
+
+def _aligned_copies(
+    model: Any, images: np.ndarray, labels: np.ndarray, augmented: Sequence[tuple[np.ndarray, np.ndarray]]
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The training set and each whole stored copy, row-aligned, at the model's input size (uint8)."""
+    rows = np.arange(len(labels))
+    originals, _, copies = select_rows(images, labels, augmented, rows)
+    return _as_uint8(resize_like_model(model, originals)), [_as_uint8(resize_like_model(model, x)) for x, _ in copies]
 
 
 def _as_uint8(images: np.ndarray) -> np.ndarray:
