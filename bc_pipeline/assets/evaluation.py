@@ -19,7 +19,7 @@ from bc_pipeline.assets._versions import with_config
 from bc_pipeline.assets.training import split_arrays
 from bc_pipeline.io_managers import ALL_PARTITIONS
 from bc_pipeline.lib.artifacts import ImageSet, PartitionedArtifacts
-from bc_pipeline.lib.calibration import calibration_summary, fit_temperature, reliability, scale_probabilities
+from bc_pipeline.lib.calibration import reliability, scale_probabilities, stored_or_fitted
 from bc_pipeline.lib.corruptions import seen_in_training
 from bc_pipeline.lib.evaluation import calibration_section, corruption_section, report_markdown, score_corruptions, score_predictor
 from bc_pipeline.lib.leaderboard import RANK_COLUMNS, leaderboard_figure, leaderboard_markdown, leaderboard_table
@@ -83,9 +83,8 @@ def evaluation_report(
         seen=seen_in_training(trained_presets),
     )  # fmt: skip
     context.log.info(f"corruption benchmark: mCA {corruption.mean_accuracy}, unseen families {corruption.mean_accuracy_unseen}")
-    temperature = info.get("temperature") or fit_temperature(val_proba, val_y)  # older models: fit it here
-    fitted_by = info.get("temperature_source", "the training worker, on the validation split") if info.get("temperature") else "the evaluation, on the validation split"
-    calibration = {**calibration_summary(test_proba, test_y, temperature), "fitted_by": fitted_by}
+    calibration = stored_or_fitted(info, val_proba, val_y, test_proba, test_y)
+    temperature = float(calibration["temperature"])
 
     perturbed = robustness_eval_sets.manifest
     common = {"test": (test_x, test_y), "val": (val_x, val_y), "class_names": class_names, "robust_policy": config.robust_policy}

@@ -48,7 +48,7 @@ def build_ensemble(members: Mapping[str, Any]) -> Any:
     inputs = keras.Input(shape=(None, None, 3), name="image")
     probabilities = []
     for name, model in members.items():
-        nested = keras.Model(model.inputs, model.outputs, name=f"{MEMBER_PREFIX}{name}")  # unique name per member
+        nested = keras.Model(model.input, model.output, name=f"{MEMBER_PREFIX}{name}")  # unique name per member
         probabilities.append(nested(inputs))
     # float32 whatever the members' precision: the layer casts its inputs to its own dtype.
     average = keras.layers.Average(name="probabilities", dtype="float32")(probabilities)
