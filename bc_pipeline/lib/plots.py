@@ -258,8 +258,9 @@ def reliability_figure(before, after, *, temperature: float, title: str = "Relia
         width = data.edges[1] - data.edges[0]
         filled = data.counts > 0
         axis.bar(centres[filled], data.accuracy[filled], width=width * 0.95, color="tab:blue", alpha=0.8, label="accuracy")
-        axis.bar(centres[filled], (data.confidence - data.accuracy)[filled], bottom=data.accuracy[filled],
-                 width=width * 0.95, color="tab:red", alpha=0.3, label="gap to confidence")  # fmt: skip
+        low, gap = np.minimum(data.accuracy, data.confidence), np.abs(data.confidence - data.accuracy)
+        axis.bar(centres[filled], gap[filled], bottom=low[filled], width=width * 0.95, fill=False, hatch="//",
+                 edgecolor="tab:red", label="gap to confidence")  # fmt: skip
         axis.plot([0, 1], [0, 1], "k--", linewidth=1)
         axis.set_xlim(0, 1)
         axis.set_ylim(0, 1)
