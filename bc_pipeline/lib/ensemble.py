@@ -11,7 +11,10 @@ submission and ``bc-predict`` treat it as any model. Keras is imported inside th
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from bc_pipeline.lib.zoo import ENSEMBLE
 
@@ -60,17 +63,12 @@ def ensemble_members(model: Any) -> list[Any]:
     return [layer for layer in getattr(model, "layers", []) if layer.name.startswith(MEMBER_PREFIX)]
 
 
-def assemble_ensemble(
-    model_dir: Any, requested: Sequence[str], val_images: Any, val_labels: Any
-) -> Any:
+def assemble_ensemble(model_dir: Path, requested: Sequence[str], val_images: np.ndarray, val_labels: np.ndarray) -> Any:
     """The ensemble of the stored trained models under ``model_dir`` (one folder per partition), calibrated.
 
     Returns a :class:`bc_pipeline.worker.training.TrainedModel` with no training history; its info
     names the members, their weights' fingerprints and the temperature fitted on the validation split.
     """
-    from pathlib import Path
-
-    import numpy as np
     import pandas as pd
 
     from bc_pipeline.lib.artifacts import artifact_exists, read_artifact

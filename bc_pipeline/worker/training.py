@@ -210,25 +210,27 @@ def train_classifier(
         keras.utils.set_random_seed(settings.seed)
         resumed = checkpoint.load(log)
         model, state = resumed if resumed else (build_model(spec, num_classes), new_state())
-        pool = _training_pool(model, train_images, train_labels, augmented, settings.include_original)
         views = settings.consistency_loss == "jsd"
-        log(f"training {spec.name} with Keras {keras.__version__} on {keras.backend.backend()}, {device.description}: "
-            f"{len(pool)} images to draw from ({len(augmented)} augmented shards), {len(train_images)} per epoch, "
-            f"{len(val_images)} val, at {spec.image_size}px, {len(phases)} phase(s), {keras.config.dtype_policy().name}, "
-            f"{input_workers} input thread(s)")  # fmt: skip
-        steps = max(1, -(-len(train_images) // settings.batch_size))
         templates_small = _templates_for(model, templates, settings, log)
         if views:  # [clean; view 1; view 2] of the same rows, for AugMix's consistency loss
             originals, copies = _aligned_copies(model, train_images, train_labels, augmented)
+            pool_images = len(originals) * (1 + len(copies))
             batches = view_batches(originals, copies, train_labels, num_classes=num_classes, batch_size=settings.batch_size,
                                    seed=settings.seed, augment=settings.augment, workers=input_workers)  # fmt: skip
         else:
+            pool = _training_pool(model, train_images, train_labels, augmented, settings.include_original)
+            pool_images = len(pool)
             batches = training_batches(
                 pool, num_classes=num_classes, batch_size=settings.batch_size, seed=settings.seed, augment=settings.augment,
                 templates=templates_small, template_probability=settings.template_probability,
                 template_max_weight=settings.template_max_weight, batch_augment=settings.batch_augment,
                 batch_augment_probability=settings.batch_augment_probability, workers=input_workers,
             )  # fmt: skip
+        log(f"training {spec.name} with Keras {keras.__version__} on {keras.backend.backend()}, {device.description}: "
+            f"{pool_images} images to draw from ({len(augmented)} augmented shards), {len(train_images)} per epoch, "
+            f"{len(val_images)} val, at {spec.image_size}px, {len(phases)} phase(s), {keras.config.dtype_policy().name}, "
+            f"{input_workers} input thread(s)")  # fmt: skip
+        steps = max(1, -(-len(train_images) // settings.batch_size))
         train_data = feed(batches, keras.backend.backend(), workers=input_workers)
         val_data = feed(evaluation_batches(
             resize_like_model(model, val_images), val_labels, num_classes=num_classes, batch_size=settings.batch_size,
@@ -260,7 +262,7 @@ def train_classifier(
         "best_epoch": best_epoch(history),
         "parameters": int(model.count_params()),
         "class_weight": class_weight,
-        "pool_images": int(len(pool)),
+        "pool_images": int(pool_images),
         "augmented_shards": len(augmented),
         "augmentation_templates": 0 if templates_small is None else int(len(templates_small)),
     }
