@@ -87,6 +87,16 @@ def test_geometric_presets_keep_each_output_closer_to_its_own_input(augmented, p
     assert np.diag(reversed_d).mean() > 0.95 * off
 
 
+def test_noise_preset_draws_a_new_strength_per_image():
+    flat = np.full((256, 24, 24, 3), 128, np.uint8)  # mid-grey: no clipping hides the noise
+    deviation = (augment_images(flat, "noise", seed=3).astype(np.float32) - 128).std(axis=(1, 2, 3))
+    # Uniform strengths from 0 to 0.4 x 255 (102): faint and heavy noise in one copy. Clipping to
+    # [0, 255] trims the heaviest (a deviation of 102 around 128 keeps about 84).
+    assert deviation.min() < 8 and deviation.max() > 70
+    assert 35 < deviation.mean() < 60
+    assert np.corrcoef(np.sort(deviation), np.linspace(0, 1, len(deviation)))[0, 1] > 0.97
+
+
 def test_batch_level_and_unknown_presets_are_refused_as_image_presets():
     for name in ("mixup", "cutmix"):
         with pytest.raises(ValueError, match=f"'{name}' mixes images and labels in a batch: use it in training"):
@@ -101,8 +111,8 @@ def test_batch_level_and_unknown_presets_are_refused_as_image_presets():
         check_image_preset(name)
 
 
-def test_presets_describe_all_eight_names():
-    names = {"light", "randaugment", "augmix", "gridmask", "strong", "categorical", "mixup", "cutmix"}
+def test_presets_describe_all_ten_names():
+    names = {"light", "randaugment", "augmix", "gridmask", "strong", "categorical", "illumination", "noise", "mixup", "cutmix"}
     assert set(PRESETS) == names
     assert set(IMAGE_PRESETS) | set(BATCH_PRESETS) == names and not set(IMAGE_PRESETS) & set(BATCH_PRESETS)
     assert set(BATCH_PRESETS) == {"mixup", "cutmix"}

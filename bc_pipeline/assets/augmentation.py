@@ -21,7 +21,7 @@ from bc_pipeline.lib.plots import image_rows
 from bc_pipeline.lib.storage import fingerprint, save_npy
 from bc_pipeline.resources import PipelineStorage
 
-ImagePreset = Literal["light", "randaugment", "augmix", "gridmask", "strong", "categorical"]
+ImagePreset = Literal["light", "randaugment", "augmix", "gridmask", "strong", "categorical", "illumination", "noise"]
 
 
 class AugmentConfig(dg.Config):
@@ -33,6 +33,8 @@ class AugmentConfig(dg.Config):
         "(empty: every copy by policy).",
     )  # fmt: skip
     copies: int = Field(default=1, ge=0, le=64, description="Augmented copies K of the balanced set; 0 stores none.")
+    shard_size: int = Field(default=4096, ge=64, description="Images per .npy shard.")
+    seed: int = 0
 
     @field_validator("mix")
     @classmethod
@@ -43,15 +45,14 @@ class AugmentConfig(dg.Config):
 
     def policy_of(self, copy: int) -> str:
         return self.mix[copy % len(self.mix)] if self.mix else self.policy
-    shard_size: int = Field(default=4096, ge=64, description="Images per .npy shard.")
-    seed: int = 0
 
 
 class RobustnessConfig(dg.Config):
     """Which presets perturb the validation and test splits for robust accuracy."""
 
     policies: list[str] = Field(
-        default=list(IMAGE_PRESETS), description="Image presets; 'strong' is the headline robust accuracy."
+        default=list(IMAGE_PRESETS), description="Image presets (the training families) applied to the val and test splits; the "
+        "headline robust number is the corruption suite's, which no preset makes.",
     )
     seed: int = 1
 

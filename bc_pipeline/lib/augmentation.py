@@ -48,6 +48,8 @@ PRESETS: dict[str, Preset] = {
         Preset("gridmask", "image", "GridMask: a random rotated grid of square holes"),
         Preset("strong", "image", "AugMix then RandAugment, the report's emulation of the hidden test set"),
         Preset("categorical", "image", "one random geometric + one colour + one distortion op per image"),
+        Preset("illumination", "image", "exposure and gamma with clipping, uneven light, haze and stain shifts of a microscope"),
+        Preset("noise", "image", "Gaussian noise of a random strength per image, sigma up to 0.4 of the range (Rusak et al.)"),
         Preset("mixup", "batch", "MixUp: convex mix of image pairs and their labels (training only)"),
         Preset("cutmix", "batch", "CutMix: a patch of one image pasted into another, labels by area (training only)"),
     )
@@ -93,6 +95,79 @@ def _GaussianNoise(stddev: float, *, seed: int) -> Any:
 
     noise = keras.layers.GaussianNoise(stddev / 255.0, seed=seed)
     return lambda batch, training=True: noise(batch / 255.0, training=training) * 255.0
+
+
+def _random_strength_noise(max_stddev: float, *, seed: int) -> Any:
+    """Additive Gaussian noise whose deviation is drawn per image from U(0, ``max_stddev``).
+
+    Rusak et al. (ECCV 2020, "A simple way to make neural networks robust against diverse image
+    corruptions") found that Gaussian noise of a *wide* range of strengths, mixed with clean
+    images, raises accuracy under most corruption kinds, not only noise: the model learns to
+    ignore pixel-level detail it cannot trust. The fixed 4-level noise of ``light`` teaches none
+    of that. Drawing the strength per image from zero upward keeps faint and clean-looking images
+    in the copy too, so clean accuracy does not pay for it.
+    """
+    import tensorflow as tf
+
+    generator = tf.random.Generator.from_seed(seed)
+
+    def apply(batch: Any, training: bool = True) -> Any:
+        shape = tf.shape(batch)
+        stddev = generator.uniform(tf.stack([shape[0], 1, 1, 1]), 0.0, max_stddev)
+        return batch + generator.normal(shape) * stddev
+
+    return apply
+
+
+def _illumination(seed: int) -> Any:
+    """What a different microscope, lamp or stain batch does to a smear, one random draw per image.
+
+    - exposure: gain 0.6-1.6 then clipping, so bright backgrounds saturate as over-exposed
+      photographs do (a gain before normalisation alone would be undone by it);
+    - gamma 0.6-1.6 (camera response);
+    - uneven illumination: a smooth random field from a 4x4 grid, multiplying the image by 0.7-1.3;
+    - haze: a blend of up to 70 % with a grey-to-white field whose detail halves with each
+      halving of scale (grids of 2 to 16 cells, a 1/f texture like glare, dust and debris out of
+      focus);
+    - stain: per-channel gains 0.85-1.15.
+    Each is applied to half of the images, so clean-looking images stay in the copy. None is
+    tuned to a benchmark: the ranges are those of one lab's photographs against another's.
+    """
+    import tensorflow as tf
+
+    generator = tf.random.Generator.from_seed(seed)
+    top = float(VALUE_RANGE[1])
+
+    def coin(n: Any) -> Any:
+        return tf.cast(generator.uniform(tf.stack([n, 1, 1, 1])) < 0.5, tf.float32)
+
+    def field(n: Any, size: Any, low: float, high: float, channels: int, cells: int = 4) -> Any:
+        grid = generator.uniform(tf.stack([n, cells, cells, channels]), low, high)
+        return tf.image.resize(grid, size, method="bicubic")
+
+    def multiscale(n: Any, size: Any) -> Any:
+        total = tf.add_n([field(n, size, 0.0, 1.0 / cells, 1, cells) for cells in (2, 4, 8, 16)])
+        low = tf.reduce_min(total, axis=(1, 2, 3), keepdims=True)
+        high = tf.reduce_max(total, axis=(1, 2, 3), keepdims=True)
+        return (total - low) / (high - low + 1e-6)  # each image's field spans [0, 1]
+
+    def apply(batch: Any, training: bool = True) -> Any:
+        shape = tf.shape(batch)
+        n, size = shape[0], shape[1:3]
+        x = batch / top
+        gain = generator.uniform(tf.stack([n, 1, 1, 1]), 0.6, 1.6)
+        x = tf.clip_by_value(x * (1 + coin(n) * (gain - 1)), 0.0, 1.0)
+        gamma = generator.uniform(tf.stack([n, 1, 1, 1]), 0.6, 1.6)
+        x = x ** (1 + coin(n) * (gamma - 1))
+        x = x * (1 + coin(n) * (field(n, size, 0.7, 1.3, 1) - 1))
+        haze = generator.uniform(tf.stack([n, 1, 1, 1]), 0.0, 0.7) * coin(n)
+        floor = generator.uniform(tf.stack([n, 1, 1, 1]), 0.2, 0.8)
+        x = (1 - haze) * x + haze * (floor + (1 - floor) * multiscale(n, size))
+        stain = generator.uniform(tf.stack([n, 1, 1, 3]), 0.85, 1.15)
+        x = x * (1 + coin(n) * (stain - 1))
+        return tf.clip_by_value(x, 0.0, 1.0) * top
+
+    return apply
 
 
 def _randaugment(seed: int) -> Any:
@@ -155,6 +230,8 @@ def build_preset(name: str, *, seed: int = 0) -> Callable[[Any], Any]:
         "gridmask": lambda s: [_gridmask(s)],
         "strong": lambda s: [_augmix(s), _randaugment(s + 100)],
         "categorical": _categorical,
+        "illumination": lambda s: [_illumination(s)],
+        "noise": lambda s: [_random_strength_noise(0.4 * VALUE_RANGE[1], seed=s)],
     }
     layers = builders[name](seed)
 

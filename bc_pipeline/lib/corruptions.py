@@ -237,6 +237,8 @@ PRESET_OVERLAPS: dict[str, tuple[str, ...]] = {
     "gridmask": (),
     "strong": ("brightness", "contrast"),  # AugMix + RandAugment
     "categorical": ("defocus_blur", "brightness", "contrast"),
+    "illumination": ("brightness", "contrast", "fog"),  # exposure, gamma, haze over a smooth field
+    "noise": ("gaussian_noise", "shot_noise"),  # shot noise is Gaussian with a signal-dependent deviation
 }
 
 
