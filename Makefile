@@ -20,7 +20,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 # pip's global config here lists local index folders that may not exist; hide that noise only.
 PIP_QUIET := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: help install data run dev test bench bench-recipes clean
+.PHONY: help install data run dev test bench bench-recipes bench-ablation clean
 
 help:
 	@echo "make run    install, fetch BloodMNIST, materialize the whole graph, print the report path"
@@ -28,6 +28,7 @@ help:
 	@echo "make test   install and run the test suite"
 	@echo "make dev    start the Dagster UI (dagster dev) with a persistent DAGSTER_HOME in data/"
 	@echo "make bench  run the benchmarks in bench/"
+	@echo "make bench-recipes / bench-ablation   the recipes against their targets / the robustness ablation (long)"
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -73,6 +74,9 @@ bench: install
 # Each recipe from scratch, about an hour each on 2 cores (bench/bench_recipes.py).
 bench-recipes: install
 	$(PY) bench/bench_recipes.py
+
+bench-ablation: install
+	$(PY) bench/bench_robust_ablation.py
 
 clean:
 	rm -rf data/assets data/reports data/cache

@@ -97,6 +97,20 @@ def test_noise_preset_draws_a_new_strength_per_image():
     assert np.corrcoef(np.sort(deviation), np.linspace(0, 1, len(deviation)))[0, 1] > 0.97
 
 
+def test_focus_preset_blurs_each_cell_by_its_own_amount_and_moves_nothing(augmented):
+    before, _, out = augmented("focus")
+
+    def detail(x: np.ndarray) -> np.ndarray:  # high-frequency energy per image
+        x = x.astype(np.float32).mean(axis=-1)
+        return (np.diff(x, axis=1) ** 2).mean(axis=(1, 2)) + (np.diff(x, axis=2) ** 2).mean(axis=(1, 2))
+
+    kept = detail(out) / detail(before)
+    assert kept.max() > 0.95 and kept.min() < 0.2, "sharp and heavily blurred cells in one copy"
+    assert (kept <= 1.01).all(), "blurring never adds detail"
+    d = _distances(out, before)
+    assert (d.argmin(axis=1) == np.arange(len(before))).all(), "no geometric change: each output is its own input"
+
+
 def test_batch_level_and_unknown_presets_are_refused_as_image_presets():
     for name in ("mixup", "cutmix"):
         with pytest.raises(ValueError, match=f"'{name}' mixes images and labels in a batch: use it in training"):
@@ -111,8 +125,8 @@ def test_batch_level_and_unknown_presets_are_refused_as_image_presets():
         check_image_preset(name)
 
 
-def test_presets_describe_all_ten_names():
-    names = {"light", "randaugment", "augmix", "gridmask", "strong", "categorical", "illumination", "noise", "mixup", "cutmix"}
+def test_presets_describe_all_eleven_names():
+    names = {"light", "randaugment", "augmix", "gridmask", "strong", "categorical", "illumination", "focus", "noise", "mixup", "cutmix"}
     assert set(PRESETS) == names
     assert set(IMAGE_PRESETS) | set(BATCH_PRESETS) == names and not set(IMAGE_PRESETS) & set(BATCH_PRESETS)
     assert set(BATCH_PRESETS) == {"mixup", "cutmix"}

@@ -238,6 +238,7 @@ PRESET_OVERLAPS: dict[str, tuple[str, ...]] = {
     "strong": ("brightness", "contrast"),  # AugMix + RandAugment
     "categorical": ("defocus_blur", "brightness", "contrast"),
     "illumination": ("brightness", "contrast", "fog"),  # exposure, gamma, haze over a smooth field
+    "focus": ("defocus_blur", "glass_blur"),  # glass blur is Gaussian blur around a pixel shuffle
     "noise": ("gaussian_noise", "shot_noise"),  # shot noise is Gaussian with a signal-dependent deviation
 }
 
