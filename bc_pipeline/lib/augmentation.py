@@ -11,10 +11,11 @@ the pipelines their reports describe:
 - ``strong``: AugMix then RandAugment; the report's emulation of the hidden test set.
 - ``categorical``: one random geometric, one colour and one distortion op per image (the
   report's own "categorical" pipeline).
-- ``illumination`` and ``noise``: not from the reports. What another microscope, lamp or stain
-  batch does (exposure with clipping, gamma, uneven light, 1/f haze, stain), and Gaussian noise of
-  a random strength per image; together they raised the suite's mCA by six points, three of them
-  on corruptions neither resembles (``bench/bench_robust_ablation.py``).
+- ``illumination``, ``focus`` and ``noise``: not from the reports. What another microscope,
+  lamp or stain batch does (exposure with clipping, gamma, uneven light, 1/f haze, stain), and
+  Gaussian blur and noise of a random strength per image. Illumination and noise raised the
+  suite's mCA by six points, three of them on corruptions neither resembles
+  (``bench/bench_robust_ablation.py``); focus added one more on the full robust-cpu recipe.
 - ``mixup`` / ``cutmix``: batch-level, they mix pairs of images *and their labels*, so they only
   exist in the training input pipeline (:func:`bc_pipeline.worker.data.mix_batch`), never as
   stored datasets.
