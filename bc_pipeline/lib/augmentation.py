@@ -144,8 +144,11 @@ def _illumination(seed: int) -> Any:
     generator = tf.random.Generator.from_seed(seed)
     top = float(VALUE_RANGE[1])
 
+    def per_image(n: Any, low: float, high: float, channels: int = 1) -> Any:
+        return generator.uniform(tf.stack([n, 1, 1, channels]), low, high)
+
     def coin(n: Any) -> Any:
-        return tf.cast(generator.uniform(tf.stack([n, 1, 1, 1])) < 0.5, tf.float32)
+        return tf.cast(per_image(n, 0.0, 1.0) < 0.5, tf.float32)
 
     def field(n: Any, size: Any, low: float, high: float, channels: int, cells: int = 4) -> Any:
         grid = generator.uniform(tf.stack([n, cells, cells, channels]), low, high)
@@ -161,15 +164,15 @@ def _illumination(seed: int) -> Any:
         shape = tf.shape(batch)
         n, size = shape[0], shape[1:3]
         x = batch / top
-        gain = generator.uniform(tf.stack([n, 1, 1, 1]), 0.6, 1.6)
+        gain = per_image(n, 0.6, 1.6)
         x = tf.clip_by_value(x * (1 + coin(n) * (gain - 1)), 0.0, 1.0)
-        gamma = generator.uniform(tf.stack([n, 1, 1, 1]), 0.6, 1.6)
+        gamma = per_image(n, 0.6, 1.6)
         x = x ** (1 + coin(n) * (gamma - 1))
         x = x * (1 + coin(n) * (field(n, size, 0.7, 1.3, 1) - 1))
-        haze = generator.uniform(tf.stack([n, 1, 1, 1]), 0.0, 0.7) * coin(n)
-        floor = generator.uniform(tf.stack([n, 1, 1, 1]), 0.2, 0.8)
+        haze = per_image(n, 0.0, 0.7) * coin(n)
+        floor = per_image(n, 0.2, 0.8)
         x = (1 - haze) * x + haze * (floor + (1 - floor) * multiscale(n, size))
-        stain = generator.uniform(tf.stack([n, 1, 1, 3]), 0.85, 1.15)
+        stain = per_image(n, 0.85, 1.15, channels=3)
         x = x * (1 + coin(n) * (stain - 1))
         return tf.clip_by_value(x, 0.0, 1.0) * top
 
@@ -185,7 +188,6 @@ def _random_focus(max_sigma: float, *, seed: int, levels: int = 7) -> Any:
     size and colour rather than granule texture. Per-image kernels as one separable convolution
     per level, then a per-image choice: cheap, and the whole batch stays one graph.
     """
-    import numpy as np
     import tensorflow as tf
 
     sigmas = np.linspace(0.0, max_sigma, levels)
