@@ -111,6 +111,24 @@ def test_focus_preset_blurs_each_cell_by_its_own_amount_and_moves_nothing(augmen
     assert (d.argmin(axis=1) == np.arange(len(before))).all(), "no geometric change: each output is its own input"
 
 
+def test_pixmix_overlays_structure_on_most_cells_but_keeps_each_cell(images32):
+    images = np.concatenate([images32[0]] * 4)  # 128 cells: per-image draws have room to vary
+    out = augment_images(images, "pixmix", seed=0)
+    change = np.abs(out.astype(np.float32) - images).mean(axis=(1, 2, 3))
+    # 0-4 rounds per image and a coin for the starting view: about 1 in 10 come out untouched.
+    assert 0.03 < (change < 0.5).mean() < 0.25
+    assert (change > 30).mean() > 0.4, "most cells carry heavy mixed-in structure"
+
+    def standardised_grey(x: np.ndarray) -> np.ndarray:
+        grey = x.astype(np.float32).mean(axis=-1).reshape(len(x), -1)
+        return (grey - grey.mean(axis=1, keepdims=True)) / (grey.std(axis=1, keepdims=True) + 1e-6)
+
+    grey_out, grey_in = standardised_grey(out), standardised_grey(images)
+    own = (grey_out * grey_in).mean(axis=1).mean()
+    other = (grey_out * np.roll(grey_in, 16, axis=0)).mean(axis=1).mean()  # cells of another class
+    assert own > other + 0.12, f"the cell should survive the mixing: {own:.2f} with its own input, {other:.2f} with another"
+
+
 def test_batch_level_and_unknown_presets_are_refused_as_image_presets():
     for name in ("mixup", "cutmix"):
         with pytest.raises(ValueError, match=f"'{name}' mixes images and labels in a batch: use it in training"):
@@ -125,8 +143,8 @@ def test_batch_level_and_unknown_presets_are_refused_as_image_presets():
         check_image_preset(name)
 
 
-def test_presets_describe_all_eleven_names():
-    names = {"light", "randaugment", "augmix", "gridmask", "strong", "categorical", "illumination", "focus", "noise", "mixup", "cutmix"}
+def test_presets_describe_all_twelve_names():
+    names = {"light", "randaugment", "augmix", "gridmask", "strong", "categorical", "illumination", "focus", "noise", "pixmix", "mixup", "cutmix"}
     assert set(PRESETS) == names
     assert set(IMAGE_PRESETS) | set(BATCH_PRESETS) == names and not set(IMAGE_PRESETS) & set(BATCH_PRESETS)
     assert set(BATCH_PRESETS) == {"mixup", "cutmix"}

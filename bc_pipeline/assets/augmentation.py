@@ -21,7 +21,7 @@ from bc_pipeline.lib.plots import image_rows
 from bc_pipeline.lib.storage import fingerprint, save_npy
 from bc_pipeline.resources import PipelineStorage
 
-ImagePreset = Literal["light", "randaugment", "augmix", "gridmask", "strong", "categorical", "illumination", "focus", "noise"]
+ImagePreset = Literal["light", "randaugment", "augmix", "gridmask", "strong", "categorical", "illumination", "focus", "noise", "pixmix"]
 
 
 class AugmentConfig(dg.Config):

@@ -240,6 +240,7 @@ PRESET_OVERLAPS: dict[str, tuple[str, ...]] = {
     "illumination": ("brightness", "contrast", "fog"),  # exposure, gamma, haze over a smooth field
     "focus": ("defocus_blur", "glass_blur"),  # glass blur is Gaussian blur around a pixel shuffle
     "noise": ("gaussian_noise", "shot_noise"),  # shot noise is Gaussian with a signal-dependent deviation
+    "pixmix": ("brightness", "contrast", "fog"),  # mixes with smooth 1/f fields, multiplicative blends
 }
 
 
