@@ -8,7 +8,7 @@ import pytest
 
 from bc_pipeline.lib import interpret
 from bc_pipeline.lib.classes import CLASS_NAMES
-from bc_pipeline.lib.interpret import TTA_VIEWS, example_titles, grad_cam, gradcam_examples, predict_tta, tta_view
+from bc_pipeline.lib.interpret import EXACT_VIEWS, TTA_VIEWS, example_titles, grad_cam, gradcam_examples, predict_tta, tta_view
 from bc_pipeline.lib.plots import gradcam_grid
 from bc_pipeline.lib.zoo import REGISTRY, build_model, model_spec
 
@@ -80,6 +80,20 @@ def test_identity_and_flip_views_are_exact(pbc_subset_arrays):
         np.testing.assert_array_equal(tta_view(tta_view(images, flip), flip), images)
 
 
+def test_exact_views_are_the_eight_symmetries_of_the_square(pbc_subset_arrays):
+    images = pbc_subset_arrays[0][:6]
+    views = {name: tta_view(images, name) for name in EXACT_VIEWS}
+    assert len(views) == 8
+    for name, view in views.items():
+        assert view.shape == images.shape and view.dtype == np.uint8 and view.flags.c_contiguous, name
+        np.testing.assert_array_equal(np.sort(view, axis=None), np.sort(images, axis=None))  # pixels moved, none changed
+    keys = {view.tobytes() for view in views.values()}
+    assert len(keys) == 8, "real cells are not symmetric: every symmetry gives another image"
+    np.testing.assert_array_equal(views["rot90"], tta_view(images, "rotate+90"))
+    np.testing.assert_array_equal(tta_view(tta_view(views["rot90"], "rot90"), "rot180"), images)
+    np.testing.assert_array_equal(tta_view(views["transpose"], "rot180"), views["antitranspose"])
+
+
 def test_small_rotations_turn_the_cell_and_undo_each_other(pbc_subset_arrays):
     images, _ = pbc_subset_arrays
     turned = tta_view(images, "rotate+10")
@@ -106,7 +120,7 @@ def test_rotation_direction_and_agreement_with_scipy(pbc_subset_arrays):
 
 def test_unknown_view_names_the_valid_ones(pbc_subset_arrays):
     images = pbc_subset_arrays[0][:2]
-    with pytest.raises(ValueError, match="identity, flip_lr, flip_ud, rotate\\+10, rotate-10"):
+    with pytest.raises(ValueError, match="identity, flip_lr, flip_ud, rot90, rot180, rot270, transpose, antitranspose \\(or rotate\\+D / rotate-D\\)"):
         tta_view(images, "mirror")
     with pytest.raises(ValueError, match="unknown TTA view"):
         tta_view(images, "rotate10")

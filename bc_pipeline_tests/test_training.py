@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -64,8 +66,8 @@ def test_focal_loss_is_cross_entropy_at_gamma_zero_and_down_weights_easy_example
         make_loss("hinge")
 
 
-def test_optimizers_and_cyclical_rate():
-    from bc_pipeline.worker.callbacks import cyclical_rate
+def test_optimizers_cyclical_and_cosine_rates():
+    from bc_pipeline.worker.callbacks import cosine_rate, cyclical_rate
     from bc_pipeline.worker.training import make_optimizer
 
     assert [type(make_optimizer(n, 1e-3, 1e-4)).__name__ for n in ("adam", "adamw", "lion")] == ["Adam", "AdamW", "Lion"]
@@ -74,6 +76,10 @@ def test_optimizers_and_cyclical_rate():
     rates = [cyclical_rate(step, 0.1, 1.0, period=10) for step in range(21)]
     assert rates[0] == pytest.approx(0.1) and rates[5] == pytest.approx(1.0) and rates[10] == pytest.approx(0.1)
     assert rates[:11] == pytest.approx(rates[10:])
+    cosine = [cosine_rate(step, 1.0, total=10) for step in range(13)]
+    assert cosine[0] == pytest.approx(1.0) and cosine[5] == pytest.approx(0.5) and cosine[10:] == pytest.approx([0.0] * 3)
+    assert all(later < earlier for earlier, later in zip(cosine[:10], cosine[1:11])), "falls at every step of the phase"
+    assert cosine[1] > 0.97 and cosine[9] < 0.03, "slow at both ends: most steps near the top or the bottom"
 
 
 def _subset(per_class: int = 40):
@@ -229,6 +235,8 @@ def test_template_augmentation_is_off_by_default_and_skipped_without_templates()
         ("lion", "exponential", lambda epoch, steps: 1e-3 * 0.5**epoch),
         # The rate after an epoch's last batch: step (epoch + 1) * steps - 1 of a 1-epoch triangle.
         ("adamw", "cyclical", lambda epoch, steps: 1e-4 + (1e-3 - 1e-4) * (1 - abs(2 * ((steps - 1) / steps) - 1))),
+        # The rate of each epoch's last batch on half a cosine over the phase's 3 epochs.
+        ("adam", "cosine", lambda epoch, steps: 0.5e-3 * (1 + math.cos(math.pi * ((epoch + 1) * steps - 1) / (3 * steps)))),
     ],
 )
 def test_rate_schedules_and_optimizers_drive_a_real_training(optimizer, schedule, expected):

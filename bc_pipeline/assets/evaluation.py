@@ -40,7 +40,8 @@ class EvaluationConfig(dg.Config):
     robust_policy: str = Field(default="strong", description="Perturbation whose test accuracy is 'robust accuracy'.")
     tta: bool = Field(default=True, description="Also score with test-time augmentation (flips, small rotations).")
     tta_views: list[str] = Field(
-        default=["identity", "flip_lr", "flip_ud", "rotate+10", "rotate-10"], description="Views averaged by TTA."
+        default=["identity", "flip_lr", "flip_ud", "rotate+10", "rotate-10"],
+        description="Views averaged by TTA: identity, flip_lr, flip_ud, rot90, rot180, rot270, transpose, antitranspose (exact) or rotate+D / rotate-D.",
     )
     tta_all_policies: bool = Field(default=False, description="TTA on every policy's perturbed copies, not just robust_policy.")
     gradcam_per_class: int = Field(default=1, ge=0, le=4, description="Correct and wrong Grad-CAM examples per class.")

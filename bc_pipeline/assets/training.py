@@ -54,7 +54,7 @@ class TrainingConfig(dg.Config):
     phases: list[PhaseConfig] = Field(
         default=[], description="Explicit schedule; empty: one phase from scratch, frozen/last 30%/all when pretrained."
     )
-    lr_schedule: Literal["plateau", "constant", "exponential", "cyclical"] = _DEFAULTS.lr_schedule  # type: ignore[assignment]
+    lr_schedule: Literal["plateau", "constant", "exponential", "cyclical", "cosine"] = _DEFAULTS.lr_schedule  # type: ignore[assignment]
     lr_decay: float = Field(default=_DEFAULTS.lr_decay, gt=0, le=1, description="Per-epoch factor (exponential).")
     cycle_epochs: int = Field(default=_DEFAULTS.cycle_epochs, ge=1, description="Epochs per cycle (cyclical).")
     cycle_min_factor: float = Field(default=_DEFAULTS.cycle_min_factor, gt=0, le=1)

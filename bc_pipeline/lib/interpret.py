@@ -13,7 +13,7 @@ Keras and TensorFlow are imported inside the functions: importing this module is
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,6 +21,17 @@ import pandas as pd
 
 from bc_pipeline.worker.training import predict_proba
 
+# The eight symmetries of the square, exact on the pixel grid: no interpolation, no border fill.
+EXACT_VIEWS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "identity": lambda x: x.copy(),
+    "flip_lr": lambda x: x[:, :, ::-1],
+    "flip_ud": lambda x: x[:, ::-1],
+    "rot90": lambda x: np.rot90(x, 1, axes=(1, 2)),
+    "rot180": lambda x: x[:, ::-1, ::-1],
+    "rot270": lambda x: np.rot90(x, 3, axes=(1, 2)),
+    "transpose": lambda x: x.transpose(0, 2, 1, 3),
+    "antitranspose": lambda x: np.rot90(x, 2, axes=(1, 2)).transpose(0, 2, 1, 3),
+}
 TTA_VIEWS: tuple[str, ...] = ("identity", "flip_lr", "flip_ud", "rotate+10", "rotate-10")
 
 # Images per TTA chunk: the views of one chunk are built, predicted and dropped before the next,
@@ -32,21 +43,18 @@ GRADCAM_BATCH = 32
 def tta_view(images_uint8: np.ndarray, view: str) -> np.ndarray:
     """One TTA view of a batch of (N, H, W, C) uint8 images, same shape and dtype.
 
-    Flips are exact (numpy). ``rotate+D`` / ``rotate-D`` turn each image by D degrees
+    The eight symmetries of the square (:data:`EXACT_VIEWS`: flips, quarter turns, transposes)
+    are exact (numpy). ``rotate+D`` / ``rotate-D`` turn each image by D degrees
     (counter-clockwise for +) about its centre, bilinearly, with reflected borders: a blood-smear
     background continues naturally past the edge, where constant padding would paint black corners
     the model never saw in training.
     """
     images = np.asarray(images_uint8)
-    if view == "identity":
-        return images.copy()
-    if view == "flip_lr":
-        return images[:, :, ::-1].copy()
-    if view == "flip_ud":
-        return images[:, ::-1].copy()
+    if view in EXACT_VIEWS:
+        return np.ascontiguousarray(EXACT_VIEWS[view](images))
     angle = _rotation_angle(view)
     if angle is None:
-        raise ValueError(f"unknown TTA view {view!r}; valid views: {', '.join(TTA_VIEWS)} (or rotate+D / rotate-D)")
+        raise ValueError(f"unknown TTA view {view!r}; valid views: {', '.join(EXACT_VIEWS)} (or rotate+D / rotate-D)")
     return _rotate(images, angle)
 
 

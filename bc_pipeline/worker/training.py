@@ -60,7 +60,8 @@ class TrainingSettings:
     patience: int = 4
     phases: tuple[Phase, ...] = ()
     # plateau (halve on a validation plateau) | constant | exponential (per epoch, within each
-    # phase) | cyclical (triangular, per batch, between min_factor x rate and the phase's rate).
+    # phase) | cyclical (triangular, per batch, between min_factor x rate and the phase's rate) |
+    # cosine (per batch, from the phase's rate to zero at the phase's last epoch).
     lr_schedule: str = "plateau"
     lr_decay: float = 0.85
     cycle_epochs: int = 4
@@ -316,7 +317,7 @@ def _run_phase(
     monitor = PhaseMonitor(index, phase.patience, state, checkpoint, log, progress)
     rates = rate_callbacks(
         settings.lr_schedule, learning_rate=phase.learning_rate, patience=phase.patience,
-        phase_start=state["phase_start"], steps_per_epoch=steps, decay=settings.lr_decay,
+        phase_start=state["phase_start"], phase_epochs=phase.epochs, steps_per_epoch=steps, decay=settings.lr_decay,
         cycle_epochs=settings.cycle_epochs, cycle_min_factor=settings.cycle_min_factor,
     )  # fmt: skip
     if remaining > 0 and not state.get("phase_stopped"):
