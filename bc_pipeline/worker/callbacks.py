@@ -37,7 +37,8 @@ def rate_callbacks(
     the last epochs at small rates whatever the validation loss does.
     """
     if schedule == "cosine":
-        return [CosineRate(learning_rate, phase_start, phase_epochs * steps_per_epoch, steps_per_epoch)]
+        total = phase_epochs * steps_per_epoch
+        return [StepRate(lambda step: cosine_rate(step, learning_rate, total), steps_per_epoch, phase_start)]
     if schedule == "constant":
         return []
     if schedule == "plateau":
@@ -45,7 +46,8 @@ def rate_callbacks(
     if schedule == "exponential":
         return [keras.callbacks.LearningRateScheduler(lambda epoch, lr: learning_rate * decay ** (epoch - phase_start))]
     if schedule == "cyclical":
-        return [CyclicalRate(learning_rate * cycle_min_factor, learning_rate, cycle_epochs * steps_per_epoch, steps_per_epoch)]
+        low, period = learning_rate * cycle_min_factor, max(1, cycle_epochs * steps_per_epoch)
+        return [StepRate(lambda step: cyclical_rate(step, low, learning_rate, period), steps_per_epoch)]
     raise ValueError(f"unknown lr_schedule {schedule!r} (plateau, constant, exponential, cyclical or cosine)")
 
 
@@ -55,45 +57,28 @@ def cyclical_rate(step: int, low: float, high: float, period: int) -> float:
     return low + (high - low) * (1.0 - abs(2.0 * position - 1.0))
 
 
-class CyclicalRate(keras.callbacks.Callback):
-    """Sets the optimizer's rate before every batch from :func:`cyclical_rate`."""
-
-    def __init__(self, low: float, high: float, period: int, steps_per_epoch: int) -> None:
-        super().__init__()
-        self.low, self.high, self.period, self.steps_per_epoch = low, high, max(1, period), steps_per_epoch
-        self._epoch = 0
-
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self._epoch = epoch
-
-    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
-        step = self._epoch * self.steps_per_epoch + batch
-        self.model.optimizer.learning_rate = cyclical_rate(step, self.low, self.high, self.period)
-
-
 def cosine_rate(step: int, high: float, total: int) -> float:
     """Half a cosine from ``high`` at step 0 to 0 at step ``total`` (and 0 after it)."""
     return 0.5 * high * (1.0 + math.cos(math.pi * min(step, total) / max(1, total)))
 
 
-class CosineRate(keras.callbacks.Callback):
-    """Sets the optimizer's rate before every batch from :func:`cosine_rate`, counted from the phase start.
+class StepRate(keras.callbacks.Callback):
+    """Sets the optimizer's rate before every batch to ``rate(step)``, steps counted from ``first_epoch``.
 
     Keras passes absolute epoch numbers (a resumed run starts at its checkpoint's epoch), so the
-    position in the phase, and the rate, are the same after a restart.
+    step, and the rate, are the same after a restart.
     """
 
-    def __init__(self, high: float, phase_start: int, total_steps: int, steps_per_epoch: int) -> None:
+    def __init__(self, rate: Callable[[int], float], steps_per_epoch: int, first_epoch: int = 0) -> None:
         super().__init__()
-        self.high, self.phase_start, self.total, self.steps_per_epoch = high, phase_start, total_steps, steps_per_epoch
+        self.rate, self.steps_per_epoch, self.first_epoch = rate, steps_per_epoch, first_epoch
         self._epoch = 0
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self._epoch = epoch - self.phase_start
+        self._epoch = epoch - self.first_epoch
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
-        step = self._epoch * self.steps_per_epoch + batch
-        self.model.optimizer.learning_rate = cosine_rate(step, self.high, self.total)
+        self.model.optimizer.learning_rate = self.rate(self._epoch * self.steps_per_epoch + batch)
 
 
 class PhaseMonitor(keras.callbacks.Callback):
