@@ -15,7 +15,10 @@ RECIPE ?= quick
 RUN_CONFIG ?= {}
 # Models (partitions of trained_model, see bc_pipeline/lib/zoo.py) to train instead of the recipe's.
 MODELS ?=
-export DAGSTER_HOME := $(CURDIR)/data/dagster_home
+# Every artifact, report and cache, and the Dagster home (bc_pipeline/defs/resources.py reads BC_DATA_DIR too).
+BC_DATA_DIR ?= $(CURDIR)/data
+export BC_DATA_DIR
+export DAGSTER_HOME ?= $(BC_DATA_DIR)/dagster_home
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 # pip's global config here lists local index folders that may not exist; hide that noise only.
 PIP_QUIET := { grep -v "is ignored: it is neither a file nor a directory" || true; }
@@ -26,7 +29,7 @@ help:
 	@echo "make run    install, fetch BloodMNIST, materialize the whole graph, print the report path"
 	@echo "            RECIPE=quick|robust-cpu|gpu (bc_pipeline/recipes/), MODELS=..., RUN_CONFIG='{...}'"
 	@echo "make test   install and run the test suite"
-	@echo "make dev    start the Dagster UI (dagster dev) with a persistent DAGSTER_HOME in data/"
+	@echo "make dev    start the Dagster UI (dg dev) with a persistent DAGSTER_HOME in BC_DATA_DIR (default data/)"
 	@echo "make bench  run the benchmarks in bench/"
 	@echo "make bench-recipes / bench-ablation   the recipes against their targets / the robustness ablation (long)"
 
@@ -39,24 +42,25 @@ $(VENV)/.installed-$(EXTRAS): pyproject.toml
 install: $(VENV)/.installed-$(EXTRAS)
 
 data: install
-	$(PY) -m bc_pipeline.lib.bloodmnist
+	$(VENV)/bin/bc-fetch-bloodmnist
 
 # The first model's run materializes everything; each further model only trains, evaluates and
 # refreshes the leaderboard and the submission (bc_pipeline/run.py).
 run: data $(DAGSTER_HOME)/dagster.yaml
 	$(PY) -m bc_pipeline.run --recipe $(RECIPE) $(if $(MODELS),--models $(MODELS)) --config-json '$(RUN_CONFIG)'
 	@echo
-	@echo "Leaderboard: $(CURDIR)/data/reports/model_leaderboard/leaderboard.md"
-	@echo "Reports:     $(CURDIR)/data/reports/evaluation_report/<model>/report.md"
-	@echo "Submission:  $(CURDIR)/data/submission/ (model.py + model.keras, zipped as submission.zip)"
-	@$(PY) -c "import pandas as pd; t = pd.read_parquet('data/reports/model_leaderboard/leaderboard.parquet'); print(t[['rank', 'model', 'accuracy', 'corruption_accuracy', 'mce', 'ece_scaled', 'accuracy_tta', 'train_seconds']].round(4).to_string(index=False))"
+	@echo "Leaderboard: $(BC_DATA_DIR)/reports/model_leaderboard/leaderboard.md"
+	@echo "Reports:     $(BC_DATA_DIR)/reports/evaluation_report/<model>/report.md"
+	@echo "Submission:  $(BC_DATA_DIR)/submission/ (model.py + model.keras, zipped as submission.zip)"
+	@$(PY) -c "import pandas as pd; t = pd.read_parquet('$(BC_DATA_DIR)/reports/model_leaderboard/leaderboard.parquet'); print(t[['rank', 'model', 'accuracy', 'corruption_accuracy', 'mce', 'ece_scaled', 'accuracy_tta', 'train_seconds']].round(4).to_string(index=False))"
 
 $(DAGSTER_HOME)/dagster.yaml:
 	mkdir -p $(DAGSTER_HOME)
 	cp bc_pipeline/instance/dagster.yaml $@
 
+# dg dev: the UI and the daemon on this project ([tool.dg] in pyproject.toml).
 dev: install $(DAGSTER_HOME)/dagster.yaml
-	$(VENV)/bin/dagster dev
+	$(VENV)/bin/dg dev
 
 test: install
 	$(PY) -m pytest
@@ -79,4 +83,4 @@ bench-ablation: install
 	$(PY) bench/bench_robust_ablation.py
 
 clean:
-	rm -rf data/assets data/reports data/cache
+	rm -rf $(BC_DATA_DIR)/assets $(BC_DATA_DIR)/reports $(BC_DATA_DIR)/cache

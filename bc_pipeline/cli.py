@@ -1,4 +1,6 @@
-"""``bc-predict``: classify a folder of images or an .npz with a saved model and write a CSV.
+"""The command-line programs: ``bc-predict`` and ``bc-fetch-bloodmnist``.
+
+``bc-predict`` classifies a folder of images or an .npz with a saved model and write a CSV.
 
     bc-predict MODEL INPUT [-o predictions.csv] [--batch-size 256] [--image-size 96]
 
@@ -93,6 +95,22 @@ def _summary(input_path: Path, output: Path, frame: pd.DataFrame, skipped: list[
     lines.append("predicted classes: " + ", ".join(f"{name} {count}" for name, count in counts.items()))
     lines.append(f"wrote {output.resolve()}")
     return lines
+
+
+
+def fetch_bloodmnist_main(argv: list[str] | None = None) -> int:
+    """``bc-fetch-bloodmnist [DEST]``: fetch the default dataset (default: ``<data dir>/raw/``); 1 on failure."""
+    from bc_pipeline.defs.resources import default_data_dir
+    from bc_pipeline.lib.bloodmnist import BLOODMNIST_FILENAME, FetchError, fetch_bloodmnist
+
+    args = sys.argv[1:] if argv is None else argv
+    dest = Path(args[0]) if args else default_data_dir() / "raw" / BLOODMNIST_FILENAME
+    try:
+        fetch_bloodmnist(dest)
+    except FetchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

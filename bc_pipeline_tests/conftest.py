@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from bc_pipeline.lib.classes import CLASS_NAMES
-from bc_pipeline.settings import shared_datasets_dir
+from bc_pipeline.lib.loaders import read_labelled_files, sample_class_files
+from bc_pipeline.defs.resources import shared_datasets_dir
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -30,23 +31,12 @@ def pbc96_dir() -> Path:
 
 def pbc96_files(per_class: int, seed: int = 0) -> list[tuple[Path, int]]:
     """A stratified random subset: ``per_class`` files of each class, with their labels."""
-    root = _pbc96_dir()
-    rng = np.random.default_rng(seed)
-    chosen = []
-    for label, name in enumerate(CLASS_NAMES):
-        files = sorted((root / name).glob("*.jpg"))
-        for index in sorted(rng.choice(len(files), size=min(per_class, len(files)), replace=False)):
-            chosen.append((files[index], label))
-    return chosen
+    return sample_class_files(_pbc96_dir(), per_class, seed=seed)
 
 
 def load_pbc96_arrays(per_class: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A stratified subset read straight into arrays: (images (N, 96, 96, 3) uint8, labels (N,))."""
-    from PIL import Image
-
-    files = pbc96_files(per_class, seed)
-    images = np.stack([np.asarray(Image.open(file).convert("RGB")) for file, _ in files])
-    return images, np.array([label for _, label in files])
+    return read_labelled_files(pbc96_files(per_class, seed))
 
 
 @pytest.fixture(scope="session")

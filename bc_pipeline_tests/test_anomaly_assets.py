@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bc_pipeline.assets.splits import no_flagged_image_in_splits
+from bc_pipeline.defs.checks import no_flagged_image_in_splits
 from bc_pipeline.lib.corruption import psnr
-from bc_pipeline.resources import ImageSource
-from bc_pipeline.settings import shared_datasets_dir
+from bc_pipeline.defs.resources import ImageSource
+from bc_pipeline.defs.resources import shared_datasets_dir
 from bc_pipeline_tests.test_assets import UP_TO_CLEAN, _materialize, _metadata
 from bc_pipeline.lib import challenge_files as cf
 from bc_pipeline_tests.conftest import load_pbc96_arrays

@@ -13,13 +13,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from bc_pipeline.assets.splits import class_proportions_match, no_group_in_two_splits, no_image_in_two_splits
-from bc_pipeline.assets.training import split_arrays
+from bc_pipeline.defs.checks import class_proportions_match, no_group_in_two_splits, no_image_in_two_splits
+from bc_pipeline.lib.splits import split_arrays
 from bc_pipeline.definitions import all_asset_checks, all_assets, build_resources
 from bc_pipeline.lib.artifacts import read_artifact
 from bc_pipeline.lib.classes import CLASS_NAMES
 from bc_pipeline.lib.hashing import hash_hex
-from bc_pipeline.resources import ImageSource
+from bc_pipeline.defs.resources import ImageSource
 from bc_pipeline_tests.conftest import pbc96_files
 
 TRAIN_CONFIG = {
@@ -211,7 +211,7 @@ def test_corruption_benchmark_and_calibration_are_scored_and_reported(full_run):
 
 @pytest.mark.slow
 def test_tta_scores_average_the_views_of_the_test_split(full_run):
-    from bc_pipeline.assets.training import split_arrays
+    from bc_pipeline.lib.splits import split_arrays
     from bc_pipeline.lib.interpret import TTA_VIEWS, tta_view
     from bc_pipeline.worker.training import predict_proba
 

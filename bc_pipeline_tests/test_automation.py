@@ -18,13 +18,13 @@ import dagster as dg
 import pytest
 from pydantic import Field
 
-from bc_pipeline.assets._versions import with_config
-from bc_pipeline.assets.evaluation import EvaluationConfig
+from bc_pipeline.dagster_utils.versions import with_config
+from bc_pipeline.defs.assets.evaluation import EvaluationConfig
 from bc_pipeline.definitions import all_asset_checks, all_assets, build_resources, defs as project_defs
-from bc_pipeline.jobs import all_jobs
+from bc_pipeline.defs.jobs import all_jobs
 from bc_pipeline.lib.classes import CLASS_NAMES
-from bc_pipeline.resources import ImageSource
-from bc_pipeline.settings import PROJECT_ROOT
+from bc_pipeline.defs.resources import ImageSource
+from bc_pipeline.defs.resources import PROJECT_ROOT
 from bc_pipeline_tests.conftest import pbc96_files, tick_sensor
 
 MODEL = "custom_cnn"
@@ -72,7 +72,7 @@ class Pipeline:
 
     def observe_as_sensor(self) -> None:
         """One tick of raw_data_sensor, its observation recorded as the daemon records it."""
-        from bc_pipeline.sensors import raw_data_sensor
+        from bc_pipeline.defs.sensors import raw_data_sensor
 
         _, self.sensor_cursor = tick_sensor(raw_data_sensor, self.instance, self.sensor_cursor, self.resources)
 
@@ -281,7 +281,7 @@ def test_nothing_runs_below_a_failed_stage_until_it_is_fixed(pipeline: Pipeline)
 
 
 def test_schedules_request_one_run_per_trained_model(pipeline: Pipeline):
-    from bc_pipeline.schedules import nightly_evaluation, weekly_retrain
+    from bc_pipeline.defs.schedules import nightly_evaluation, weekly_retrain
 
     night = datetime(2026, 11, 23, 2, 0, tzinfo=timezone.utc)
     context = dg.build_schedule_context(instance=pipeline.instance, scheduled_execution_time=night)
@@ -292,7 +292,7 @@ def test_schedules_request_one_run_per_trained_model(pipeline: Pipeline):
 
 
 def test_schedules_without_a_trained_model_skip_or_train_the_default():
-    from bc_pipeline.schedules import nightly_evaluation, weekly_retrain
+    from bc_pipeline.defs.schedules import nightly_evaluation, weekly_retrain
 
     with dg.instance_for_test() as instance:
         context = dg.build_schedule_context(instance=instance)

@@ -55,4 +55,6 @@ def test_no_network_gives_a_clear_message(monkeypatch, tmp_path):
     monkeypatch.setattr(bloodmnist.subprocess, "run", offline)
     with pytest.raises(bloodmnist.FetchError, match="could not download.*BC_SOURCE=folder"):
         bloodmnist.fetch_bloodmnist(tmp_path / "bloodmnist.npz", log=lambda _: None)
-    assert bloodmnist.main([str(tmp_path / "x.npz")]) == 1
+    from bc_pipeline.cli import fetch_bloodmnist_main
+
+    assert fetch_bloodmnist_main([str(tmp_path / "x.npz")]) == 1

@@ -30,7 +30,7 @@ import yaml
 
 from bc_pipeline.definitions import all_asset_checks, all_assets, build_resources
 from bc_pipeline.lib.classes import CLASS_NAMES
-from bc_pipeline.resources import ImageSource
+from bc_pipeline.defs.resources import ImageSource
 from bc_pipeline_tests.conftest import pbc96_files
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,9 +1,15 @@
-"""The code location loads, every asset is versioned, and importing it stays light."""
+"""The code location loads, every asset is versioned, and importing it stays light.
+
+The definitions are pinned here (assets, checks, jobs, schedules, sensors, resources): adding or
+removing one is a decision this file records.
+"""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import dagster as dg
 
@@ -28,6 +34,43 @@ EXPECTED_ASSETS = {
     "model_leaderboard",
     "submission_package",
 }
+
+EXPECTED_CHECKS = {
+    "data_splits:no_image_in_two_splits",
+    "data_splits:no_group_in_two_splits",
+    "data_splits:class_proportions_match",
+    "data_splits:no_flagged_image_in_splits",
+    "augmented_train_set:shards_match_balanced_set",
+}
+EXPECTED_JOBS = {"observe_raw_source", "nightly_evaluation", "weekly_retrain", "recipe_quick", "recipe_robust_cpu", "recipe_gpu"}
+EXPECTED_SCHEDULES = {"nightly_evaluation": "0 2 * * *", "weekly_retrain": "0 3 * * 0"}
+EXPECTED_SENSORS = {"bc_automation", "raw_data_sensor"}
+EXPECTED_RESOURCES = {"io_manager", "storage", "image_source", "training_worker"}
+
+
+def test_dg_checks_and_lists_exactly_the_pinned_definitions():
+    """`dg check defs` passes and `dg list defs` (autoloaded from defs/) lists exactly the pinned definitions."""
+    dg_cli = str(Path(sys.executable).with_name("dg"))
+    root = Path(__file__).resolve().parents[1]
+    checked = subprocess.run([dg_cli, "check", "defs"], cwd=root, capture_output=True, text=True)
+    assert checked.returncode == 0 and "All definitions loaded successfully" in checked.stdout, checked.stdout + checked.stderr
+    listed = subprocess.run([dg_cli, "list", "defs", "--json"], cwd=root, capture_output=True, text=True, check=True)
+    found = json.loads(listed.stdout)
+    assert {a["asset_key"] for a in found["assets"]} == EXPECTED_ASSETS | {"raw_image_source"}
+    assert {c["key"] for c in found["asset_checks"]} == EXPECTED_CHECKS
+    assert {j["name"] for j in found["jobs"]} == EXPECTED_JOBS
+    assert {s["name"]: s["cron_schedule"] for s in found["schedules"]} == EXPECTED_SCHEDULES
+    assert {s["name"] for s in found["sensors"]} == EXPECTED_SENSORS
+    assert {r["name"] for r in found["resources"]} == EXPECTED_RESOURCES
+
+
+def test_the_loaded_definitions_are_the_pinned_ones():
+    assert {job.name for job in defs.jobs} == EXPECTED_JOBS
+    assert {schedule.name: schedule.cron_schedule for schedule in defs.schedules} == EXPECTED_SCHEDULES
+    assert {sensor.name for sensor in defs.sensors} == EXPECTED_SENSORS
+    assert set(defs.resources) == EXPECTED_RESOURCES
+    graph = defs.resolve_asset_graph()
+    assert {key.to_user_string() for key in graph.asset_check_keys} == EXPECTED_CHECKS
 
 
 def test_definitions_load_with_the_whole_graph():
@@ -152,13 +195,37 @@ def test_make_run_passes_each_run_only_the_config_of_its_assets_and_refuses_unkn
 def test_the_shipped_instance_limits_the_gpu_pool_and_is_what_make_installs():
     import yaml
 
-    from bc_pipeline.settings import PROJECT_ROOT
+    from bc_pipeline.defs.resources import PROJECT_ROOT
 
     shipped = PROJECT_ROOT / "bc_pipeline" / "instance" / "dagster.yaml"
     config = yaml.safe_load(shipped.read_text())
     assert config["concurrency"]["pools"]["default_limit"] == 1
     assert config["telemetry"]["enabled"] is False
     makefile = (PROJECT_ROOT / "Makefile").read_text()
-    assert "cp bc_pipeline/instance/dagster.yaml $@" in makefile and "export DAGSTER_HOME := $(CURDIR)/data/dagster_home" in makefile
+    assert "cp bc_pipeline/instance/dagster.yaml $@" in makefile and "export DAGSTER_HOME ?= $(BC_DATA_DIR)/dagster_home" in makefile
     tracked = subprocess.run(["git", "ls-files", "data/dagster_home"], cwd=PROJECT_ROOT, capture_output=True, text=True)
     assert tracked.returncode != 0 or tracked.stdout.strip() == "", "a tracked data/dagster_home/dagster.yaml would shadow the shipped one"
+
+
+def test_the_environment_is_read_in_one_module():
+    """Only defs/resources.py reads BC_* variables (the worker reads its own mount point in worker/spec.py)."""
+    import re
+
+    package = Path(__file__).resolve().parents[1] / "bc_pipeline"
+    reading = re.compile(r"os\.environ(\.get)?\s*[\[(]|os\.getenv\(|EnvVar\(")
+    readers = {
+        str(path.relative_to(package)) for path in package.rglob("*.py")
+        if any(reading.search(line) and "BC_" in line for line in path.read_text().splitlines())
+    }  # fmt: skip
+    assert readers <= {"defs/resources.py", "worker/spec.py"}, readers
+
+
+def test_resources_take_their_settings_from_the_environment_over_one_set_of_defaults(tmp_path):
+    from bc_pipeline.defs.resources import ENVIRONMENT, ImageSource, default_data_dir, from_env
+
+    assert from_env(ImageSource, {}) == ImageSource()  # nothing set: the class's own defaults
+    source = from_env(ImageSource, {"BC_SOURCE": "npz", "BC_SOURCE_PATH": "/x.npz", "BC_IMAGE_SIZE": "64", "BC_OTHER": "1"})
+    assert (source.kind, source.path, source.image_size) == ("npz", "/x.npz", 64)
+    assert from_env(ImageSource, {"BC_IMAGE_SIZE": ""}).image_size == ImageSource().image_size  # empty: unset
+    assert default_data_dir({"BC_DATA_DIR": str(tmp_path)}) == tmp_path.resolve()
+    assert {"BC_DATA_DIR", "BC_SOURCE", "BC_TRAINING_LAUNCHER", "BC_SHARED_DATASETS"} <= set(ENVIRONMENT)

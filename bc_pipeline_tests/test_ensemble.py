@@ -57,7 +57,8 @@ def test_members_are_chosen_from_what_is_trained():
 
 def test_assembled_from_stored_models_with_a_temperature(members, pbc_subset_arrays, tmp_path):
     from bc_pipeline.lib.artifacts import write_artifact
-    from bc_pipeline.worker.training import TrainedModel, weights_fingerprint
+    from bc_pipeline.lib.artifacts import TrainedModel
+    from bc_pipeline.worker.training import weights_fingerprint
 
     for name, model in members.items():
         info = {"class_names": list(CLASS_NAMES), "weights_fingerprint": weights_fingerprint(model), "train_seconds": 10.0,

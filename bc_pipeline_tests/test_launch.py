@@ -70,7 +70,7 @@ def test_failures_are_explained_with_what_to_do_next(tmp_path):
 
 
 def test_an_uninstalled_launcher_is_named_with_its_extra(monkeypatch):
-    from bc_pipeline import resources
+    from bc_pipeline.defs import resources
 
     monkeypatch.setattr(resources.importlib, "import_module", lambda name: (_ for _ in ()).throw(ImportError(name)))
     with pytest.raises(dg.Failure, match=r"needs dagster_k8s, which is not installed: pip install 'bc_pipeline\[k8s\]'"):
@@ -97,7 +97,10 @@ def test_an_unknown_or_uninstalled_backend_is_refused_before_keras_is_imported(m
 
 
 def test_the_training_worker_resource_reads_its_settings_from_the_environment(monkeypatch):
-    from bc_pipeline.definitions import training_worker_from_env
+    from bc_pipeline.defs.resources import TrainingWorker, from_env
+
+    def training_worker_from_env() -> TrainingWorker:
+        return from_env(TrainingWorker)
 
     assert training_worker_from_env().launcher == "subprocess"
     monkeypatch.setenv("BC_KERAS_BACKEND", "jax")

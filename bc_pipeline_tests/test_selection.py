@@ -57,9 +57,11 @@ def test_kfold_chooses_the_count_and_the_final_model_trains_on_train_plus_valida
     copy = [(np.ascontiguousarray(train_x[:, ::-1]), train_y.copy())]  # one stored copy (flipped), row-aligned
     settings = TrainingSettings(epochs=3, patience=5, batch_size=16, cv_folds=2, retrain_on_validation=True, lr_schedule="constant")
     lines: list[str] = []
+    from bc_pipeline.worker.training import RunOptions, TrainingData
+
     result = train_with_epoch_selection(
-        train_x, train_y, val_x, val_y, groups=groups, settings=settings, augmented=copy, num_classes=8,
-        spec=model_spec("custom_cnn", image_size=32), log=lines.append,
+        TrainingData(train_x, train_y, val_x, val_y, num_classes=8, augmented=copy), model_spec("custom_cnn", image_size=32),
+        settings, RunOptions(log=lines.append), groups=groups,
     )  # fmt: skip
     chosen = result.info["epoch_selection"]
     assert chosen["method"] == "2-fold cross-validation" and chosen["retrained_on_validation"] is True
@@ -107,9 +109,11 @@ def test_jsd_training_draws_three_aligned_views_and_learns(tmp_path):
     assert all(a in clean or b in clean for a, b in flipped), "every view is a copy of a clean image of the batch"
     settings = TrainingSettings(epochs=2, batch_size=16, consistency_loss="jsd", lr_schedule="constant")
     shards = [(c, labels) for c in copies]
-    result = train_classifier(images, labels, images[:16], labels[:16], num_classes=8, augmented=shards,
-                              spec=model_spec("custom_cnn", image_size=32), settings=settings, log=lambda _: None)  # fmt: skip
+    from bc_pipeline.worker.training import RunOptions, TrainingData
+
+    data = TrainingData(images, labels, images[:16], labels[:16], num_classes=8, augmented=shards)
+    result = train_classifier(data, model_spec("custom_cnn", image_size=32), settings, RunOptions(log=lambda _: None))
     assert len(result.history) == 2 and np.isfinite(result.history["loss"]).all()
     with pytest.raises(ValueError, match="set batch_augment none"):
-        train_classifier(images, labels, images[:16], labels[:16], num_classes=8, augmented=shards,
-                         spec=model_spec("custom_cnn", image_size=32), settings=TrainingSettings(consistency_loss="jsd", batch_augment="mixup"))  # fmt: skip
+        train_classifier(data, model_spec("custom_cnn", image_size=32),
+                         TrainingSettings(consistency_loss="jsd", batch_augment="mixup"))  # fmt: skip

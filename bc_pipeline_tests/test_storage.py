@@ -209,6 +209,16 @@ def test_image_set_roundtrip_with_side_tables(tmp_path: Path, image_set: ImageSe
     _no_temps(tmp_path)
 
 
+def test_image_set_carries_its_class_names(tmp_path: Path, image_set: ImageSet) -> None:
+    """Class names are stored with the images, so a stage downstream reads them from the data."""
+    names = ("basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet")
+    write_artifact(tmp_path / "named", ImageSet(image_set.images, image_set.manifest, class_names=names))
+    assert read_artifact(tmp_path / "named").class_names == names
+    assert json.loads((tmp_path / "named" / "class_names.json").read_text()) == list(names)
+    write_artifact(tmp_path / "unnamed", image_set)  # perturbed copies and the like: no names file
+    assert read_artifact(tmp_path / "unnamed").class_names == () and not (tmp_path / "unnamed" / "class_names.json").exists()
+
+
 def test_image_set_rejects_mismatched_manifest(image_set: ImageSet) -> None:
     with pytest.raises(ValueError, match="8 images but 7 manifest rows"):
         ImageSet(images=image_set.images, manifest=image_set.manifest.iloc[:7])

@@ -167,7 +167,7 @@ def test_write_submission_refuses_a_class_count_that_does_not_match(trained, tmp
 
 def test_load_classifier_reads_artifacts_submissions_and_bare_files(trained, submission, tmp_path):
     from bc_pipeline.lib.artifacts import write_artifact
-    from bc_pipeline.worker.training import TrainedModel
+    from bc_pipeline.lib.artifacts import TrainedModel
 
     names = [f"cell_{i}" for i in range(8)]
     info = {"class_names": names, "model_name": "x"}

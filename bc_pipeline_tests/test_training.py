@@ -7,9 +7,26 @@ import math
 import numpy as np
 import pytest
 
-from bc_pipeline.assets.training import PhaseConfig, TrainingConfig
+from bc_pipeline.defs.assets.training import PhaseConfig, TrainingConfig
 from bc_pipeline.lib.balancing import class_weights
 from bc_pipeline.worker.training import Phase, TrainingSettings
+
+
+def test_the_training_config_is_derived_from_the_one_schema():
+    """TrainingConfig and PhaseConfig mirror worker.settings field by field: defaults, bounds, descriptions."""
+    import dataclasses
+
+    for settings_class, config_class in ((TrainingSettings, TrainingConfig), (Phase, PhaseConfig)):
+        fields = config_class.model_fields
+        for field in dataclasses.fields(settings_class):
+            expected = [] if isinstance(field.default, tuple) else field.default
+            assert fields[field.name].default == expected, field.name
+            assert fields[field.name].description == field.metadata.get("description"), field.name
+    assert PhaseConfig().epochs == Phase().epochs == 13  # the two once disagreed (5 and 13)
+    with pytest.raises(ValueError):
+        TrainingConfig(cv_folds=21)  # le=20, declared in worker.settings only
+    with pytest.raises(ValueError):
+        TrainingConfig(lr_schedule="linear")
 
 
 def test_balanced_class_weights_equalise_class_mass():
@@ -29,7 +46,7 @@ def test_config_maps_onto_every_training_setting():
     assert isinstance(settings, TrainingSettings)
     assert (settings.epochs, settings.learning_rate, settings.augment) == (3, 0.01, False)
     assert (settings.optimizer, settings.loss) == ("lion", "focal")
-    assert settings.phases == (Phase("frozen", 1e-3, 2, 4), Phase("last:10", 1e-4, 5, 4))
+    assert settings.phases == (Phase("frozen", 1e-3, 2, 4), Phase("last:10", 1e-4, Phase().epochs, 4))  # one default: worker.settings
     assert TrainingConfig().settings() == TrainingSettings()
     assert config.spec("resnet50").image_size == 96 and TrainingConfig(image_size=48).spec("resnet50").image_size == 48
     with pytest.raises(Exception):
@@ -94,13 +111,13 @@ def _subset(per_class: int = 40):
 @pytest.mark.slow
 def test_training_learns_a_real_subset_and_logs_each_epoch():
     from bc_pipeline.lib.zoo import model_spec
-    from bc_pipeline.worker.training import predict_proba, train_classifier
+    from bc_pipeline.worker.training import RunOptions, TrainingData, predict_proba, train_classifier
 
     train_x, train_y, val_x, val_y = _subset(per_class=80)
     lines: list[str] = []
     result = train_classifier(
-        train_x, train_y, val_x, val_y, num_classes=8, spec=model_spec("custom_cnn"),
-        settings=TrainingSettings(epochs=8, batch_size=32, patience=20), log=lines.append,
+        TrainingData(train_x, train_y, val_x, val_y, num_classes=8), model_spec("custom_cnn"),
+        TrainingSettings(epochs=8, batch_size=32, patience=20), RunOptions(log=lines.append),
     )  # fmt: skip
     epochs = [line.split(":")[0] for line in lines if line.startswith("epoch")]
     assert epochs == [f"epoch {i} (phase 1)" for i in range(1, 9)]
@@ -116,14 +133,15 @@ def test_a_frozen_phase_trains_only_the_head_and_the_next_phase_unfreezes():
     import keras
 
     from bc_pipeline.lib.zoo import build_model, model_spec
-    from bc_pipeline.worker.training import train_classifier
+    from bc_pipeline.worker.training import RunOptions, TrainingData, train_classifier
 
     train_x, train_y, val_x, val_y = _subset()
+    data = TrainingData(train_x, train_y, val_x, val_y, num_classes=8)
     spec = model_spec("custom_cnn")
     keras.utils.set_random_seed(0)
     initial = build_model(spec, 8)
     frozen_only = TrainingSettings(phases=(Phase("frozen", 1e-3, 1, 5),), batch_size=32, lr_schedule="constant")
-    result = train_classifier(train_x, train_y, val_x, val_y, num_classes=8, spec=spec, settings=frozen_only, log=lambda _: None)
+    result = train_classifier(data, spec, frozen_only, RunOptions(log=lambda _: None))
     for before, after in zip(initial.get_layer("backbone").get_weights(), result.model.get_layer("backbone").get_weights()):
         np.testing.assert_array_equal(before, after)
     head_changed = [not np.array_equal(b, a) for b, a in
@@ -132,7 +150,7 @@ def test_a_frozen_phase_trains_only_the_head_and_the_next_phase_unfreezes():
 
     lines: list[str] = []
     two = TrainingSettings(phases=(Phase("frozen", 1e-3, 1, 5), Phase("last:4", 1e-3, 1, 5)), batch_size=32)
-    result = train_classifier(train_x, train_y, val_x, val_y, num_classes=8, spec=spec, settings=two, log=lines.append)
+    result = train_classifier(data, spec, two, RunOptions(log=lines.append))
     changed = [not np.array_equal(b, a) for b, a in
                zip(initial.get_layer("backbone").get_weights(), result.model.get_layer("backbone").get_weights())]  # fmt: skip
     # Blocks 0-3 (conv kernel, bn gamma/beta/mean/variance each) stay; the last block trained.
@@ -153,9 +171,10 @@ class _Interrupted(RuntimeError):
 )
 def test_an_interrupted_training_resumes_after_its_last_saved_epoch(tmp_path, phases, interrupt_at):
     from bc_pipeline.lib.zoo import model_spec
-    from bc_pipeline.worker.training import train_classifier
+    from bc_pipeline.worker.training import RunOptions, TrainingData, train_classifier
 
     train_x, train_y, val_x, val_y = _subset()
+    data = TrainingData(train_x, train_y, val_x, val_y, num_classes=8)
     settings = TrainingSettings(phases=phases, batch_size=32, lr_schedule="constant")
     spec = model_spec("custom_cnn")
     checkpoints = tmp_path / "checkpoints"
@@ -165,12 +184,10 @@ def test_an_interrupted_training_resumes_after_its_last_saved_epoch(tmp_path, ph
             raise _Interrupted(line)
 
     with pytest.raises(_Interrupted):
-        train_classifier(train_x, train_y, val_x, val_y, num_classes=8, spec=spec, settings=settings,
-                         checkpoint_dir=checkpoints, log=killed)  # fmt: skip
+        train_classifier(data, spec, settings, RunOptions(checkpoint_dir=checkpoints, log=killed))
     assert (checkpoints / "state.json").is_file()
     lines: list[str] = []
-    result = train_classifier(train_x, train_y, val_x, val_y, num_classes=8, spec=spec, settings=settings,
-                              checkpoint_dir=checkpoints, log=lines.append)  # fmt: skip
+    result = train_classifier(data, spec, settings, RunOptions(checkpoint_dir=checkpoints, log=lines.append))
     assert any(line.startswith(f"resuming from the checkpoint after epoch {interrupt_at - 1}") for line in lines)
     trained = [int(line.split()[1]) for line in lines if line.startswith("epoch")]
     assert trained == list(range(interrupt_at, 5))  # epochs 1..interrupt_at-1 are not run again
@@ -179,12 +196,10 @@ def test_an_interrupted_training_resumes_after_its_last_saved_epoch(tmp_path, ph
     assert not checkpoints.exists()  # cleared once training completed
     # A checkpoint made with other settings is not resumed.
     with pytest.raises(_Interrupted):
-        train_classifier(train_x, train_y, val_x, val_y, num_classes=8, spec=spec, settings=settings,
-                         checkpoint_dir=checkpoints, log=killed)  # fmt: skip
+        train_classifier(data, spec, settings, RunOptions(checkpoint_dir=checkpoints, log=killed))
     other: list[str] = []
-    train_classifier(train_x, train_y, val_x, val_y, num_classes=8, spec=spec,
-                     settings=TrainingSettings(phases=phases, batch_size=32, seed=1, lr_schedule="constant"),
-                     checkpoint_dir=checkpoints, log=other.append)  # fmt: skip
+    train_classifier(data, spec, TrainingSettings(phases=phases, batch_size=32, seed=1, lr_schedule="constant"),
+                     RunOptions(checkpoint_dir=checkpoints, log=other.append))  # fmt: skip
     assert any("discarding the checkpoint" in line for line in other)
     assert [int(line.split()[1]) for line in other if line.startswith("epoch")][0] == 1
 
@@ -241,15 +256,15 @@ def test_template_augmentation_is_off_by_default_and_skipped_without_templates()
 )
 def test_rate_schedules_and_optimizers_drive_a_real_training(optimizer, schedule, expected):
     from bc_pipeline.lib.zoo import model_spec
-    from bc_pipeline.worker.training import train_classifier
+    from bc_pipeline.worker.training import RunOptions, TrainingData, train_classifier
 
     train_x, train_y, val_x, val_y = _subset(per_class=16)
     settings = TrainingSettings(
         phases=(Phase("all", 1e-3, 3, 9),), batch_size=32, optimizer=optimizer, lr_schedule=schedule, lr_decay=0.5,
         cycle_epochs=1, cycle_min_factor=0.1, loss="focal", label_smoothing=0.1,
     )  # fmt: skip
-    result = train_classifier(train_x, train_y, val_x, val_y, num_classes=8, spec=model_spec("custom_cnn"),
-                              settings=settings, log=lambda _: None)  # fmt: skip
+    result = train_classifier(TrainingData(train_x, train_y, val_x, val_y, num_classes=8), model_spec("custom_cnn"),
+                              settings, RunOptions(log=lambda _: None))  # fmt: skip
     steps = -(-len(train_x) // 32)
     assert result.history["lr"].tolist() == pytest.approx([expected(e, steps) for e in range(3)], rel=1e-4)
     assert np.isfinite(result.history["loss"]).all()

@@ -22,7 +22,7 @@ import pytest
 
 from bc_pipeline.definitions import all_asset_checks, all_assets, build_resources
 from bc_pipeline.lib.artifacts import read_artifact
-from bc_pipeline.resources import ImageSource, TrainingWorker
+from bc_pipeline.defs.resources import ImageSource, TrainingWorker
 from bc_pipeline.worker.spec import FAILURE_FILE
 
 UPSTREAM = ["raw_images", "image_hashes", "duplicate_groups", "image_colour_stats", "corruption_report",
@@ -94,19 +94,21 @@ def test_the_worker_trains_on_jax_through_pipes_and_the_model_predicts_the_same_
 
 def test_the_worker_imports_neither_dagster_nor_keras_cv_nor_tensorflow_on_jax(prepared):
     """Run by hand on a finished job's spec, the JAX worker leaves those packages unimported."""
-    from bc_pipeline.lib.training_job import prepare_job
+    from bc_pipeline.lib.training_job import Placement, TrainingInputs, prepare_job
     from bc_pipeline.lib.zoo import model_spec
     from bc_pipeline.worker.training import TrainingSettings
 
     data_dir = prepared[0]
     assets = data_dir / "assets"
     splits = read_artifact(assets / "data_splits")
-    job = prepare_job(
-        data_dir / "probe_job", data_dir / "probe_output", data_root=data_dir, model=model_spec("custom_cnn"),
-        settings=TrainingSettings(epochs=1, batch_size=32), num_classes=8,
+    inputs = TrainingInputs(
         train=read_artifact(assets / "balanced_train_set"), shards=read_artifact(assets / "augmented_train_set"),
         images=read_artifact(assets / "clean_images"), val_rows=splits.loc[splits["split"] == "val", "index"].to_numpy(),
-        templates=None, class_weight=None, checkpoint_dir=None, backend="jax", device="cpu",
+        num_classes=8,
+    )  # fmt: skip
+    job = prepare_job(
+        data_dir / "probe_job", data_dir / "probe_output", data_root=data_dir, model=model_spec("custom_cnn"),
+        settings=TrainingSettings(epochs=1, batch_size=32), inputs=inputs, placement=Placement(backend="jax", device="cpu"),
     )  # fmt: skip
     assert not job.spec.train.images.startswith("/")  # named relative to the data directory, not copied
     assert not (data_dir / "probe_job" / "train_images.npy").exists()

@@ -37,7 +37,7 @@ from bc_pipeline.lib import outliers
 from bc_pipeline.lib.dedup import find_duplicates
 from bc_pipeline.lib.hashing import compute_hashes
 from bc_pipeline.lib.loaders import image_id, load_bloodmnist, load_npz
-from bc_pipeline.settings import data_dir, shared_datasets_dir
+from bc_pipeline.defs.resources import default_data_dir as data_dir, shared_datasets_dir
 
 WEIGHTS = (0.3, 0.5, 0.6, 0.7, 0.8)
 TEMPLATE_COUNTS = (1, 2, 4)

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import time
 
-from bc_pipeline.assets.dedup import DuplicateConfig
+from bc_pipeline.defs.assets.dedup import DuplicateConfig
 from bc_pipeline.lib.dedup import duplicate_counts, find_duplicates, summarize_groups
 from bc_pipeline.lib.hashing import compute_hashes
 from bc_pipeline.lib.loaders import load_folder
-from bc_pipeline.settings import shared_datasets_dir
+from bc_pipeline.defs.resources import shared_datasets_dir
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ from _common import table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bc_pipeline.settings import shared_datasets_dir  # noqa: E402
+from bc_pipeline.defs.resources import shared_datasets_dir  # noqa: E402
 
 # (minutes, clean accuracy, mean corruption accuracy), from the issue that asked for the recipes.
 TARGETS = {"quick": (15, 0.94, 0.75), "robust-cpu": (60, 0.985, 0.92)}

@@ -27,26 +27,19 @@ from _common import table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bc_pipeline.settings import shared_datasets_dir  # noqa: E402
+from bc_pipeline.defs.resources import shared_datasets_dir  # noqa: E402
 
 DEFAULT_VARIANTS = ["augmix,categorical,light", "augmix,categorical,illumination,noise"]
 
 
 def load_subset(per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """``per_class`` random cells of each pbc96 class folder, as (uint8 (N, 96, 96, 3), labels)."""
-    from PIL import Image
+    from bc_pipeline.lib.loaders import read_labelled_files, sample_class_files
 
     root = Path(shared_datasets_dir()) / "pbc96"
     if not root.is_dir():
         sys.exit(f"error: {root} not found (set BC_SHARED_DATASETS)")
-    rng = np.random.default_rng(seed)
-    images, labels = [], []
-    for label, folder in enumerate(sorted(p for p in root.iterdir() if p.is_dir())):
-        files = sorted(folder.glob("*.jpg"))
-        for index in sorted(rng.choice(len(files), size=min(per_class, len(files)), replace=False)):
-            images.append(np.asarray(Image.open(files[index]).convert("RGB").resize((96, 96))))
-            labels.append(label)
-    return np.stack(images), np.array(labels)
+    return read_labelled_files(sample_class_files(root, per_class, seed=seed), image_size=96)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -63,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     from bc_pipeline.lib.augmentation import make_augmenter
     from bc_pipeline.lib.corruptions import CORRUPTIONS, SEVERITIES, corrupt_images, seen_in_training
     from bc_pipeline.lib.zoo import model_spec
-    from bc_pipeline.worker.training import TrainingSettings, predict_proba, train_classifier
+    from bc_pipeline.worker.training import RunOptions, TrainingData, TrainingSettings, predict_proba, train_classifier
 
     x, y = load_subset(args.per_class, args.seed)
     order = np.random.default_rng(0).permutation(len(y))
@@ -83,8 +76,8 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         copies = [(make_augmenter(p, seed=i)(x[tr]), y[tr]) for i, p in enumerate(presets)]
         spec = model_spec("custom_cnn", image_size=args.size)
-        result = train_classifier(x[tr], y[tr], x[va], y[va], num_classes=8, augmented=copies, spec=spec,
-                                  settings=settings, log=lambda _: None)  # fmt: skip
+        data = TrainingData(x[tr], y[tr], x[va], y[va], num_classes=8, augmented=copies)
+        result = train_classifier(data, spec, settings, RunOptions(log=lambda _: None))
 
         def accuracy(images: np.ndarray) -> float:
             return float((predict_proba(result.model, images).argmax(1) == y[te]).mean())

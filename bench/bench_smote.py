@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from bc_pipeline.lib.balancing import target_counts
-from bc_pipeline.settings import shared_datasets_dir
+from bc_pipeline.defs.resources import shared_datasets_dir
 from _common import table
 
 NUM_CLASSES = 8

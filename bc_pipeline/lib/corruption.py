@@ -50,7 +50,7 @@ much cleaner than any single ``(A - a B) / (1 - a)``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -73,20 +73,20 @@ class CorruptionSettings:
     #: A residual passes when it is at most this many times what rounding alone leaves. Rounding
     #: noise is a sum over thousands of values, so its RMS scatters by well under 1 %: 3x is a wide
     #: margin for a true blend, and still far below the several grey levels between real images.
-    residual_factor: float = 3.0
+    residual_factor: float = field(default=3.0, metadata={"gt": 1, "description": "A fit passes at most this many times the residual rounding leaves."})
     #: The template's part of a blend (what its base alone cannot explain) must stand this many
     #: times above the rounding noise, or ``a`` is so close to 1 that the "blend" is the cell.
-    template_snr: float = 4.0
-    min_weight: float = 0.02  # below this the image is the template itself (a copy), not a blend
-    max_weight: float = 0.98  # above this nothing of the template is left to find
+    template_snr: float = field(default=4.0, metadata={"gt": 0, "description": "A blend's template part must stand this many times above rounding."})
+    min_weight: float = field(default=0.02, metadata={"gt": 0, "lt": 1, "description": "Below this cell share: a copy of the template."})
+    max_weight: float = field(default=0.98, metadata={"gt": 0, "lt": 1, "description": "Above this cell share: the cell itself."})
     #: Distinct blends a template needs. Copies of the template do not count: with a copy of ``C``
     #: in the file, every blend is also "a blend of the copy with its cell as template", a false
     #: template that only one blend shares.
-    min_blends: int = 2
+    min_blends: int = field(default=2, metadata={"ge": 2, "description": "Distinct blends a template needs."})
     coarse_side: int = 8  # side of the coarse copies used for search and the cheap tests
     shortlist: int = 2  # bases tried on each side of a sibling difference
     #: Also flag images of a found template whose base is not in the file (see _closer_than_any_cell).
-    missing_bases: bool = True
+    missing_bases: bool = field(default=True, metadata={"description": "Also flag blends of a found template whose base is not in the file."})
     missing_bases_gap: float = 1.5  # ... only where no image lies between their reach and this many times it
     whitening_ridge: float = 0.01  # see _whitening
     block: int = 2048  # rows per block of the all-pairs searches (memory: block x N floats)

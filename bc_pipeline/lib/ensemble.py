@@ -74,7 +74,8 @@ def assemble_ensemble(model_dir: Path, requested: Sequence[str], val_images: np.
     from bc_pipeline.lib.artifacts import artifact_exists, read_artifact
     from bc_pipeline.lib.calibration import fit_temperature
     from bc_pipeline.lib.zoo import REGISTRY
-    from bc_pipeline.worker.training import TrainedModel, predict_proba, weights_fingerprint
+    from bc_pipeline.lib.artifacts import TrainedModel
+    from bc_pipeline.worker.training import predict_proba, weights_fingerprint
 
     model_dir = Path(model_dir)
     names = choose_members(requested, [name for name in REGISTRY if artifact_exists(model_dir / name)])

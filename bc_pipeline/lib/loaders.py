@@ -303,3 +303,30 @@ def _assemble(
     stacked = np.stack(images).astype(np.uint8, copy=False)
     assert stacked.shape[1:] == (image_size, image_size, 3)
     return LoadedImages(images=stacked, manifest=manifest, skipped=skipped_frame)
+
+
+def sample_class_files(
+    root: Path, per_class: int, *, seed: int = 0, class_names: Sequence[str] = CLASS_NAMES, pattern: str = "*.jpg"
+) -> list[tuple[Path, int]]:
+    """A stratified random subset of a class-folder dataset: ``per_class`` files of each class, with labels.
+
+    One generator walks the classes in label order and picks among each folder's sorted files, so
+    a (root, per_class, seed) always names the same files: tests and benchmarks that share a
+    subset measure the same images.
+    """
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label, name in enumerate(class_names):
+        files = sorted((Path(root) / name).glob(pattern))
+        for index in sorted(rng.choice(len(files), size=min(per_class, len(files)), replace=False)):
+            chosen.append((files[index], label))
+    return chosen
+
+
+def read_labelled_files(files: Sequence[tuple[Path, int]], image_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 (N, S, S, 3), labels (N,)) of ``(file, label)`` pairs; resized to ``image_size`` if given."""
+    def read(file: Path) -> np.ndarray:
+        image = Image.open(file).convert("RGB")
+        return np.asarray(image if image_size is None else image.resize((image_size, image_size)))
+
+    return np.stack([read(file) for file, _ in files]), np.array([label for _, label in files])

@@ -16,8 +16,21 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from bc_pipeline.lib.artifacts import ImageSet
+
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 SPLIT_COLUMNS = ["index", "image_id", "label", "near_group", "split"]
+
+
+def split_rows(splits: pd.DataFrame, split: str) -> np.ndarray:
+    """Rows of the image set in one split, in split-table order."""
+    return splits.loc[splits["split"] == split, "index"].to_numpy(np.int64)
+
+
+def split_arrays(images: ImageSet, splits: pd.DataFrame, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images and labels of one split, in split-table order."""
+    rows = split_rows(splits, split)
+    return np.asarray(images.images[rows]), images.manifest["label"].to_numpy(np.int64)[rows]
 
 
 def _check_fractions(fractions: Sequence[float]) -> np.ndarray:

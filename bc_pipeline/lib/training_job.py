@@ -18,7 +18,7 @@ from bc_pipeline.lib.artifacts import ImageSet, ShardSet
 from bc_pipeline.lib.storage import save_npy
 from bc_pipeline.lib.zoo import ModelSpec
 from bc_pipeline.worker.spec import ArrayRef, WorkerSpec
-from bc_pipeline.worker.training import TrainingSettings
+from bc_pipeline.worker.settings import TrainingSettings
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,33 @@ class TrainingJob:
     checkpoint_dir: Path | None
 
 
+@dataclass(frozen=True, eq=False)  # eq=False: arrays have no truth value to compare by
+class TrainingInputs:
+    """The stored assets one training reads.
+
+    ``train`` is the balanced training set, ``shards`` its augmented copies, ``images`` the cleaned
+    images with ``val_rows`` the validation split among them, ``templates`` the recovered noise
+    templates; ``class_weight`` the loss weights balancing chose (None: unweighted).
+    """
+
+    train: ImageSet
+    shards: ShardSet
+    images: ImageSet
+    val_rows: np.ndarray
+    num_classes: int
+    templates: np.ndarray | None = None
+    class_weight: dict[int, float] | None = None
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the worker runs the job: Keras backend, device (auto | gpu | cpu) and input threads (0: auto)."""
+
+    backend: str = "tensorflow"
+    device: str = "auto"
+    input_workers: int = 0
+
+
 def prepare_job(
     job_dir: Path,
     output_dir: Path,
@@ -36,17 +63,9 @@ def prepare_job(
     data_root: Path,
     model: ModelSpec,
     settings: TrainingSettings,
-    num_classes: int,
-    train: ImageSet,
-    shards: ShardSet,
-    images: ImageSet,
-    val_rows: np.ndarray,
-    templates: np.ndarray | None,
-    class_weight: dict[int, float] | None,
-    checkpoint_dir: Path | None,
-    backend: str,
-    device: str,
-    input_workers: int = 0,
+    inputs: TrainingInputs,
+    placement: Placement = Placement(),
+    checkpoint_dir: Path | None = None,
     info: dict[str, Any] | None = None,
 ) -> TrainingJob:
     """Write ``job_dir/spec.json`` (and the small arrays) for training ``model`` on these inputs."""
@@ -62,9 +81,10 @@ def prepare_job(
             return name(Path(image_set.directory) / "images.npy")
         return name(save_npy(job_dir / fallback, np.asarray(image_set.images)))
 
-    labels = images.manifest["label"].to_numpy(np.int64)
+    train, shards, images, val_rows = inputs.train, inputs.shards, inputs.images, inputs.val_rows
+    labels, templates = images.manifest["label"].to_numpy(np.int64), inputs.templates
     spec = WorkerSpec(
-        data_dir=str(root.resolve()), model=model, settings=settings, num_classes=num_classes,
+        data_dir=str(root.resolve()), model=model, settings=settings, num_classes=inputs.num_classes,
         train=ArrayRef(stored_images(train, "train_images.npy"),
                        name(save_npy(job_dir / "train_labels.npy", train.manifest["label"].to_numpy(np.int64)))),
         val=ArrayRef(stored_images(images, "images.npy"), name(save_npy(job_dir / "val_labels.npy", labels[val_rows])),
@@ -72,9 +92,9 @@ def prepare_job(
         augmented=tuple(ArrayRef(name(Path(shards.directory) / row["file"]), name(Path(shards.directory) / row["labels_file"]))
                         for _, row in shards.manifest.iterrows()),
         templates=name(save_npy(job_dir / "templates.npy", np.asarray(templates))) if templates is not None and len(templates) else None,
-        class_weight=class_weight, checkpoint_dir=name(checkpoint_dir) if checkpoint_dir else None,
-        output_dir=name(output_dir), backend=backend, device=device, input_workers=input_workers, info=info or {},
-        train_groups=name(save_npy(job_dir / "train_groups.npy", _groups(train))),
+        class_weight=inputs.class_weight, checkpoint_dir=name(checkpoint_dir) if checkpoint_dir else None,
+        output_dir=name(output_dir), backend=placement.backend, device=placement.device,
+        input_workers=placement.input_workers, info=info or {}, train_groups=name(save_npy(job_dir / "train_groups.npy", _groups(train))),
     )  # fmt: skip
     spec_path = spec.save(job_dir / "spec.json")
     return TrainingJob(spec=spec, spec_path=spec_path, output_dir=output_dir, checkpoint_dir=checkpoint_dir)

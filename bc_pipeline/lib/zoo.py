@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -71,12 +71,12 @@ class ModelSpec:
 
     name: str
     backbone: str
-    image_size: int
-    head: HeadType = "gap_dense"
+    image_size: int = field(metadata={"ge": 32, "description": "Side the model resizes images to."})
+    head: HeadType = field(default="gap_dense", metadata={"description": "Classifier head, gap_dense or inception."})
     dense_units: int = 256
-    dropout: float = 0.3
-    weights: str = "none"
-    frozen_layers: int = 0
+    dropout: float = field(default=0.3, metadata={"ge": 0, "lt": 1, "description": "Head dropout."})
+    weights: str = field(default="none", metadata={"description": "none | imagenet | path to a no-top weights file."})
+    frozen_layers: int = field(default=0, metadata={"ge": 0, "description": "Backbone layers frozen in every phase."})
     # "image": each image standardised by its own mean and deviation before the backbone, which
     # makes the model blind to global brightness and contrast; "channel": the same per colour
     # channel, blind to per-channel gain and offset too; "none": the backbone's preprocessing only

@@ -1,7 +1,7 @@
 """Keras callbacks of the training loop: per-phase early stopping with checkpoints, rate schedules.
 
 This module imports Keras at the top; :mod:`bc_pipeline.worker.training` imports it only inside
-``train_classifier``, so that importing the pipeline's definitions stays free of TensorFlow.
+its training functions, so that importing the pipeline's definitions stays free of TensorFlow.
 """
 
 from __future__ import annotations
@@ -9,44 +9,48 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
 
-from bc_pipeline.worker.checkpoint import Checkpoint
+from bc_pipeline.worker.checkpoint import Checkpoint, TrainingState
+
+if TYPE_CHECKING:
+    from bc_pipeline.worker.settings import Phase, TrainingSettings
 
 Log = Callable[[str], None]
 
 
 def rate_callbacks(
-    schedule: str, *, learning_rate: float, patience: int, phase_start: int, phase_epochs: int,
-    steps_per_epoch: int, decay: float, cycle_epochs: int, cycle_min_factor: float,
-) -> list[keras.callbacks.Callback]:  # fmt: skip
-    """The learning-rate schedule within a phase.
+    settings: TrainingSettings, phase: Phase, phase_start: int, steps_per_epoch: int
+) -> list[keras.callbacks.Callback]:
+    """The learning-rate schedule within ``phase``, which began at global epoch ``phase_start``.
 
-    ``plateau`` halves the rate when validation loss stalls; ``constant`` keeps the phase's rate;
-    ``exponential`` multiplies it by ``decay`` every epoch of the phase; ``cyclical`` sweeps it
-    per batch between ``cycle_min_factor`` x rate and the rate, one cycle per ``cycle_epochs``;
-    ``cosine`` lowers it per batch along half a cosine, from the rate to zero at the end of the
-    phase's ``phase_epochs`` (Loshchilov & Hutter, 2017, without restarts).
+    ``settings.lr_schedule``: ``plateau`` halves the rate when validation loss stalls; ``constant``
+    keeps the phase's rate; ``exponential`` multiplies it by ``lr_decay`` every epoch of the phase;
+    ``cyclical`` sweeps it per batch between ``cycle_min_factor`` x rate and the rate, one cycle per
+    ``cycle_epochs``; ``cosine`` lowers it per batch along half a cosine, from the rate to zero at
+    the end of the phase's ``epochs`` (Loshchilov & Hutter, 2017, without restarts).
 
     Why cosine for a fixed budget: with CutMix and label smoothing the validation loss keeps
     setting small new lows, so ``plateau`` may never lower the rate (measured: robust-cpu still at
     its first rate at epoch 31 of 36), and the weights never settle into a minimum. Cosine spends
     the last epochs at small rates whatever the validation loss does.
     """
+    schedule, learning_rate = settings.lr_schedule, phase.learning_rate
     if schedule == "cosine":
-        total = phase_epochs * steps_per_epoch
+        total = phase.epochs * steps_per_epoch
         return [StepRate(lambda step: cosine_rate(step, learning_rate, total), steps_per_epoch, phase_start)]
     if schedule == "constant":
         return []
     if schedule == "plateau":
-        return [keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=max(1, patience // 2))]
+        return [keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=max(1, phase.patience // 2))]
     if schedule == "exponential":
+        decay = settings.lr_decay
         return [keras.callbacks.LearningRateScheduler(lambda epoch, lr: learning_rate * decay ** (epoch - phase_start))]
     if schedule == "cyclical":
-        low, period = learning_rate * cycle_min_factor, max(1, cycle_epochs * steps_per_epoch)
+        low, period = learning_rate * settings.cycle_min_factor, max(1, settings.cycle_epochs * steps_per_epoch)
         return [StepRate(lambda step: cyclical_rate(step, low, learning_rate, period), steps_per_epoch)]
     raise ValueError(f"unknown lr_schedule {schedule!r} (plateau, constant, exponential, cyclical or cosine)")
 
@@ -85,11 +89,11 @@ class PhaseMonitor(keras.callbacks.Callback):
     """Early stopping, best weights, history, the epoch's log line and the checkpoint of one phase.
 
     One callback does all of it so that what must survive a restart (best validation loss, epochs
-    without improvement, history) lives in one dict, ``state``, which the checkpoint saves.
+    without improvement, history) lives in one object, ``state``, which the checkpoint saves.
     """
 
     def __init__(
-        self, phase: int, patience: int, state: dict[str, Any], checkpoint: Checkpoint, log: Log,
+        self, phase: int, patience: int, state: TrainingState, checkpoint: Checkpoint, log: Log,
         progress: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
@@ -104,28 +108,21 @@ class PhaseMonitor(keras.callbacks.Callback):
         logs = {k: float(v) for k, v in (logs or {}).items() if k != "learning_rate"}
         lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         seconds = time.perf_counter() - self._start
-        state = self.state
-        state["history"].append({"epoch": epoch + 1, "phase": self.phase + 1, "lr": lr, "seconds": round(seconds, 2), **logs})
+        row = {"epoch": epoch + 1, "phase": self.phase + 1, "lr": lr, "seconds": round(seconds, 2), **logs}
         val_loss = logs.get("val_loss", np.inf)
-        if state["best_val_loss"] is None or val_loss < state["best_val_loss"]:
-            state.update(best_val_loss=val_loss, wait=0)
+        if self.state.record_epoch(epoch + 1, row, val_loss, self.patience):
             self.best_weights = self.model.get_weights()
             self.checkpoint.save_best(self.model)
-        else:
-            state["wait"] += 1
-        state["epochs_done"] = epoch + 1
-        state["phase_epochs"] += 1
-        if state["wait"] >= self.patience:
-            state["phase_stopped"] = True
+        if self.state.phase_stopped:
             self.model.stop_training = True
         self.log(
             f"epoch {epoch + 1} (phase {self.phase + 1}): loss {logs.get('loss', np.nan):.4f} "
             f"acc {logs.get('accuracy', np.nan):.4f} | val_loss {val_loss:.4f} "
             f"val_acc {logs.get('val_accuracy', np.nan):.4f} | lr {lr:.2e} | {seconds:.1f}s"
         )
-        self.checkpoint.save(self.model, state)
+        self.checkpoint.save(self.model, self.state)
         if self.progress is not None:
-            self.progress(state["history"][-1])
+            self.progress(row)
 
     def restore_best(self, model: keras.Model) -> None:
         """The phase's best weights: from memory, or from the checkpoint after a resume."""

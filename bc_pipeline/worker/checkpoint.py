@@ -8,6 +8,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,20 +17,59 @@ from bc_pipeline.lib.storage import save_json
 Log = Callable[[str], None]
 
 
-def new_state() -> dict[str, Any]:
-    """Progress through a training schedule; saved with every checkpoint."""
-    return {
-        "phase": 0,  # index of the phase in progress (== number of phases when done)
-        "phase_epochs": 0,  # epochs run in that phase
-        "phase_start": 0,  # global epoch at which that phase began
-        "phase_stopped": False,  # early stopping ended that phase
-        "epochs_done": 0,
-        "best_val_loss": None,
-        "wait": 0,  # epochs since the phase's best validation loss
-        "history": [],
-        "resumed_from_epoch": None,
-        "seconds_before_resume": 0.0,
-    }
+@dataclass
+class TrainingState:
+    """Progress through a training schedule; saved with every checkpoint (``state.json``).
+
+    What must survive a restart lives here, in one object that the checkpoint saves and
+    :class:`bc_pipeline.worker.callbacks.PhaseMonitor` updates after every epoch: where the schedule
+    is, the phase's best validation loss and epochs without improvement, and the history so far.
+    """
+
+    phase: int = 0  # index of the phase in progress (== number of phases when done)
+    phase_epochs: int = 0  # epochs run in that phase
+    phase_start: int = 0  # global epoch at which that phase began
+    phase_stopped: bool = False  # early stopping ended that phase
+    epochs_done: int = 0
+    best_val_loss: float | None = None
+    wait: int = 0  # epochs since the phase's best validation loss
+    history: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from_epoch: int | None = None
+    seconds_before_resume: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields under their own names: the keys of ``state.json`` (older checkpoints keep resuming)."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, saved: dict[str, Any]) -> TrainingState:
+        """The state saved by :meth:`to_json`; other keys of ``state.json`` (key, model, elapsed) are ignored."""
+        return cls(**{f.name: saved[f.name] for f in fields(cls)})
+
+    def start_phase(self) -> None:
+        """A fresh phase begins at the current epoch, with no best validation loss yet."""
+        self.phase_start, self.best_val_loss, self.wait = self.epochs_done, None, 0
+
+    def record_epoch(self, epoch: int, row: dict[str, Any], val_loss: float, patience: int) -> bool:
+        """Count finished epoch ``epoch`` (1-based) with its history ``row``; True if ``val_loss`` is the phase's best.
+
+        ``patience`` epochs in a row without a new best stop the phase (``phase_stopped``).
+        """
+        self.history.append(row)
+        improved = self.best_val_loss is None or val_loss < self.best_val_loss
+        if improved:
+            self.best_val_loss, self.wait = val_loss, 0
+        else:
+            self.wait += 1
+        self.epochs_done = epoch
+        self.phase_epochs += 1
+        if self.wait >= patience:
+            self.phase_stopped = True
+        return improved
+
+    def finish_phase(self) -> None:
+        """Move on to the next phase; its first epoch will start it afresh (:meth:`start_phase`)."""
+        self.phase, self.phase_epochs, self.phase_stopped = self.phase + 1, 0, False
 
 
 class Checkpoint:
@@ -47,14 +87,15 @@ class Checkpoint:
         self.key = key
         self._started = time.perf_counter()
 
-    def save(self, model: Any, state: dict[str, Any]) -> None:
+    def save(self, model: Any, state: TrainingState) -> None:
+        """The model, then ``state.json`` naming it (last, so that a crash leaves one consistent checkpoint)."""
         if self.directory is None:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
-        name = f"epoch-{state['epochs_done']:04d}-phase-{state['phase']}.keras"
+        name = f"epoch-{state.epochs_done:04d}-phase-{state.phase}.keras"
         save_via_temp(self.directory / name, model.save)
-        elapsed = state["seconds_before_resume"] + time.perf_counter() - self._started
-        save_json(self.directory / "state.json", {**state, "key": self.key, "model": name, "elapsed": elapsed})
+        elapsed = state.seconds_before_resume + time.perf_counter() - self._started
+        save_json(self.directory / "state.json", {**state.to_json(), "key": self.key, "model": name, "elapsed": elapsed})
         for old in self.directory.glob("epoch-*.keras"):
             if old.name != name:
                 old.unlink(missing_ok=True)
@@ -68,7 +109,7 @@ class Checkpoint:
         if self.directory is not None and (self.directory / "best.weights.h5").is_file():
             model.load_weights(self.directory / "best.weights.h5")
 
-    def load(self, log: Log) -> tuple[Any, dict[str, Any]] | None:
+    def load(self, log: Log) -> tuple[Any, TrainingState] | None:
         """(model, state) from a matching checkpoint, or None to start from scratch."""
         if self.directory is None or not (self.directory / "state.json").is_file():
             return None
@@ -80,8 +121,8 @@ class Checkpoint:
             self.clear()
             return None
         model = keras.saving.load_model(self.directory / saved["model"])
-        state = {k: saved[k] for k in new_state()}
-        state.update(resumed_from_epoch=saved["epochs_done"], seconds_before_resume=saved["elapsed"])
+        state = replace(TrainingState.from_json(saved), resumed_from_epoch=saved["epochs_done"],
+                        seconds_before_resume=saved["elapsed"])  # fmt: skip
         log(f"resuming from the checkpoint after epoch {saved['epochs_done']} (phase {min(saved['phase'] + 1, 99)})")
         return model, state
 

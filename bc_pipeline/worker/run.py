@@ -36,21 +36,21 @@ def run_job(spec: WorkerSpec, reporter: Reporter) -> Path:
     select_backend(spec.backend)
     device = configure_device(spec.backend, spec.device)
     from bc_pipeline.worker.selection import train_with_epoch_selection
-    from bc_pipeline.worker.training import weights_fingerprint
+    from bc_pipeline.worker.training import RunOptions, TrainingData, weights_fingerprint
 
     train_x, train_y = load_ref(spec, spec.train)
     val_x, val_y = load_ref(spec, spec.val)
-    augmented = [load_ref(spec, ref) for ref in spec.augmented]
-    templates = load_array(spec, spec.templates, mmap=False) if spec.templates else None
+    data = TrainingData(
+        train_x, train_y, val_x, val_y, num_classes=spec.num_classes, augmented=[load_ref(spec, ref) for ref in spec.augmented],
+        templates=load_array(spec, spec.templates, mmap=False) if spec.templates else None, class_weight=spec.class_weight,
+    )  # fmt: skip
     reporter.log(f"worker ready in {time.perf_counter() - started:.1f}s: {spec.backend} on {device.description}")
     groups = load_array(spec, spec.train_groups, mmap=False) if spec.train_groups else None
-    result = train_with_epoch_selection(
-        train_x, train_y, val_x, val_y, groups=groups, num_classes=spec.num_classes, spec=spec.model, settings=spec.settings,
-        class_weight=spec.class_weight, augmented=augmented, templates=templates,
-        checkpoint_dir=spec.path(spec.checkpoint_dir) if spec.checkpoint_dir else None,
-        log=reporter.log, progress=lambda row: reporter.message(EPOCH, _plain(row)), device=device,
-        input_workers=input_threads(spec.input_workers),
+    options = RunOptions(
+        checkpoint_dir=spec.path(spec.checkpoint_dir) if spec.checkpoint_dir else None, log=reporter.log,
+        progress=lambda row: reporter.message(EPOCH, _plain(row)), device=device, input_workers=input_threads(spec.input_workers),
     )  # fmt: skip
+    result = train_with_epoch_selection(data, spec.model, spec.settings, options, groups=groups)
     result.info.update(spec.info, weights_fingerprint=weights_fingerprint(result.model))
     if "temperature" not in result.info:  # a retrain on validation calibrated on held-out images already
         result.info["temperature"] = _temperature(result.model, val_x, val_y, reporter)

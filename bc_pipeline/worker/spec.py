@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from bc_pipeline.lib.zoo import ModelSpec
-from bc_pipeline.worker.training import Phase, TrainingSettings
+from bc_pipeline.worker.settings import Phase, TrainingSettings
 
 SPEC_VERSION = 1
 DATA_DIR_ENV = "BC_WORKER_DATA_DIR"

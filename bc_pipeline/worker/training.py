@@ -9,101 +9,24 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from bc_pipeline.lib.artifacts import TrainedModel
 from bc_pipeline.lib.storage import fingerprint
 from bc_pipeline.lib.zoo import ModelSpec, build_model, set_trainable
 from bc_pipeline.worker.backend import Device, configure_device, precision_policy, use_jit
-from bc_pipeline.worker.checkpoint import Checkpoint, new_state
+from bc_pipeline.worker.checkpoint import Checkpoint, TrainingState
 from bc_pipeline.worker.data import ImagePool, evaluation_batches, feed, select_rows, training_batches, view_batches
+from bc_pipeline.worker.settings import Phase, TrainingSettings
 
 Log = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class Phase:
-    """One stage of a training schedule.
-
-    ``trainable``: ``frozen`` (only the head trains), ``last:N`` or ``last:N%`` (the head and the
-    backbone's last N layers, or that share of them) or ``all``. Each phase starts a fresh
-    optimizer at ``learning_rate`` and restores its best weights (lowest validation loss) when it
-    ends, after ``epochs`` or after ``patience`` epochs without improvement.
-    """
-
-    trainable: str = "all"
-    learning_rate: float = 1e-3
-    epochs: int = 13
-    patience: int = 4
-    # False: run exactly ``epochs`` and keep the last weights (a count chosen beforehand, for a
-    # retraining whose validation images are training images too).
-    restore_best: bool = True
-
-
-@dataclass(frozen=True)
-class TrainingSettings:
-    """Everything that decides a training run (mirrored by the asset's pydantic Config).
-
-    Without ``phases`` the schedule is :func:`default_phases`: one phase of ``epochs`` at
-    ``learning_rate`` from scratch, or frozen / last 30% / all with the rate divided by ten at each
-    step for a pretrained backbone (the reports' fine-tuning recipe).
-    """
-
-    epochs: int = 13
-    batch_size: int = 64
-    learning_rate: float = 1e-3
-    patience: int = 4
-    phases: tuple[Phase, ...] = ()
-    # plateau (halve on a validation plateau) | constant | exponential (per epoch, within each
-    # phase) | cyclical (triangular, per batch, between min_factor x rate and the phase's rate) |
-    # cosine (per batch, from the phase's rate to zero at the phase's last epoch).
-    lr_schedule: str = "plateau"
-    lr_decay: float = 0.85
-    cycle_epochs: int = 4
-    cycle_min_factor: float = 0.1
-    optimizer: str = "adam"  # adam | adamw | lion
-    weight_decay: float = 1e-4  # adamw and lion only
-    loss: str = "categorical_crossentropy"  # or focal
-    focal_gamma: float = 2.0
-    focal_alpha: float = 1.0
-    label_smoothing: float = 0.0
-    augment: bool = True
-    seed: int = 0
-    # Batch-level augmentation in the input pipeline: none | mixup | cutmix | mixup+cutmix.
-    batch_augment: str = "none"
-    batch_augment_probability: float = 0.5
-    # Train on the balanced set itself as well as on its stored augmented copies.
-    include_original: bool = True
-    # Superimpose a recovered corruption template on training images (off by default).
-    template_augmentation: bool = False
-    template_probability: float = 0.5
-    template_max_weight: float = 0.5
-    # mixed_precision auto: bfloat16 (float16 before Ampere) on a GPU, float32 on a CPU (worker.backend);
-    # jit_compile auto: XLA on JAX, off on TensorFlow (no XLA kernel for the antialiased resize) and PyTorch.
-    mixed_precision: str = "auto"  # auto | on | off
-    jit_compile: str = "auto"  # auto | on | off
-    # Epoch selection (worker.selection): k-fold cross-validation on the training set chooses each
-    # phase's epoch count (0: off, early stopping on the validation split instead); then the final
-    # model trains on train + validation for that count (retrain_on_validation).
-    cv_folds: int = 0
-    retrain_on_validation: bool = False
-    # AugMix's Jensen-Shannon consistency (worker.consistency): none | jsd; needs >= 2 stored copies.
-    consistency_loss: str = "none"
-    consistency_weight: float = 12.0
-
-
-@dataclass
-class TrainedModel:
-    """A fitted Keras model, its per-epoch history and facts about the run."""
-
-    model: Any
-    history: pd.DataFrame
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 def default_phases(spec: ModelSpec, settings: TrainingSettings) -> tuple[Phase, ...]:
@@ -160,114 +83,77 @@ def make_loss(
     raise ValueError(f"unknown loss {name!r} (categorical_crossentropy or focal)")
 
 
+@dataclass(frozen=True, eq=False)
+class TrainingData:
+    """What one training learns from and is validated on: uint8 images (N, H, W, 3), integer labels.
+
+    ``train_images`` is the (balanced) training set and ``augmented`` its stored augmented copies,
+    as (images, labels) shards. ``templates`` are recovered corruption templates (used only with
+    ``template_augmentation``); ``class_weight`` weighs each class's loss. One value, so that a
+    run's inputs travel together: cross-validation swaps the rows with one ``replace``, and the
+    checkpoint's key is taken from it in one place. ``eq=False``: arrays have no plain equality.
+    """
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    val_images: np.ndarray
+    val_labels: np.ndarray
+    num_classes: int
+    augmented: Sequence[tuple[np.ndarray, np.ndarray]] = ()
+    templates: np.ndarray | None = None
+    class_weight: dict[int, float] | None = None
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a training runs and reports, as opposed to what it learns (data, spec, settings).
+
+    ``checkpoint_dir``: save the model, its optimizer and the schedule's progress after every epoch
+    and resume from there (None: no checkpoints). ``log`` gets each line of the run; ``progress``
+    each epoch's history row as it ends (the worker streams them to Dagster). ``device``: where to
+    train (default: the backend's GPU if it has one); ``input_workers`` threads build training
+    batches ahead of the model.
+    """
+
+    checkpoint_dir: Path | None = None
+    log: Log = print
+    progress: Callable[[dict[str, Any]], None] | None = None
+    device: Device | None = None
+    input_workers: int = 1
+
+
 def train_classifier(
-    train_images: np.ndarray,
-    train_labels: np.ndarray,
-    val_images: np.ndarray,
-    val_labels: np.ndarray,
-    *,
-    num_classes: int,
-    spec: ModelSpec,
-    settings: TrainingSettings,
-    class_weight: dict[int, float] | None = None,
-    augmented: Sequence[tuple[np.ndarray, np.ndarray]] = (),
-    templates: np.ndarray | None = None,
-    checkpoint_dir: Path | None = None,
-    log: Log = print,
-    progress: Callable[[dict[str, Any]], None] | None = None,
-    device: Device | None = None,
-    input_workers: int = 1,
+    data: TrainingData, spec: ModelSpec, settings: TrainingSettings, options: RunOptions = RunOptions()
 ) -> TrainedModel:
     """Build ``spec`` and fit it phase by phase, early-stopped on validation loss.
 
-    ``train_images`` is the (balanced) training set and ``augmented`` its stored augmented copies,
-    as (images, labels) shards. Training draws from all of them (the originals only if
+    Training draws from the training set and all its augmented copies (the originals only if
     ``settings.include_original``), and an epoch is one training set's worth of steps, so adding
     copies adds variety, not time per epoch.
 
-    With ``checkpoint_dir`` the model, its optimizer and the schedule's progress are saved after
-    every epoch; called again with the same data and settings, training resumes after the last
-    saved epoch instead of starting over. The folder is emptied when training completes.
-
-    ``progress`` receives each epoch's history row as it ends (the worker streams them to Dagster);
-    ``device`` is where to train (default: the backend's GPU if it has one); ``input_workers``
-    threads build training batches ahead of the model.
+    With ``options.checkpoint_dir``, called again with the same data and settings, training resumes
+    after the last saved epoch instead of starting over. The folder is emptied when training
+    completes.
     """
-    if len(train_images) == 0 or len(val_images) == 0:
-        raise ValueError("training needs a non-empty train and validation split")
-    if not settings.include_original and not augmented:
-        raise ValueError("include_original is off and there are no augmented copies: nothing to train on")
-    _check_consistency(settings)
+    _check_inputs(data, settings)
     import keras
 
     import bc_pipeline.worker.consistency  # noqa: F401 - registers the loss a checkpoint may be compiled with
 
-    device = device or configure_device(keras.backend.backend())
-    phases = default_phases(spec, settings)
-    checkpoint = Checkpoint(checkpoint_dir, _run_key(spec, settings, class_weight, train_labels, val_labels, augmented))
-    previous_policy = keras.config.dtype_policy().name
-    keras.mixed_precision.set_global_policy(precision_policy(settings.mixed_precision, device))
-    try:
+    device = options.device or configure_device(keras.backend.backend())
+    run = _Run(data=data, spec=spec, settings=settings, options=options, phases=default_phases(spec, settings),
+               device=device, checkpoint=Checkpoint(options.checkpoint_dir, _run_key(spec, settings, data)))  # fmt: skip
+    with _global_dtype_policy(precision_policy(settings.mixed_precision, device)):
         keras.utils.set_random_seed(settings.seed)
-        resumed = checkpoint.load(log)
-        model, state = resumed if resumed else (build_model(spec, num_classes), new_state())
-        views = settings.consistency_loss == "jsd"
-        templates_small = _templates_for(model, templates, settings, log)
-        if views:  # [clean; view 1; view 2] of the same rows, for AugMix's consistency loss
-            originals, copies = _aligned_copies(model, train_images, train_labels, augmented)
-            pool_images = len(originals) * (1 + len(copies))
-            batches = view_batches(originals, copies, train_labels, num_classes=num_classes, batch_size=settings.batch_size,
-                                   seed=settings.seed, augment=settings.augment, workers=input_workers)  # fmt: skip
-        else:
-            pool = _training_pool(model, train_images, train_labels, augmented, settings.include_original)
-            pool_images = len(pool)
-            batches = training_batches(
-                pool, num_classes=num_classes, batch_size=settings.batch_size, seed=settings.seed, augment=settings.augment,
-                templates=templates_small, template_probability=settings.template_probability,
-                template_max_weight=settings.template_max_weight, batch_augment=settings.batch_augment,
-                batch_augment_probability=settings.batch_augment_probability, workers=input_workers,
-            )  # fmt: skip
-        log(f"training {spec.name} with Keras {keras.__version__} on {keras.backend.backend()}, {device.description}: "
-            f"{pool_images} images to draw from ({len(augmented)} augmented shards), {len(train_images)} per epoch, "
-            f"{len(val_images)} val, at {spec.image_size}px, {len(phases)} phase(s), {keras.config.dtype_policy().name}, "
-            f"{input_workers} input thread(s)")  # fmt: skip
-        steps = max(1, -(-len(train_images) // settings.batch_size))
-        train_data = feed(batches, keras.backend.backend(), workers=input_workers)
-        val_data = feed(evaluation_batches(
-            resize_like_model(model, val_images), val_labels, num_classes=num_classes, batch_size=settings.batch_size,
-            repeat=3 if views else 1,
-        ), keras.backend.backend())  # fmt: skip
+        resumed = run.checkpoint.load(options.log)
+        model, state = resumed if resumed else (build_model(spec, data.num_classes), TrainingState())
+        feeds = run.feeds(model)
         start = time.perf_counter()
-        for index in range(state["phase"], len(phases)):
-            model = _run_phase(
-                model, index, phases[index], state, spec=spec, settings=settings, steps=steps, device=device,
-                train_data=train_data, val_data=val_data, class_weight=class_weight, checkpoint=checkpoint, log=log,
-                progress=progress,
-            )  # fmt: skip
+        while state.phase < len(run.phases):
+            model = run.fit_phase(model, state, feeds)
         seconds = time.perf_counter() - start
-    finally:
-        keras.mixed_precision.set_global_policy(previous_policy)
-    checkpoint.clear()
-    history = pd.DataFrame(state["history"]).astype({"epoch": "int64", "phase": "int64"})
-    info = {
-        "model_name": spec.name,
-        "spec": asdict(spec),
-        "phases": [asdict(p) for p in phases],
-        "device": device.description,
-        "backend": keras.backend.backend(),
-        "keras_version": keras.__version__,
-        "dtype_policy": precision_policy(settings.mixed_precision, device),
-        "train_seconds": round(seconds + state["seconds_before_resume"], 1),
-        "resumed_from_epoch": state["resumed_from_epoch"],
-        "epochs_run": int(len(history)),
-        "best_epoch": best_epoch(history),
-        "parameters": int(model.count_params()),
-        "class_weight": class_weight,
-        "pool_images": int(pool_images),
-        "augmented_shards": len(augmented),
-        "augmentation_templates": 0 if templates_small is None else int(len(templates_small)),
-    }
-    return TrainedModel(model=model, history=history, info=info)
+    run.checkpoint.clear()
+    return run.result(model, state, feeds, seconds)
 
 
 def best_epoch(history: pd.DataFrame) -> int:
@@ -280,81 +166,184 @@ def best_epoch(history: pd.DataFrame) -> int:
     return int(last.loc[last["val_loss"].idxmin(), "epoch"])
 
 
-def _run_phase(
-    model: Any,
-    index: int,
-    phase: Phase,
-    state: dict[str, Any],
-    *,
-    spec: ModelSpec,
-    settings: TrainingSettings,
-    steps: int,
-    device: Device,
-    train_data: Any,
-    val_data: Any,
-    class_weight: dict[int, float] | None,
-    checkpoint: Checkpoint,
-    log: Log,
-    progress: Callable[[dict[str, Any]], None] | None,
-) -> Any:
-    """Fit one phase (or what is left of it after a resume); return the model with its best weights."""
-    if state["phase_epochs"] == 0:  # a fresh phase: set trainable layers, start a new optimizer
-        trainable = set_trainable(model, phase.trainable, spec.frozen_layers)
+@dataclass(frozen=True)
+class _Feeds:
+    """The batches a run trains and validates on, and what its info reports about them."""
+
+    train: Any
+    val: Any
+    steps: int  # training steps per epoch: one training set's worth
+    pool_images: int  # images training draws from
+    templates: int  # corruption templates superimposed (0: template augmentation off)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """One call of :func:`train_classifier`: what its steps share, so that none needs a long parameter list."""
+
+    data: TrainingData
+    spec: ModelSpec
+    settings: TrainingSettings
+    options: RunOptions
+    phases: tuple[Phase, ...]
+    device: Device
+    checkpoint: Checkpoint
+
+    def feeds(self, model: Any) -> _Feeds:
+        """Training and validation batches at ``model``'s input size; logs what training draws from."""
+        import keras
+
+        data, settings, workers = self.data, self.settings, self.options.input_workers
+        templates = _templates_for(model, data.templates, settings, self.options.log)
+        batches, pool_images = _training_batches(model, data, settings, templates, workers)
+        self._announce(pool_images)
+        backend = keras.backend.backend()
+        train = feed(batches, backend, workers=workers)
+        val = feed(evaluation_batches(
+            resize_like_model(model, data.val_images), data.val_labels, num_classes=data.num_classes,
+            batch_size=settings.batch_size, repeat=3 if settings.consistency_loss == "jsd" else 1,
+        ), backend)  # fmt: skip
+        steps = max(1, -(-len(data.train_images) // settings.batch_size))
+        return _Feeds(train, val, steps, pool_images, 0 if templates is None else int(len(templates)))
+
+    def _announce(self, pool_images: int) -> None:
+        """The run's opening log line: what trains where, on how much data."""
+        import keras
+
+        data, spec = self.data, self.spec
+        self.options.log(
+            f"training {spec.name} with Keras {keras.__version__} on {keras.backend.backend()}, {self.device.description}: "
+            f"{pool_images} images to draw from ({len(data.augmented)} augmented shards), {len(data.train_images)} per epoch, "
+            f"{len(data.val_images)} val, at {spec.image_size}px, {len(self.phases)} phase(s), {keras.config.dtype_policy().name}, "
+            f"{self.options.input_workers} input thread(s)"
+        )  # fmt: skip
+
+    def fit_phase(self, model: Any, state: TrainingState, feeds: _Feeds) -> Any:
+        """Fit phase ``state.phase`` (or what is left of it after a resume); return the model with its best weights."""
+        from bc_pipeline.worker.callbacks import PhaseMonitor, rate_callbacks
+
+        index = state.phase
+        phase = self.phases[index]
+        if state.phase_epochs == 0:  # a fresh phase: set trainable layers, start a new optimizer
+            self._start_phase(model, phase, state)
+        remaining = phase.epochs - state.phase_epochs
+        monitor = PhaseMonitor(index, phase.patience, state, self.checkpoint, self.options.log, self.options.progress)
+        rates = rate_callbacks(self.settings, phase, state.phase_start, feeds.steps)
+        if remaining > 0 and not state.phase_stopped:
+            model.fit(
+                feeds.train,
+                steps_per_epoch=feeds.steps,
+                validation_data=feeds.val,
+                initial_epoch=state.epochs_done,
+                epochs=state.epochs_done + remaining,
+                class_weight=self.data.class_weight,
+                callbacks=[*rates, monitor],
+                shuffle=False,  # the PyDataset shuffles (one permutation of the pool per pass)
+                verbose=0,
+            )
+        if phase.restore_best:
+            monitor.restore_best(model)
+        state.finish_phase()
+        self.checkpoint.save(model, state)
+        return model
+
+    def _start_phase(self, model: Any, phase: Phase, state: TrainingState) -> None:
+        """Set the phase's trainable layers and compile with a fresh optimizer (each phase starts its own)."""
+        settings = self.settings
+        trainable = set_trainable(model, phase.trainable, self.spec.frozen_layers)
         model.compile(
             optimizer=make_optimizer(settings.optimizer, phase.learning_rate, settings.weight_decay),
             loss=make_loss(settings.loss, label_smoothing=settings.label_smoothing, gamma=settings.focal_gamma,
                            alpha=settings.focal_alpha, consistency=settings.consistency_loss,
                            consistency_weight=settings.consistency_weight),
             metrics=["accuracy"],
-            jit_compile=use_jit(settings.jit_compile, device),
+            jit_compile=use_jit(settings.jit_compile, self.device),
         )  # fmt: skip
-        state.update(phase_start=state["epochs_done"], best_val_loss=None, wait=0)
-        log(f"phase {index + 1}: trainable={phase.trainable} ({trainable} weight tensors), "
-            f"lr {phase.learning_rate:g}, up to {phase.epochs} epochs")  # fmt: skip
-    from bc_pipeline.worker.callbacks import PhaseMonitor, rate_callbacks
+        state.start_phase()
+        self.options.log(f"phase {state.phase + 1}: trainable={phase.trainable} ({trainable} weight tensors), "
+                         f"lr {phase.learning_rate:g}, up to {phase.epochs} epochs")  # fmt: skip
 
-    remaining = phase.epochs - state["phase_epochs"]
-    monitor = PhaseMonitor(index, phase.patience, state, checkpoint, log, progress)
-    rates = rate_callbacks(
-        settings.lr_schedule, learning_rate=phase.learning_rate, patience=phase.patience,
-        phase_start=state["phase_start"], phase_epochs=phase.epochs, steps_per_epoch=steps, decay=settings.lr_decay,
-        cycle_epochs=settings.cycle_epochs, cycle_min_factor=settings.cycle_min_factor,
+    def result(self, model: Any, state: TrainingState, feeds: _Feeds, seconds: float) -> TrainedModel:
+        """The fitted model, its history and the facts of the run (``seconds``: this call's training time)."""
+        import keras
+
+        history = pd.DataFrame(state.history).astype({"epoch": "int64", "phase": "int64"})
+        info = {
+            "model_name": self.spec.name,
+            "spec": asdict(self.spec),
+            "phases": [asdict(p) for p in self.phases],
+            "device": self.device.description,
+            "backend": keras.backend.backend(),
+            "keras_version": keras.__version__,
+            "dtype_policy": precision_policy(self.settings.mixed_precision, self.device),
+            "train_seconds": round(seconds + state.seconds_before_resume, 1),
+            "resumed_from_epoch": state.resumed_from_epoch,
+            "epochs_run": int(len(history)),
+            "best_epoch": best_epoch(history),
+            "parameters": int(model.count_params()),
+            "class_weight": self.data.class_weight,
+            "pool_images": int(feeds.pool_images),
+            "augmented_shards": len(self.data.augmented),
+            "augmentation_templates": feeds.templates,
+        }
+        return TrainedModel(model=model, history=history, info=info)
+
+
+@contextmanager
+def _global_dtype_policy(name: str) -> Iterator[None]:
+    """Keras' global dtype policy set to ``name`` inside the block, and back to the previous one after it, even on errors."""
+    import keras
+
+    previous = keras.config.dtype_policy().name
+    keras.mixed_precision.set_global_policy(name)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def _training_batches(
+    model: Any, data: TrainingData, settings: TrainingSettings, templates: np.ndarray | None, workers: int
+) -> tuple[Any, int]:
+    """The training batch source and the number of images it draws from.
+
+    With the jsd consistency loss, batches are [clean; view 1; view 2] of the same rows (AugMix);
+    otherwise they are drawn from the whole pool, mixed and blended as the settings say.
+    """
+    if settings.consistency_loss == "jsd":
+        originals, copies = _aligned_copies(model, data.train_images, data.train_labels, data.augmented)
+        batches = view_batches(originals, copies, data.train_labels, num_classes=data.num_classes,
+                               batch_size=settings.batch_size, seed=settings.seed, augment=settings.augment,
+                               workers=workers)  # fmt: skip
+        return batches, len(originals) * (1 + len(copies))
+    pool = _training_pool(model, data.train_images, data.train_labels, data.augmented, settings.include_original)
+    batches = training_batches(
+        pool, num_classes=data.num_classes, batch_size=settings.batch_size, seed=settings.seed, augment=settings.augment,
+        templates=templates, template_probability=settings.template_probability,
+        template_max_weight=settings.template_max_weight, batch_augment=settings.batch_augment,
+        batch_augment_probability=settings.batch_augment_probability, workers=workers,
     )  # fmt: skip
-    if remaining > 0 and not state.get("phase_stopped"):
-        model.fit(
-            train_data,
-            steps_per_epoch=steps,
-            validation_data=val_data,
-            initial_epoch=state["epochs_done"],
-            epochs=state["epochs_done"] + remaining,
-            class_weight=class_weight,
-            callbacks=[*rates, monitor],
-            shuffle=False,  # the PyDataset shuffles (one permutation of the pool per pass)
-            verbose=0,
-        )
-    if phase.restore_best:
-        monitor.restore_best(model)
-    state.update(phase=index + 1, phase_epochs=0, phase_stopped=False)
-    checkpoint.save(model, state)
-    return model
+    return batches, len(pool)
 
 
-def _run_key(
-    spec: ModelSpec,
-    settings: TrainingSettings,
-    class_weight: dict[int, float] | None,
-    train_labels: np.ndarray,
-    val_labels: np.ndarray,
-    augmented: Sequence[tuple[np.ndarray, np.ndarray]],
-) -> str:
+def _check_inputs(data: TrainingData, settings: TrainingSettings) -> None:
+    """Refuse, before Keras loads, a run that has nothing to train or validate on or mismatched settings."""
+    if len(data.train_images) == 0 or len(data.val_images) == 0:
+        raise ValueError("training needs a non-empty train and validation split")
+    if not settings.include_original and not data.augmented:
+        raise ValueError("include_original is off and there are no augmented copies: nothing to train on")
+    _check_consistency(settings)
+
+
+def _run_key(spec: ModelSpec, settings: TrainingSettings, data: TrainingData) -> str:
     """What a checkpoint must match to be resumed: model, settings, weights and the data's labels.
 
     The labels and shard sizes identify the data well enough here: any upstream change that
     matters (new images, another split or balancing) changes them.
     """
     return fingerprint(
-        json.dumps([asdict(spec), asdict(settings), class_weight], sort_keys=True, default=str),
-        np.asarray(train_labels), np.asarray(val_labels), *[np.asarray(y) for _, y in augmented],
+        json.dumps([asdict(spec), asdict(settings), data.class_weight], sort_keys=True, default=str),
+        np.asarray(data.train_labels), np.asarray(data.val_labels), *[np.asarray(y) for _, y in data.augmented],
     )  # fmt: skip
 
 

@@ -4,12 +4,11 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from bc_pipeline import automation
-from bc_pipeline.assets import _metadata as md
+from bc_pipeline.dagster_utils import metadata as md
+from bc_pipeline.dagster_utils.versions import versioned
 from bc_pipeline.lib.artifacts import ImageSet
 from bc_pipeline.lib.cleaning import removal_counts, select_clean
 from bc_pipeline.lib.corruption import COPY
-from bc_pipeline.lib.storage import fingerprint
 
 
 def flagged_images(outlier_report: pd.DataFrame, corruption_report: pd.DataFrame) -> pd.DataFrame:
@@ -23,8 +22,7 @@ def flagged_images(outlier_report: pd.DataFrame, corruption_report: pd.DataFrame
 
 
 @dg.asset(
-    code_version="3",
-    automation_condition=automation.on_change(),
+    code_version="4",
     group_name="cleaning",
     kinds={"numpy", "parquet"},
     description="Raw images minus outliers, corrupted blends and label conflicts, one per exact-duplicate group.",
@@ -52,5 +50,5 @@ def clean_images(
         "removed_by_reason": dg.MetadataValue.json(reasons),
         "removed": md.table(removed),
     }
-    value = ImageSet(images=images, manifest=manifest, tables={"removed": removed})
-    return dg.Output(value, data_version=dg.DataVersion(fingerprint(images, manifest)), metadata=metadata)
+    value = ImageSet(images=images, manifest=manifest, tables={"removed": removed}, class_names=raw_images.class_names)
+    return versioned(value, images, manifest, list(value.class_names), metadata=metadata)

@@ -1,13 +1,14 @@
 """When the pipeline updates itself: the declarative automation conditions of every asset.
 
-One rule for every stage (``on_change``): an asset is requested when
+One rule for every stage (``on_change``, applied in ``bc_pipeline/definitions.py`` to every asset
+that does not state its own): an asset is requested when
 
 - the *data version* of one of its inputs changed (not merely a rerun: an upstream rerun that
   produced identical content keeps its data version and so triggers nothing), or an input will
   be requested on the same tick (so a change flows down the chain in one run per partitioning:
   the data stages, then each trained model with its evaluation, then leaderboard and submission);
 - its own code version changed (``code_version`` in the decorator, which for configurable
-  stages includes a fingerprint of the config defaults, see ``assets._versions``);
+  stages includes a fingerprint of the config defaults, see ``dagster_utils.versions``);
 - it went missing after automation started watching it (deleted from the UI, say);
 
 and never while an input is missing, in progress, or failed its latest run and is not being

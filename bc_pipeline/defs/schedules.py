@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 
 import dagster as dg
 
-from bc_pipeline.jobs import nightly_evaluation_job, weekly_retrain_job
+from bc_pipeline.defs import jobs
 from bc_pipeline.lib.zoo import CUSTOM_CNN
 
 NIGHTLY_EVALUATION_CRON = "0 2 * * *"  # 02:00 every day
@@ -36,7 +36,7 @@ def _tick_time(context: dg.ScheduleEvaluationContext) -> datetime:
 
 
 @dg.schedule(
-    job=nightly_evaluation_job,
+    job=jobs.nightly_evaluation_job,
     cron_schedule=NIGHTLY_EVALUATION_CRON,
     default_status=dg.DefaultScheduleStatus.RUNNING,
     description="Every night at 02:00 UTC: re-evaluate every trained model; the leaderboard follows by automation.",
@@ -46,7 +46,7 @@ def nightly_evaluation(context: dg.ScheduleEvaluationContext):
 
 
 @dg.schedule(
-    job=weekly_retrain_job,
+    job=jobs.weekly_retrain_job,
     cron_schedule=WEEKLY_RETRAIN_CRON,
     default_status=dg.DefaultScheduleStatus.STOPPED,
     description=(
@@ -57,5 +57,3 @@ def nightly_evaluation(context: dg.ScheduleEvaluationContext):
 def weekly_retrain(context: dg.ScheduleEvaluationContext):
     return _per_model(context, trained_models(context.instance) or [CUSTOM_CNN], "retrain")
 
-
-all_schedules = [nightly_evaluation, weekly_retrain]

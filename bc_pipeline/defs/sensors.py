@@ -10,9 +10,9 @@ from pathlib import Path
 
 import dagster as dg
 
-from bc_pipeline.assets.ingest import observation_metadata
+from bc_pipeline.defs.assets.ingest import observation_metadata
 from bc_pipeline.lib.source_version import changed_entries, folder_stamps, snapshot, stamp_digest
-from bc_pipeline.resources import ImageSource, PipelineStorage
+from bc_pipeline.defs.resources import ImageSource, PipelineStorage
 
 SOURCE_KEY = dg.AssetKey("raw_image_source")
 
@@ -22,7 +22,7 @@ automation_sensor = dg.AutomationConditionSensorDefinition(
     default_status=dg.DefaultSensorStatus.RUNNING,
     minimum_interval_seconds=30,
     description=(
-        "Evaluates every asset's automation condition (bc_pipeline/automation.py) every 30 s and runs "
+        "Evaluates every asset's automation condition (bc_pipeline/dagster_utils/automation.py) every 30 s and runs "
         "what changed data versions or code versions make out of date."
     ),
 )
@@ -73,7 +73,7 @@ def raw_data_sensor(context: dg.SensorEvaluationContext, image_source: ImageSour
 def _recorded_version(instance: dg.DagsterInstance) -> str | None:
     """The data version of the source's latest observation in this instance, if any."""
     record = instance.get_latest_data_version_record(SOURCE_KEY, is_source=True)
-    return record.asset_observation.tags.get("dagster/data_version") if record and record.asset_observation else None
+    return record.asset_observation.data_version if record and record.asset_observation else None
 
 
 def _not_read_message(raw_dir: Path, names: list[str], image_source: ImageSource, source: Path) -> str:
@@ -83,5 +83,3 @@ def _not_read_message(raw_dir: Path, names: list[str], image_source: ImageSource
         "new file, point it there (BC_SOURCE=npz|folder BC_SOURCE_PATH=<path>) and restart `make dev`."
     )
 
-
-all_sensors = [automation_sensor, raw_data_sensor]

@@ -4,20 +4,20 @@ Made once and stored like the other evaluation sets, so every model is scored on
 no training path reads it (see lib/corruptions.py).
 """
 
+import os
+
 import dagster as dg
 import numpy as np
 import pandas as pd
 from pydantic import Field, field_validator
 
-from bc_pipeline import automation
-from bc_pipeline.assets import _metadata as md
-from bc_pipeline.assets._versions import with_config
-from bc_pipeline.assets.training import split_arrays, split_rows
+from bc_pipeline.dagster_utils import metadata as md
+from bc_pipeline.dagster_utils.versions import versioned, with_config
+from bc_pipeline.lib.splits import split_arrays, split_rows
 from bc_pipeline.lib.artifacts import ImageSet
 from bc_pipeline.lib.corruptions import CORRUPTIONS, SEVERITIES, build_corrupted_set, check_corruptions, subsample
 from bc_pipeline.lib.plots import image_rows
-from bc_pipeline.lib.storage import fingerprint
-from bc_pipeline.resources import PipelineStorage
+from bc_pipeline.defs.resources import PipelineStorage
 
 
 class CorruptionSuiteConfig(dg.Config):
@@ -41,7 +41,6 @@ class CorruptionSuiteConfig(dg.Config):
 
 @dg.asset(
     code_version=with_config("1", CorruptionSuiteConfig),
-    automation_condition=automation.on_change(),
     group_name="evaluation",
     kinds={"numpy"},
     description="The test split under the 15 ImageNet-C corruptions x 5 severities: the headline robustness benchmark.",
@@ -53,8 +52,6 @@ def corruption_benchmark_set(
     data_splits: pd.DataFrame,
     storage: PipelineStorage,
 ) -> dg.Output[ImageSet]:
-    import os
-
     check_corruptions(config.corruptions, config.severities)
     images, labels = split_arrays(clean_images, data_splits, "test")
     chosen = subsample(labels, config.max_images, seed=config.seed)
@@ -78,7 +75,7 @@ def corruption_benchmark_set(
     }
     if len(chosen):
         metadata.update(md.image(_grid(images[chosen], built, config.severities), storage.report_dir("corruption_benchmark_set") / "samples.png", "samples"))
-    return dg.Output(value, data_version=dg.DataVersion(fingerprint(value.images, value.manifest)), metadata=metadata)
+    return versioned(value, value.images, value.manifest, metadata=metadata)
 
 
 def _grid(clean: np.ndarray, built, severities: list[int]) -> bytes:

@@ -2,7 +2,6 @@
 
 import os
 import shutil
-import time
 from typing import Literal
 
 import dagster as dg
@@ -10,18 +9,17 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, field_validator
 
-from bc_pipeline import automation
-from bc_pipeline.assets._versions import with_config
-from bc_pipeline.assets import _metadata as md
-from bc_pipeline.assets._reuse import CONFIG_FINGERPRINT, config_fingerprint, unchanged_stored_output
-from bc_pipeline.assets.training import split_arrays
+from bc_pipeline.dagster_utils import metadata as md
+from bc_pipeline.dagster_utils.reuse import REUSE_KEY, reuse_key, unchanged_stored_output
+from bc_pipeline.dagster_utils.versions import versioned, with_config
+from bc_pipeline.defs.resources import PipelineStorage
 from bc_pipeline.lib.artifacts import ImageSet, ShardSet, read_artifact
-from bc_pipeline.lib.augmentation import IMAGE_PRESETS, PRESETS, check_image_preset, make_augmenter
+from bc_pipeline.lib.augmentation import IMAGE_PRESETS, PRESETS, check_image_preset, perturb_splits, write_augmented_copies
 from bc_pipeline.lib.plots import image_rows
-from bc_pipeline.lib.storage import fingerprint, save_npy
-from bc_pipeline.resources import PipelineStorage
+from bc_pipeline.lib.splits import split_arrays, split_rows
+from bc_pipeline.lib.storage import fingerprint
 
-ImagePreset = Literal["light", "randaugment", "augmix", "gridmask", "strong", "categorical", "illumination", "focus", "noise", "pixmix"]
+ImagePreset = Literal[IMAGE_PRESETS]  # type: ignore[valid-type]  # the presets of lib.augmentation, listed once there
 
 
 class AugmentConfig(dg.Config):
@@ -68,7 +66,6 @@ class RobustnessConfig(dg.Config):
 
 @dg.asset(
     code_version=with_config("2", AugmentConfig),
-    automation_condition=automation.on_change(),
     group_name="augmentation",
     kinds={"numpy", "tensorflow"},
     description="K augmented copies of the balanced training set as .npy shards, so training never waits on them.",
@@ -81,81 +78,40 @@ def augmented_train_set(
 ) -> dg.Output[ShardSet]:
     staging = storage.staging_dir("augmented_train_set")
     images, labels = balanced_train_set.images, balanced_train_set.manifest["label"].to_numpy(np.int64)
-    stored = unchanged_stored_output(context, config)
+    key = reuse_key(config, images, balanced_train_set.manifest)
+    policies = [config.policy_of(copy) for copy in range(config.copies)]
+    stored = unchanged_stored_output(context, key)
     if stored is not None:
         context.log.info(f"balanced set, config and code unchanged: reusing the stored sample {stored}")
         value = _relinked(read_artifact(stored, what="augmented_train_set"), staging)
-        versions = [fingerprint(value.load(i)[0]) for i in range(len(value.manifest))]
-        metadata = {
-            "reused_stored_sample": True, "policy": config.policy, "copies": config.copies, "images": len(value),
-            "shards": len(value.manifest), CONFIG_FINGERPRINT: config_fingerprint(config),
-        }  # fmt: skip
-        version = fingerprint(list(dict.fromkeys(value.manifest["policy"])) or [config.policy], labels, *versions)
-        return dg.Output(value, data_version=dg.DataVersion(version), metadata=metadata)
-    rows, versions, seconds = [], [], 0.0
-    spans = [(start, min(start + config.shard_size, len(images))) for start in range(0, len(images), config.shard_size)]
-    for copy in range(config.copies):
-        augment = make_augmenter(config.policy_of(copy), seed=config.seed * 1_009 + copy)
-        for part, (start, stop) in enumerate(spans):
-            began = time.perf_counter()
-            shard = augment(np.asarray(images[start:stop]))
-            seconds += time.perf_counter() - began
-            name = f"copy{copy:02d}_part{part:03d}"
-            save_npy(staging / f"{name}.images.npy", shard)
-            save_npy(staging / f"{name}.labels.npy", labels[start:stop])
-            versions.append(fingerprint(shard))
-            rows.append((f"{name}.images.npy", f"{name}.labels.npy", copy, part, config.policy_of(copy), start, stop - start))
-            context.log.info(
-                f"copy {copy + 1}/{config.copies} shard {part + 1}/{len(spans)}: {stop - start} images "
-                f"({(stop - start) / (time.perf_counter() - began):.0f} images/s)"
-            )
-    manifest = pd.DataFrame(rows, columns=["file", "labels_file", "copy", "part", "policy", "start", "count"])
-    value = ShardSet(directory=staging, manifest=manifest)
-    total = len(value)
-    used = list(dict.fromkeys(config.policy_of(copy) for copy in range(config.copies))) or [config.policy]
+        digests = [fingerprint(value.load(i)[0]) for i in range(len(value.manifest))]
+        used = list(dict.fromkeys(value.manifest["policy"])) or [config.policy]
+        metadata = {"reused_stored_sample": True, "policy": config.policy, "copies": config.copies, "images": len(value),
+                    "shards": len(value.manifest), REUSE_KEY: key}  # fmt: skip
+        return versioned(value, used, labels, *digests, metadata=metadata)
+    manifest, digests, seconds = write_augmented_copies(
+        images, labels, staging, policies=policies, shard_size=config.shard_size, seed=config.seed, log=context.log.info
+    )
+    value, used = ShardSet(directory=staging, manifest=manifest), list(dict.fromkeys(policies)) or [config.policy]
     metadata = {
         "policy": ", ".join(used),
         "policy_description": "; ".join(PRESETS[p].description for p in used),
         "copies": config.copies,
-        "images": total,
+        "images": len(value),
         "shards": len(manifest),
-        "images_per_second": round(total / seconds, 1) if seconds else 0.0,
+        "images_per_second": round(len(value) / seconds, 1) if seconds else 0.0,
         "augment_seconds": round(seconds, 1),
         "reused_stored_sample": False,
-        CONFIG_FINGERPRINT: config_fingerprint(config),
+        REUSE_KEY: key,
     }
-    if total:
+    if len(value):
         grid = _copies_grid(images, value, ", ".join(used), seed=config.seed)
         metadata.update(md.image(grid, storage.report_dir("augmented_train_set") / "samples.png", "samples"))
-    version = fingerprint(used, labels, *versions)
-    return dg.Output(value, data_version=dg.DataVersion(version), metadata=metadata)
-
-
-@dg.asset_check(
-    asset=augmented_train_set,
-    additional_ins={"balanced_train_set": dg.AssetIn("balanced_train_set")},
-    blocking=True,
-    description="Every shard has the labels, shape and dtype of its source rows.",
-)
-def shards_match_balanced_set(augmented_train_set: ShardSet, balanced_train_set: ImageSet) -> dg.AssetCheckResult:
-    labels = balanced_train_set.manifest["label"].to_numpy(np.int64)
-    shape = balanced_train_set.images.shape[1:]
-    problems = []
-    for i, row in augmented_train_set.manifest.iterrows():
-        images, shard_labels = augmented_train_set.load(i)
-        expected = labels[row["start"] : row["start"] + row["count"]]
-        if images.dtype != np.uint8 or images.shape[1:] != shape or len(images) != row["count"]:
-            problems.append(f"{row['file']}: {images.dtype} {images.shape}, expected uint8 ({row['count']}, *{shape})")
-        elif not np.array_equal(shard_labels, expected):
-            problems.append(f"{row['labels_file']}: labels differ from balanced_train_set rows {row['start']}+")
-    return dg.AssetCheckResult(
-        passed=not problems, metadata={"shards": len(augmented_train_set.manifest), "problems": problems[:20]}
-    )
+    return versioned(value, used, labels, *digests, metadata=metadata)
 
 
 @dg.asset(
     code_version=with_config("1", RobustnessConfig),
-    automation_condition=automation.on_change(),
     group_name="augmentation",
     kinds={"numpy", "tensorflow"},
     description="The val and test splits perturbed once by each preset ('strong' emulates the hidden test set).",
@@ -167,37 +123,25 @@ def robustness_eval_sets(
     data_splits: pd.DataFrame,
     storage: PipelineStorage,
 ) -> dg.Output[ImageSet]:
-    stored = unchanged_stored_output(context, config)
+    key = reuse_key(config, clean_images.images, clean_images.manifest, data_splits)
+    stored = unchanged_stored_output(context, key)
     if stored is not None:
         context.log.info(f"splits, config and code unchanged: reusing the stored perturbed sets {stored}")
         value = read_artifact(stored, what="robustness_eval_sets")
-        metadata = {"reused_stored_sample": True, "images": len(value.images), CONFIG_FINGERPRINT: config_fingerprint(config)}
-        return dg.Output(value, data_version=dg.DataVersion(fingerprint(value.images, value.manifest)), metadata=metadata)
-    splits = {split: split_arrays(clean_images, data_splits, split) for split in ("val", "test")}
-    parts, frames = [], []
-    for number, policy in enumerate(config.policies):
-        augment = make_augmenter(policy, seed=config.seed * 1_009 + number)  # traced once for both splits
-        for split, (images, labels) in splits.items():
-            began = time.perf_counter()
-            parts.append(augment(images))
-            rate = len(images) / (time.perf_counter() - began)
-            context.log.info(f"{split} x {policy}: {len(images)} images ({rate:.0f} images/s)")
-            rows = data_splits.loc[data_splits["split"] == split, "index"].to_numpy()
-            frames.append(pd.DataFrame({"policy": policy, "split": split, "clean_index": rows, "label": labels}))
-    manifest = pd.concat(frames, ignore_index=True)
-    images = np.concatenate(parts) if parts else np.zeros((0, *clean_images.images.shape[1:]), np.uint8)
+        return versioned(value, value.images, value.manifest, metadata={"reused_stored_sample": True, "images": len(value.images), REUSE_KEY: key})
+    splits = {split: (*split_arrays(clean_images, data_splits, split), split_rows(data_splits, split)) for split in ("val", "test")}
+    images, manifest = perturb_splits(splits, config.policies, seed=config.seed, log=context.log.info)
     metadata = {
         "policies": dg.MetadataValue.json({p: PRESETS[p].description for p in config.policies}),
         "images": len(images),
-        "images_per_split": dg.MetadataValue.json(manifest.groupby("split").size().div(len(config.policies)).astype(int).to_dict()),
+        "images_per_split": dg.MetadataValue.json(manifest.groupby("split").size().div(max(1, len(config.policies))).astype(int).to_dict()),
         "reused_stored_sample": False,
-        CONFIG_FINGERPRINT: config_fingerprint(config),
+        REUSE_KEY: key,
     }
     if len(images):
         grid = _policies_grid(clean_images, manifest, images, config.policies)
         metadata.update(md.image(grid, storage.report_dir("robustness_eval_sets") / "samples.png", "samples"))
-    version = fingerprint(images, manifest)
-    return dg.Output(ImageSet(images=images, manifest=manifest), data_version=dg.DataVersion(version), metadata=metadata)
+    return versioned(ImageSet(images=images, manifest=manifest), images, manifest, metadata=metadata)
 
 
 def _relinked(shards: ShardSet, staging) -> ShardSet:

@@ -7,26 +7,22 @@ recovered template are among them.
 """
 
 import time
-from dataclasses import replace
 
 import dagster as dg
 import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from bc_pipeline import automation
-from bc_pipeline.assets._versions import with_config
-from bc_pipeline.assets import _metadata as md
+from bc_pipeline.dagster_utils.versions import config_from_dataclass, to_dataclass, versioned, with_config
+from bc_pipeline.dagster_utils import metadata as md
 from bc_pipeline.lib import corruption, outliers
 from bc_pipeline.lib.artifacts import ImageSet
 from bc_pipeline.lib.plots import decomposition_examples, score_histogram, template_grid
-from bc_pipeline.lib.storage import fingerprint
-from bc_pipeline.resources import PipelineStorage
+from bc_pipeline.defs.resources import PipelineStorage
 
 
 @dg.asset(
     code_version="1",
-    automation_condition=automation.on_change(),
     group_name="anomalies",
     kinds={"parquet"},
     description="Stain tint and robust colour atypicality of every raw image (computed once per distinct image).",
@@ -46,35 +42,19 @@ def image_colour_stats(
         "tinted_share": round(outliers.tinted_share(stats), 3),
         **md.image(png, storage.report_dir("image_colour_stats") / "atypicality.png", "atypicality_histogram"),
     }
-    return dg.Output(stats, data_version=dg.DataVersion(fingerprint(stats)), metadata=metadata)
+    return versioned(stats, metadata=metadata)
 
 
-_DEFAULTS = corruption.CorruptionSettings()
-
-
-class CorruptionConfig(dg.Config):
-    """The thresholds of :class:`bc_pipeline.lib.corruption.CorruptionSettings` (its docstrings say why each holds)."""
-
-    residual_factor: float = Field(
-        default=_DEFAULTS.residual_factor, gt=1, description="A fit passes at most this many times the residual rounding leaves."
-    )
-    template_snr: float = Field(
-        default=_DEFAULTS.template_snr, gt=0, description="A blend's template part must stand this many times above rounding."
-    )
-    min_weight: float = Field(default=_DEFAULTS.min_weight, gt=0, lt=1, description="Below this cell share: a copy of the template.")
-    max_weight: float = Field(default=_DEFAULTS.max_weight, gt=0, lt=1, description="Above this cell share: the cell itself.")
-    min_blends: int = Field(default=_DEFAULTS.min_blends, ge=2, description="Distinct blends a template needs.")
-    missing_bases: bool = Field(
-        default=_DEFAULTS.missing_bases, description="Also flag blends of a found template whose base is not in the file."
-    )
-
-    def settings(self) -> corruption.CorruptionSettings:
-        return replace(_DEFAULTS, **self.model_dump())
+# The thresholds a user may set (lib/corruption.py's comments say why each default holds); the rest
+# of CorruptionSettings is internal (search block sizes, shortlists).
+CorruptionConfig = config_from_dataclass(
+    corruption.CorruptionSettings, name="CorruptionConfig",
+    exclude=("coarse_side", "shortlist", "missing_bases_gap", "whitening_ridge", "block"),
+)  # fmt: skip
 
 
 @dg.asset(
     code_version=with_config("2", CorruptionConfig),
-    automation_condition=automation.on_change(),
     group_name="anomalies",
     kinds={"parquet"},
     description="Images that are a blend A = a*B + (1-a)*C of another image B of the file and a shared template C "
@@ -83,14 +63,14 @@ class CorruptionConfig(dg.Config):
 )
 def corruption_report(
     context: dg.AssetExecutionContext,
-    config: CorruptionConfig,
+    config: CorruptionConfig,  # type: ignore[valid-type]
     raw_images: ImageSet,
     image_colour_stats: pd.DataFrame,
 ) -> dg.Output[pd.DataFrame]:
     start = time.perf_counter()
     distinct = outliers.distinct_rows(image_colour_stats)
     context.log.info(f"searching {len(distinct)} distinct images for blends of shared templates")
-    result = corruption.find_corruptions(raw_images.images, distinct, settings=config.settings())
+    result = corruption.find_corruptions(raw_images.images, distinct, settings=to_dataclass(config, corruption.CorruptionSettings))
     report = outliers.expand_to_copies(result.report, image_colour_stats)
     seconds = time.perf_counter() - start
     kinds = result.report["kind"].value_counts().to_dict()
@@ -107,12 +87,11 @@ def corruption_report(
         "per_template": md.table(result.template_summary.round(4)),
         "preview": md.table(report.head(30).round(4)),
     }
-    return dg.Output(report, data_version=dg.DataVersion(fingerprint(report)), metadata=metadata)
+    return versioned(report, metadata=metadata)
 
 
 @dg.asset(
     code_version="2",
-    automation_condition=automation.on_change(),
     group_name="anomalies",
     kinds={"numpy"},
     description="The recovered corruption templates (least squares over every blend and copy of each), as images, "
@@ -136,7 +115,7 @@ def noise_templates(
     else:
         context.log.info("no corrupted images: no templates to recover")
     stored = np.clip(np.rint(templates), 0, 255).astype(np.uint8)
-    return dg.Output(stored, data_version=dg.DataVersion(fingerprint(stored)), metadata=metadata)
+    return versioned(stored, metadata=metadata)
 
 
 class OutlierConfig(dg.Config):
@@ -158,7 +137,6 @@ class OutlierConfig(dg.Config):
 
 @dg.asset(
     code_version=with_config("2", OutlierConfig),
-    automation_condition=automation.on_change(),
     group_name="anomalies",
     kinds={"parquet"},
     description="Images that are not blood-cell images at all: copies of a recovered template, and pictures "
@@ -193,4 +171,4 @@ def outlier_report(
         "tinted_share": round(tinted, 3),
         "outliers_table": md.table(report.head(30).round(3)),
     }
-    return dg.Output(report, data_version=dg.DataVersion(fingerprint(report)), metadata=metadata)
+    return versioned(report, metadata=metadata)

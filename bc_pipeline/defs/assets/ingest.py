@@ -2,15 +2,14 @@
 
 import dagster as dg
 
-from bc_pipeline import automation
-from bc_pipeline.assets import _metadata as md
+from bc_pipeline.dagster_utils import metadata as md
+from bc_pipeline.dagster_utils.versions import versioned
 from bc_pipeline.lib.artifacts import ImageSet
 from bc_pipeline.lib.bloodmnist import FetchError
 from bc_pipeline.lib.loaders import ImageSourceError
 from bc_pipeline.lib.plots import class_sample_grid
 from bc_pipeline.lib.source_version import SourceSnapshot, snapshot
-from bc_pipeline.lib.storage import fingerprint
-from bc_pipeline.resources import ImageSource, PipelineStorage
+from bc_pipeline.defs.resources import ImageSource, PipelineStorage
 
 
 def observation_metadata(seen: SourceSnapshot) -> dict[str, dg.MetadataValue]:
@@ -44,12 +43,11 @@ def raw_image_source(
 
 
 @dg.asset(
-    code_version="1",
-    automation_condition=automation.on_change(),
+    code_version="2",
     group_name="ingest",
     deps=[raw_image_source],
     kinds={"numpy", "parquet"},
-    description="All source images as RGB uint8 at one size, with a manifest (id, source, label, size).",
+    description="All source images as RGB uint8 at one size, with a manifest (id, source, label, size) and the class names.",
 )
 def raw_images(
     context: dg.AssetExecutionContext, image_source: ImageSource, storage: PipelineStorage
@@ -60,13 +58,13 @@ def raw_images(
         raise dg.Failure(description=f"bad image source: {error}", allow_retries=False) from None
     except FetchError as error:
         raise dg.Failure(description=f"default dataset unavailable: {error}", allow_retries=False) from None
-    manifest = loaded.manifest
-    counts = manifest.groupby("class_name").size().reindex(image_source.class_names, fill_value=0)
+    manifest, class_names = loaded.manifest, tuple(image_source.class_names)
+    counts = manifest.groupby("class_name").size().reindex(class_names, fill_value=0)
     context.log.info(f"loaded {len(manifest)} images, skipped {len(loaded.skipped)}")
     for row in loaded.skipped.head(20).itertuples():
         context.log.warning(f"skipped {row.source}: {row.reason}")
 
-    grid = class_sample_grid(loaded.images, manifest["label"].to_numpy(), image_source.class_names)
+    grid = class_sample_grid(loaded.images, manifest["label"].to_numpy(), list(class_names))
     metadata = {
         "num_images": len(manifest),
         "num_skipped": len(loaded.skipped),
@@ -77,7 +75,6 @@ def raw_images(
     }
     if len(loaded.skipped):
         metadata["skipped"] = md.table(loaded.skipped)
-    value = ImageSet(images=loaded.images, manifest=manifest, tables={"skipped": loaded.skipped})
-    version = fingerprint(loaded.images, manifest)
-    return dg.Output(value, data_version=dg.DataVersion(version), metadata=metadata)
+    value = ImageSet(images=loaded.images, manifest=manifest, tables={"skipped": loaded.skipped}, class_names=class_names)
+    return versioned(value, loaded.images, manifest, list(class_names), metadata=metadata)
 

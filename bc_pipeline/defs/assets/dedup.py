@@ -7,20 +7,18 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from bc_pipeline import automation
-from bc_pipeline.assets._versions import with_config
-from bc_pipeline.assets import _metadata as md
+from bc_pipeline.dagster_utils.versions import versioned, with_config
+from bc_pipeline.dagster_utils import metadata as md
 from bc_pipeline.lib.artifacts import ImageSet
 from bc_pipeline.lib.dedup import NearPairs, duplicate_counts, find_duplicates_cached, summarize_groups
 from bc_pipeline.lib.hashing import HASH_ALGORITHM_VERSION, hash_hex, hash_with_cache
 from bc_pipeline.lib.plots import group_examples
-from bc_pipeline.lib.storage import fingerprint, save_parquet
-from bc_pipeline.resources import PipelineStorage
+from bc_pipeline.lib.storage import save_parquet
+from bc_pipeline.defs.resources import PipelineStorage
 
 
 @dg.asset(
     code_version="1",
-    automation_condition=automation.on_change(),
     group_name="dedup",
     kinds={"parquet"},
     description="phash and dhash (64-bit, imagehash-compatible) of every raw image, cached by image id.",
@@ -56,7 +54,7 @@ def image_hashes(
         "images_per_second": round(computed / seconds, 1) if computed and seconds > 0 else 0.0,
         "preview": md.table(preview),
     }
-    return dg.Output(hashes, data_version=dg.DataVersion(fingerprint(hashes)), metadata=metadata)
+    return versioned(hashes, metadata=metadata)
 
 
 def _read_cache(path, context: dg.AssetExecutionContext, parse=lambda frame: frame):
@@ -81,7 +79,6 @@ class DuplicateConfig(dg.Config):
 
 @dg.asset(
     code_version=with_config("1", DuplicateConfig),
-    automation_condition=automation.on_change(),
     group_name="dedup",
     kinds={"parquet"},
     description="Exact (identical pixels) and near (Hamming distance) duplicate groups and label conflicts.",
@@ -118,7 +115,7 @@ def duplicate_groups(
         captions = [caption for _, caption in examples]
         png = group_examples(raw_images.images, [members for members, _ in examples], captions)
         metadata.update(md.image(png, storage.report_dir("duplicate_groups") / "examples.png", "example_groups"))
-    return dg.Output(table, data_version=dg.DataVersion(fingerprint(table)), metadata=metadata)
+    return versioned(table, metadata=metadata)
 
 
 def _example_groups(table: pd.DataFrame, names: dict, limit: int = 8) -> list[tuple[list[int], str]]:

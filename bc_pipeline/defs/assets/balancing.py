@@ -7,17 +7,15 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from bc_pipeline import automation
-from bc_pipeline.assets._versions import with_config
-from bc_pipeline.assets import _metadata as md
-from bc_pipeline.assets.training import split_arrays
+from bc_pipeline.dagster_utils.versions import versioned, with_config
+from bc_pipeline.dagster_utils import metadata as md
 from bc_pipeline.lib.artifacts import ImageSet
-from bc_pipeline.lib.balancing import balance
+from bc_pipeline.lib.balancing import STRATEGIES, balance
 from bc_pipeline.lib.plots import image_rows
-from bc_pipeline.lib.storage import fingerprint
-from bc_pipeline.resources import ImageSource, PipelineStorage
+from bc_pipeline.lib.splits import split_arrays, split_rows
+from bc_pipeline.defs.resources import PipelineStorage
 
-Strategy = Literal["none", "class_weights", "oversample", "smote", "oversample+class_weights", "smote+class_weights"]
+Strategy = Literal[STRATEGIES]  # type: ignore[valid-type]  # listed once, in lib.balancing
 
 
 class BalanceConfig(dg.Config):
@@ -35,8 +33,7 @@ class BalanceConfig(dg.Config):
 
 
 @dg.asset(
-    code_version=with_config("1", BalanceConfig),
-    automation_condition=automation.on_change(),
+    code_version=with_config("2", BalanceConfig),
     group_name="balancing",
     kinds={"numpy", "parquet"},
     description="The training split, balanced by the configured strategy, with the class weights training uses.",
@@ -46,27 +43,16 @@ def balanced_train_set(
     config: BalanceConfig,
     clean_images: ImageSet,
     data_splits: pd.DataFrame,
-    image_source: ImageSource,
     storage: PipelineStorage,
 ) -> dg.Output[ImageSet]:
-    class_names = list(image_source.class_names)
+    class_names = list(clean_images.class_names)
     images, labels = split_arrays(clean_images, data_splits, "train")
-    rows = data_splits.loc[data_splits["split"] == "train", "index"].to_numpy()
+    rows = split_rows(data_splits, "train")
     result = balance(
         images, labels, num_classes=len(class_names), strategy=config.strategy, target_ratio=config.target_ratio,
         smote_neighbors=config.smote_neighbors, seed=config.seed, log=context.log.info,
     )  # fmt: skip
-    manifest = pd.DataFrame(
-        {
-            # Row in clean_images; -1 for SMOTE samples, which mix two images.
-            "clean_index": np.where(result.source >= 0, rows[np.maximum(result.source, 0)], -1),
-            "label": result.labels,
-            "origin": result.origin.astype(str),
-            "transform": result.transform.astype(str),
-        }
-    )
-    counts = result.counts.assign(**{"class": [class_names[i] for i in result.counts["label"]]})
-    counts = counts[["class", "label", "before", "after", "weight"]]
+    manifest, counts = result.manifest(rows), result.named_counts(class_names)
     context.log.info(f"{config.strategy}: {len(labels)} -> {len(result.labels)} training images")
     metadata = {
         "strategy": config.strategy,
@@ -82,9 +68,8 @@ def balanced_train_set(
         grid = _added_samples_grid(result.images, result.labels, added, class_names, seed=config.seed)
         folder = storage.report_dir("balanced_train_set")
         metadata.update(md.image(grid, folder / "added_samples.png", "added_samples"))
-    value = ImageSet(images=result.images, manifest=manifest, tables={"class_counts": counts})
-    version = fingerprint(result.images, manifest, counts)
-    return dg.Output(value, data_version=dg.DataVersion(version), metadata=metadata)
+    value = ImageSet(images=result.images, manifest=manifest, tables={"class_counts": counts}, class_names=clean_images.class_names)
+    return versioned(value, result.images, manifest, counts, metadata=metadata)
 
 
 def _added_samples_grid(

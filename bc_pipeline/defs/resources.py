@@ -1,0 +1,262 @@
+"""Resources, and the one place the pipeline reads its environment.
+
+Every setting that comes from the environment is listed in :data:`ENVIRONMENT` (variable -> what it
+sets) and read by :func:`from_env`, once, when the definitions load; a resource field's default is
+its only default. The variables:
+
+- ``BC_DATA_DIR``: every artifact, report and cache (and, through the Makefile, the Dagster home)
+  live below it; default ``data/`` in the project root.
+- ``BC_SOURCE`` (bloodmnist | npz | folder), ``BC_SOURCE_PATH``, ``BC_IMAGE_SIZE``: the image source.
+- ``BC_TRAINING_LAUNCHER`` (subprocess | docker | k8s), ``BC_KERAS_BACKEND`` (tensorflow | jax |
+  torch), ``BC_TRAINING_DEVICE``, ``BC_WORKER_IMAGE``, ``BC_K8S_NAMESPACE``, ``BC_DATA_VOLUME_CLAIM``:
+  where models train.
+- ``BC_SHARED_DATASETS``: the shared development datasets tests and benchmarks read (default
+  ``../shared/datasets`` beside the project root).
+
+The training worker runs in its own process or container and reads only ``BC_WORKER_DATA_DIR``
+(``worker/spec.py``): where the data directory is mounted there.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import dagster as dg
+
+from bc_pipeline.lib.artifacts import PartitionedArtifacts, read_artifact, write_artifact
+from bc_pipeline.lib.bloodmnist import BLOODMNIST_FILENAME, fetch_bloodmnist
+from bc_pipeline.lib.classes import CLASS_NAMES
+from bc_pipeline.lib.loaders import LoadedImages, load_source
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+# Environment variable -> (resource class name, field), or a path setting of this module.
+ENVIRONMENT: dict[str, tuple[str, str]] = {
+    "BC_DATA_DIR": ("PipelineStorage", "data_dir"),
+    "BC_SHARED_DATASETS": ("paths", "shared_datasets"),
+    "BC_SOURCE": ("ImageSource", "kind"),
+    "BC_SOURCE_PATH": ("ImageSource", "path"),
+    "BC_IMAGE_SIZE": ("ImageSource", "image_size"),
+    "BC_TRAINING_LAUNCHER": ("TrainingWorker", "launcher"),
+    "BC_KERAS_BACKEND": ("TrainingWorker", "keras_backend"),
+    "BC_TRAINING_DEVICE": ("TrainingWorker", "device"),
+    "BC_WORKER_IMAGE": ("TrainingWorker", "image"),
+    "BC_K8S_NAMESPACE": ("TrainingWorker", "namespace"),
+    "BC_DATA_VOLUME_CLAIM": ("TrainingWorker", "data_volume_claim"),
+}
+
+R = TypeVar("R", bound=dg.ConfigurableResource)
+
+
+def _env(owner: str, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The fields of ``owner`` set in the environment (unset and empty variables are left out)."""
+    environ = os.environ if environ is None else environ
+    return {field: environ[var] for var, (name, field) in ENVIRONMENT.items() if name == owner and environ.get(var)}
+
+
+def from_env(resource_class: type[R], environ: Mapping[str, str] | None = None, **fields: Any) -> R:
+    """``resource_class`` with the fields its ``BC_*`` variables set, then ``fields``, over its defaults."""
+    return resource_class(**{**_env(resource_class.__name__, environ), **fields})
+
+
+def default_data_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """Where artifacts, reports and caches live: ``BC_DATA_DIR`` or ``data/`` in the project root."""
+    return Path(_env("PipelineStorage", environ).get("data_dir") or PROJECT_ROOT / "data").resolve()
+
+
+def shared_datasets_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """The shared development datasets (tests, benchmarks): ``BC_SHARED_DATASETS`` or ``../shared/datasets``."""
+    default = PROJECT_ROOT.parent / "shared" / "datasets"
+    return Path(_env("paths", environ).get("shared_datasets") or default).resolve()
+
+
+class PipelineStorage(dg.ConfigurableResource):
+    """The data directory: reports (PNG, Markdown, JSON) and caches live below it."""
+
+    data_dir: str
+
+    @property
+    def root(self) -> Path:
+        return Path(self.data_dir)
+
+    def report_dir(self, name: str) -> Path:
+        path = self.root / "reports" / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def cache_dir(self) -> Path:
+        path = self.root / "cache"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def staging_dir(self, name: str) -> Path:
+        """An empty folder on the data directory's file system, for files an asset writes one by one.
+
+        The IO manager then renames it into place, so the artifact appears complete or not at all.
+        Left-overs of a killed run are removed here, the next time the same asset runs.
+        """
+        path = self.cache_dir() / "staging" / name
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+        return path
+
+
+class ImageSource(dg.ConfigurableResource):
+    """Which images the pipeline starts from.
+
+    ``kind``: ``bloodmnist`` (default; fetched into ``<data_dir>/raw/`` if missing), ``npz`` (the
+    course challenge layout) or ``folder`` (one sub-folder per class). ``path`` is the file or
+    folder; empty means the default BloodMNIST file. ``class_names`` are the labels' names in label
+    order; they travel with the images from ``raw_images`` on (downstream stages read them there).
+    """
+
+    kind: Literal["bloodmnist", "npz", "folder"] = "bloodmnist"
+    path: str = ""
+    image_size: int = 96
+    class_names: list[str] = list(CLASS_NAMES)
+    on_bad_item: Literal["skip", "fail"] = "skip"
+
+    def resolve_path(self, data_dir: Path) -> Path:
+        if self.path:
+            return Path(self.path).expanduser()
+        if self.kind != "bloodmnist":
+            raise ValueError(f"image source kind {self.kind!r} needs a path (set BC_SOURCE_PATH)")
+        return data_dir / "raw" / BLOODMNIST_FILENAME
+
+    def load(self, data_dir: Path, log: Callable[[str], None]) -> LoadedImages:
+        path = self.resolve_path(data_dir)
+        if self.kind == "bloodmnist" and not path.exists():
+            log(f"{path} is missing: fetching BloodMNIST")
+            fetch_bloodmnist(path, log=log)
+        log(f"loading {self.kind} source {path} at {self.image_size}px")
+        return load_source(
+            self.kind,
+            path,
+            image_size=self.image_size,
+            class_names=self.class_names,
+            on_bad_item=self.on_bad_item,
+        )
+
+
+class TrainingWorker(dg.ConfigurableResource):
+    """Where ``trained_model`` runs its training worker, launched through Dagster Pipes.
+
+    ``launcher``: ``subprocess`` (default: a process on this machine, its CPU or GPU), ``docker``
+    (a container of ``image``, the data directory bind-mounted at ``data_mount``) or ``k8s`` (a pod
+    of ``image`` with ``gpus`` x ``nvidia.com/gpu``, the data directory from the PersistentVolumeClaim
+    ``data_volume_claim`` mounted at ``data_mount``, placed by ``node_selector``).
+    ``keras_backend``: tensorflow | jax | torch, for the worker only (the other assets stay on
+    TensorFlow). ``device``: auto | gpu (fail fast without one) | cpu. Set from the environment
+    (:data:`ENVIRONMENT`).
+    """
+
+    launcher: Literal["subprocess", "docker", "k8s"] = "subprocess"
+    keras_backend: Literal["tensorflow", "jax", "torch"] = "tensorflow"
+    device: Literal["auto", "gpu", "cpu"] = "auto"
+    input_workers: int = 0
+    python: str = ""
+    image: str = "bc-pipeline-worker:latest"
+    data_mount: str = "/data"
+    gpus: int = 1
+    namespace: str = ""
+    data_volume_claim: str = ""
+    node_selector: dict[str, str] = {}
+    env: dict[str, str] = {}
+
+    def run(self, context: dg.AssetExecutionContext, spec_path: Path, data_root: Path) -> list[dict]:
+        """Run the worker on ``spec_path`` to completion; the custom messages it sent (epochs, summary)."""
+        from bc_pipeline.lib import launch
+
+        # The backend and device travel in the spec; the environment only re-roots its paths in a container.
+        if self.launcher == "subprocess":
+            command = launch.worker_command(self.python or sys.executable, str(spec_path))
+            invocation = dg.PipesSubprocessClient().run(command=command, context=context, env=dict(self.env))
+            return invocation.get_custom_messages()
+        env = {**self.env, "BC_WORKER_DATA_DIR": self.data_mount}
+        command = launch.worker_command("python", launch.path_in_container(spec_path, data_root, self.data_mount))
+        if self.launcher == "docker":
+            client = _import_client("docker", "dagster_docker", "PipesDockerClient")()
+            kwargs = launch.docker_container_kwargs(data_root=data_root, mount=self.data_mount, gpus=self.gpus)
+            invocation = client.run(context=context, image=self.image, command=command, env=env, container_kwargs=kwargs)
+        else:
+            pod_spec = launch.k8s_pod_spec(gpus=self.gpus, volume_claim=self.data_volume_claim, mount=self.data_mount,
+                                           node_selector=self.node_selector)  # fmt: skip
+            client = _import_client("k8s", "dagster_k8s", "PipesK8sClient")()
+            invocation = client.run(
+                context=context, image=self.image, command=command, env=env, namespace=self.namespace or None,
+                base_pod_spec=pod_spec, base_pod_meta={"labels": {"app.kubernetes.io/name": "bc-pipeline-trainer"}},
+            )  # fmt: skip
+        return invocation.get_custom_messages()
+
+
+def _import_client(extra: str, module: str, name: str) -> type:
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ImportError:
+        raise dg.Failure(
+            description=f"launcher {extra!r} needs {module}, which is not installed: pip install 'bc_pipeline[{extra}]'"
+        ) from None
+
+
+# An input that reads every partition of a partitioned upstream asset: AssetIn(metadata=ALL_PARTITIONS).
+ALL_PARTITIONS = {"all_partitions": True}
+
+
+class ArtifactIOManager(dg.ConfigurableIOManager):
+    """Stores every asset's value under ``base_dir`` in the formats of lib.artifacts (atomic writes).
+
+    A partitioned asset keeps one artifact per partition: ``<asset>/<partition>``. An input marked
+    :data:`ALL_PARTITIONS` gets a lazy mapping from partition key to value, holding only the
+    partitions that are stored.
+    """
+
+    base_dir: str
+
+    def _base(self, asset_key: dg.AssetKey) -> Path:
+        return Path(self.base_dir).joinpath(*asset_key.path)
+
+    def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
+        base = self._base(context.asset_key)
+        if context.has_asset_partitions:
+            base = base / context.asset_partition_key
+        path = write_artifact(base, obj)
+        context.add_output_metadata({"artifact_path": dg.MetadataValue.path(str(path))})
+
+    def load_input(self, context: dg.InputContext) -> Any:
+        base, what = self._base(context.asset_key), context.asset_key.to_user_string()
+        if not context.has_asset_partitions:
+            return read_artifact(base, what=what)
+        keys = list(context.asset_partition_keys)
+        if (context.definition_metadata or {}).get("all_partitions"):
+            stored = PartitionedArtifacts(base, keys, what=what)
+            if stored.missing:
+                context.log.warning(f"{what}: partitions not materialized yet, left out: {', '.join(stored.missing)}")
+            return stored
+        if len(keys) != 1:
+            raise ValueError(f"{what}: expected one partition, got {len(keys)}; mark the input all_partitions")
+        return read_artifact(base / keys[0], what=f"{what}[{keys[0]}]")
+
+
+def build_resources(
+    data_dir: str | Path | None = None, source: ImageSource | None = None, worker: TrainingWorker | None = None
+) -> dict[str, Any]:
+    """Every resource of the pipeline: for a data directory, image source and training worker (default: the environment)."""
+    root = str(data_dir or default_data_dir())
+    return {
+        "io_manager": ArtifactIOManager(base_dir=os.path.join(root, "assets")),
+        "storage": PipelineStorage(data_dir=root),
+        "image_source": source or from_env(ImageSource),
+        "training_worker": worker or from_env(TrainingWorker),
+    }
+
+
+@dg.definitions
+def resources() -> dg.Definitions:
+    """The resources the definitions load with (``dg`` autoloads this module from ``defs/``)."""
+    return dg.Definitions(resources=build_resources())
