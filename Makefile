@@ -66,6 +66,7 @@ test: install
 	$(PY) -m pytest
 
 bench: install
+	$(PY) bench/bench_definitions.py
 	$(PY) bench/bench_hashing.py
 	$(PY) bench/bench_incremental.py
 	$(PY) bench/bench_dedup.py

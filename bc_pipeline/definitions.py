@@ -1,8 +1,10 @@
 """The bc_pipeline code location: every definition of ``defs/``, with the project's policy applied once.
 
-Loaded by ``dg`` and ``dagster dev`` (``[tool.dg]`` in pyproject.toml, workspace.yaml) and by the
-tests. Importing it must stay fast and must not import TensorFlow or Keras (the web UI and the
-daemon import it constantly): TensorFlow and Keras are imported inside the functions that use them.
+Loaded by ``dg`` and ``dagster dev`` (``[tool.dg]`` in pyproject.toml, workspace.yaml) through the
+lazy ``code_location`` (Dagster's ``@dg.definitions``), and by run.py and the tests through ``defs``
+/ ``load()``. Importing it is cheap (the definitions are built on first use), and neither importing
+nor loading it imports TensorFlow or Keras (the web UI and the daemon load it constantly):
+TensorFlow and Keras are imported inside the functions that use them.
 
 Policy applied here rather than per asset: every materializable asset without an automation
 condition of its own gets :func:`bc_pipeline.dagster_utils.automation.on_change`; the assets that
@@ -13,14 +15,15 @@ one module, ``defs/resources.py``.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 
 from bc_pipeline.dagster_utils.automation import on_change
-from bc_pipeline.defs.resources import build_resources
 
-__all__ = ["all_asset_checks", "all_assets", "build_resources", "defs"]
+__all__ = ["all_asset_checks", "all_assets", "build_resources", "code_location", "defs", "load"]
 
 
 def _default_automation(spec: dg.AssetSpec) -> dg.AssetSpec:
@@ -28,8 +31,9 @@ def _default_automation(spec: dg.AssetSpec) -> dg.AssetSpec:
     return spec if spec.automation_condition is not None else spec.replace_attributes(automation_condition=on_change())
 
 
-def assemble() -> dg.Definitions:
-    """The definitions autoloaded from ``defs/`` with the default automation condition applied."""
+@functools.cache
+def load() -> dg.Definitions:
+    """The definitions autoloaded from ``defs/`` with the default automation condition applied (built once)."""
     loaded = dg.load_from_defs_folder(path_within_project=Path(__file__).parent)
     sources = [a for a in loaded.assets or [] if isinstance(a, dg.SourceAsset)]  # observed, never materialized
     assets = dg.map_asset_specs(_default_automation, [a for a in loaded.assets or [] if not isinstance(a, dg.SourceAsset)])
@@ -39,7 +43,27 @@ def assemble() -> dg.Definitions:
     )  # fmt: skip
 
 
-defs = assemble()
-# What dg.materialize takes (run.py and the tests): the assets and checks as the definitions hold them.
-all_assets = list(defs.assets or [])
-all_asset_checks = list(defs.asset_checks or [])
+@dg.definitions
+def code_location() -> dg.Definitions:
+    """What ``dg`` and ``dagster dev`` load: Dagster calls it when it loads the code location, not at import."""
+    return load()
+
+
+def __getattr__(name: str) -> Any:
+    """``defs``, ``all_assets``, ``all_asset_checks`` (what ``dg.materialize`` takes) and ``build_resources``,
+    for run.py, the tests and notebooks: built on first use, so importing this module stays cheap.
+
+    Not module attributes on purpose: Dagster's loader finds exactly one set of definitions here,
+    ``code_location``.
+    """
+    if name == "defs":
+        return load()
+    if name == "all_assets":
+        return list(load().assets or [])
+    if name == "all_asset_checks":
+        return list(load().asset_checks or [])
+    if name == "build_resources":
+        from bc_pipeline.defs.resources import build_resources
+
+        return build_resources
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
