@@ -70,6 +70,7 @@ bench: install
 	$(PY) bench/bench_hashing.py
 	$(PY) bench/bench_incremental.py
 	$(PY) bench/bench_dedup.py
+	$(PY) bench/bench_dedup.py --scale 10000 100000 1000000
 	$(PY) bench/bench_anomalies.py
 	$(PY) bench/bench_augmentation.py
 	$(PY) bench/bench_smote.py

@@ -17,9 +17,11 @@ from bc_pipeline.lib.cleaning import EXACT_DUPLICATE, LABEL_CONFLICT, REMOVED_CO
 from bc_pipeline.lib.dedup import (
     DUPLICATE_COLUMNS,
     NearPairs,
+    all_pairs,
     duplicate_counts,
     find_duplicates,
     find_duplicates_cached,
+    multi_index_pairs,
     near_duplicate_pairs,
     summarize_groups,
 )
@@ -423,6 +425,50 @@ def test_near_duplicate_pairs_default_block_and_empty_input(clustered) -> None:
     empty = np.zeros(0, np.uint64)
     left, right = near_duplicate_pairs(empty, empty, 4)
     assert left.shape == right.shape == (0,)
+
+
+@pytest.mark.parametrize("threshold", [0, 1, 4, 7, 12])
+def test_multi_index_search_equals_brute_force_on_clustered_hashes(clustered, threshold: int) -> None:
+    """Every pair, and only pairs, within the threshold on both hashes; also restricted to some rows."""
+    phash, dhash = clustered
+    expected = _brute_force(phash, dhash, threshold)
+    left, right = multi_index_pairs(phash, dhash, threshold)
+    assert set(zip(left.tolist(), right.tolist())) == expected and (left < right).all()
+    rows = np.array([4, 9, 30, 149])
+    left, right = multi_index_pairs(phash, dhash, threshold, rows=rows)
+    assert set(zip(left.tolist(), right.tolist())) == {(i, j) for i, j in expected if i in rows or j in rows}
+
+
+def _planted_hashes(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random hashes with a tenth of them near copies of others (0-8 bits flipped in each hash)."""
+    rng = np.random.default_rng(seed)
+    phash = rng.integers(0, 2**64, n, dtype=np.uint64)
+    dhash = rng.integers(0, 2**64, n, dtype=np.uint64)
+    copies = rng.integers(0, n, (n // 10, 2))
+    for source, target in copies:
+        for hashes in (phash, dhash):
+            flips = rng.choice(64, rng.integers(0, 9), replace=False)
+            hashes[target] = hashes[source] ^ np.uint64(sum(1 << int(bit) for bit in flips))
+    return phash, dhash
+
+
+@pytest.mark.parametrize(("n", "threshold", "seed"), [(5000, 0, 0), (5000, 3, 1), (6000, 4, 2), (6000, 6, 3), (4500, 9, 4)])
+def test_near_duplicate_search_is_identical_to_all_pairs_across_generated_sets(n: int, threshold: int, seed: int) -> None:
+    phash, dhash = _planted_hashes(n, seed)
+    expected = all_pairs(phash, dhash, threshold)
+    assert len(expected[0]) > 0, "the planted copies should give pairs"
+    for found in (near_duplicate_pairs(phash, dhash, threshold), multi_index_pairs(phash, dhash, threshold)):
+        np.testing.assert_array_equal(found[0], expected[0])
+        np.testing.assert_array_equal(found[1], expected[1])
+    rows = np.random.default_rng(seed).choice(n, 100, replace=False)  # the incremental search
+    expected_rows = all_pairs(phash, dhash, threshold, rows=rows)
+    np.testing.assert_array_equal(np.stack(near_duplicate_pairs(phash, dhash, threshold, rows=rows)), np.stack(expected_rows))
+
+
+def test_very_clustered_hashes_fall_back_to_all_pairs_with_the_same_result() -> None:
+    phash, dhash = _clustered_hashes(5000, seed=2)  # 8 clusters: chunk keys barely prune
+    assert multi_index_pairs(phash, dhash, 4, max_candidates=10_000) is None
+    np.testing.assert_array_equal(np.stack(near_duplicate_pairs(phash, dhash, 4)), np.stack(all_pairs(phash, dhash, 4)))
 
 
 def test_near_groups_equal_components_of_brute_force_pairs(clustered) -> None:

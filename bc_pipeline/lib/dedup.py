@@ -3,10 +3,11 @@
 - Exact duplicates share every pixel, hence the content-derived image id.
 - Near duplicates are pairs whose phash *and* dhash differ in at most ``threshold`` bits. Asking
   both hashes to agree keeps unrelated but similar-looking cells (the same stain, a cell in the
-  middle) apart, which a single 64-bit hash does not always do. Pairs are found by a blocked,
-  vectorised all-pairs Hamming comparison (XOR + popcount over a block of rows at a time, so
-  memory stays at ``block * n`` bytes) and joined into groups by connected components.
-- The comparison is the expensive part (about 1.8 s for 14,416 images, every time). With a
+  middle) apart, which a single 64-bit hash does not always do. Pairs are found by multi-index
+  hashing (:func:`multi_index_pairs`, sub-quadratic) and joined into groups by connected components.
+  Its result is exactly the blocked all-pairs comparison's (:func:`all_pairs`: XOR + popcount over
+  a block of rows at a time), which it falls back to where it would not be faster.
+- The comparison is the expensive part. With a
   :class:`NearPairs` cache from the previous run, only images whose id is new are compared (with
   every image); pairs among known ids come from the cache, which is exact because an id is the
   pixel content and so fixes both hashes.
@@ -37,28 +38,112 @@ DUPLICATE_COLUMNS = [
 
 
 def near_duplicate_pairs(
-    phash: np.ndarray, dhash: np.ndarray, threshold: int, *, block: int = 2048
+    phash: np.ndarray, dhash: np.ndarray, threshold: int, *, block: int = 2048, rows: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """All pairs (i < j) whose phash and dhash both differ in at most ``threshold`` bits."""
+    """All pairs (i < j) whose phash and dhash both differ in at most ``threshold`` bits, sorted.
+
+    ``rows``: only pairs with at least one member among these indices (the incremental search).
+    Multi-index hashing where it prunes, the all-pairs comparison otherwise; the same pairs either way.
+    """
+    phash, dhash = np.asarray(phash, np.uint64), np.asarray(dhash, np.uint64)
+    if _multi_index_pays(len(phash), threshold):
+        pairs = multi_index_pairs(phash, dhash, threshold, rows=rows)
+        if pairs is not None:
+            return pairs
+    return all_pairs(phash, dhash, threshold, block=block, rows=rows)
+
+
+def all_pairs(
+    phash: np.ndarray, dhash: np.ndarray, threshold: int, *, block: int = 2048, rows: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The brute-force reference: every pair compared, ``block`` rows at a time (memory ``block * n`` bytes)."""
     n = len(phash)
-    left, right = [], []
-    for start in range(0, n, block):
-        stop = min(start + block, n)
-        # Compare rows start..stop with every later column only (upper triangle).
-        p = hamming(phash[start:stop, None], phash[None, start:])
-        close = p <= threshold
-        if close.any():
-            d = hamming(dhash[start:stop, None], dhash[None, start:])
-            close &= d <= threshold
-        rows, cols = np.nonzero(close)
-        cols = cols + start
-        rows = rows + start
-        keep = cols > rows
-        left.append(rows[keep])
-        right.append(cols[keep])
-    if not left:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate(left).astype(np.int64), np.concatenate(right).astype(np.int64)
+    wanted = np.arange(n) if rows is None else np.unique(np.asarray(rows, np.int64))
+    codes = []
+    for start in range(0, len(wanted), block):
+        chunk = wanted[start : start + block]
+        close = (hamming(phash[chunk, None], phash[None, :]) <= threshold) & (
+            hamming(dhash[chunk, None], dhash[None, :]) <= threshold
+        )
+        r, j = np.nonzero(close)
+        i = chunk[r]
+        keep = i != j
+        codes.append(_pair_codes(i[keep], j[keep], n))
+    return _decode(np.unique(np.concatenate(codes)) if codes else np.zeros(0, np.int64), n)
+
+
+def multi_index_pairs(
+    phash: np.ndarray, dhash: np.ndarray, threshold: int, *, rows: np.ndarray | None = None,
+    max_candidates: int | None = None,
+) -> tuple[np.ndarray, np.ndarray] | None:  # fmt: skip
+    """:func:`all_pairs` by multi-index hashing; None when a table would exceed ``max_candidates``.
+
+    Each 64-bit hash is cut into ``threshold + 1`` chunks. Two hashes within ``threshold`` bits
+    differ in at most ``threshold`` chunks, so (pigeonhole) at least one phash chunk *and* one dhash
+    chunk are equal. For every (phash chunk, dhash chunk) pair of positions, images are sorted by
+    that pair of chunk values; images with equal values are candidates, verified on both full
+    hashes. Every true pair is a candidate in some table and every candidate is verified, so the
+    result is exactly the all-pairs one. Random 64-bit hashes at threshold 4 make keys of 25-26
+    bits: candidates grow with n^2 / 2^25, a million images give a few thousand per table. Memory
+    is one table's candidates at a time, capped by ``max_candidates`` (default 64 per image, at
+    least a million), beyond which the caller falls back to :func:`all_pairs` (very clustered hashes).
+    """
+    n = len(phash)
+    limit = max_candidates if max_candidates is not None else max(1_000_000, 64 * n)
+    member = None if rows is None else np.isin(np.arange(n), np.asarray(rows, np.int64))
+    found = []
+    chunks = [(_chunk(phash, lo, hi), _chunk(dhash, lo, hi)) for lo, hi in _chunk_bounds(threshold)]
+    for p_chunk, _ in chunks:
+        for _, d_chunk in chunks:
+            left, right = _equal_key_pairs(p_chunk, d_chunk, limit)
+            if left is None:
+                return None
+            if member is not None:
+                keep = member[left] | member[right]
+                left, right = left[keep], right[keep]
+            close = (hamming(phash[left], phash[right]) <= threshold) & (hamming(dhash[left], dhash[right]) <= threshold)
+            found.append(_pair_codes(left[close], right[close], n))
+    return _decode(np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64), n)
+
+
+def _multi_index_pays(n: int, threshold: int) -> bool:
+    """Whether chunk keys are long enough to prune: 2 x 64 / (threshold + 1) bits against log2(n) + 4."""
+    return n > 4096 and 128 / (threshold + 1) >= np.log2(max(n, 2)) + 4
+
+
+def _chunk_bounds(threshold: int) -> list[tuple[int, int]]:
+    edges = np.linspace(0, 64, threshold + 2).round().astype(int)
+    return [(int(lo), int(hi)) for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
+
+
+def _chunk(hashes: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    mask = np.uint64((1 << (hi - lo)) - 1) if hi - lo < 64 else np.uint64(0xFFFFFFFFFFFFFFFF)
+    return (hashes >> np.uint64(lo)) & mask
+
+
+def _equal_key_pairs(first: np.ndarray, second: np.ndarray, limit: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Index pairs (i, j), i != j, whose (first, second) keys are equal; (None, None) past ``limit`` pairs."""
+    order = np.lexsort((second, first))
+    a, b = first[order], second[order]
+    starts = np.flatnonzero(np.r_[True, (a[1:] != a[:-1]) | (b[1:] != b[:-1])])
+    sizes = np.diff(np.r_[starts, len(order)])
+    if int((sizes * (sizes - 1) // 2).sum()) > limit:
+        return None, None
+    ends = np.repeat(starts + sizes, sizes)  # for each sorted position, the end of its group
+    after = ends - np.arange(len(order)) - 1  # group members after it
+    left = np.repeat(np.arange(len(order)), after)
+    offsets = np.arange(len(left)) - np.repeat(np.cumsum(after) - after, after)
+    right = left + 1 + offsets
+    return order[left].astype(np.int64), order[right].astype(np.int64)
+
+
+def _pair_codes(i: np.ndarray, j: np.ndarray, n: int) -> np.ndarray:
+    """One int64 per unordered pair: min * n + max."""
+    return np.minimum(i, j).astype(np.int64) * n + np.maximum(i, j).astype(np.int64)
+
+
+def _decode(codes: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    return (codes // max(n, 1)).astype(np.int64), (codes % max(n, 1)).astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -100,14 +185,10 @@ def cached_near_pairs(
     is_known = np.isin(ids, known.ids)
     cached = [(position[a], position[b]) for a, near in zip(known.ids, known.near) if a in position for b in near if b in position]
     fresh = np.flatnonzero(~is_known)
-    pairs = set((min(i, j), max(i, j)) for i, j in cached)
-    for start in range(0, len(fresh), block):
-        rows = fresh[start : start + block]
-        close = (hamming(phash[rows, None], phash[None, :]) <= threshold) & (hamming(dhash[rows, None], dhash[None, :]) <= threshold)
-        for r, j in zip(*np.nonzero(close)):
-            i = rows[r]
-            if i != j:
-                pairs.add((min(i, j), max(i, j)))
+    pairs = {(min(i, j), max(i, j)) for i, j in cached}
+    if len(fresh):
+        left, right = near_duplicate_pairs(phash, dhash, threshold, block=block, rows=fresh)
+        pairs.update(zip(left.tolist(), right.tolist()))
     ordered = np.array(sorted(pairs), dtype=np.int64).reshape(-1, 2)
     return ordered[:, 0], ordered[:, 1], len(fresh)
 
