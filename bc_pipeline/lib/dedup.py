@@ -62,11 +62,13 @@ def all_pairs(
     codes = []
     for start in range(0, len(wanted), block):
         chunk = wanted[start : start + block]
-        close = (hamming(phash[chunk, None], phash[None, :]) <= threshold) & (
-            hamming(dhash[chunk, None], dhash[None, :]) <= threshold
+        # Every row against all: later columns only (the upper triangle) unless some rows are asked for.
+        first = int(chunk[0]) if rows is None else 0
+        close = (hamming(phash[chunk, None], phash[None, first:]) <= threshold) & (
+            hamming(dhash[chunk, None], dhash[None, first:]) <= threshold
         )
         r, j = np.nonzero(close)
-        i = chunk[r]
+        i, j = chunk[r], j + first
         keep = i != j
         codes.append(_pair_codes(i[keep], j[keep], n))
     return _decode(np.unique(np.concatenate(codes)) if codes else np.zeros(0, np.int64), n)
