@@ -54,9 +54,9 @@ run: data $(DAGSTER_HOME)/dagster.yaml
 	@echo "Submission:  $(BC_DATA_DIR)/submission/ (model.py + model.keras, zipped as submission.zip)"
 	@$(PY) -c "import pandas as pd; t = pd.read_parquet('$(BC_DATA_DIR)/reports/model_leaderboard/leaderboard.parquet'); print(t[['rank', 'model', 'accuracy', 'corruption_accuracy', 'mce', 'ece_scaled', 'accuracy_tta', 'train_seconds']].round(4).to_string(index=False))"
 
-$(DAGSTER_HOME)/dagster.yaml:
-	mkdir -p $(DAGSTER_HOME)
-	cp bc_pipeline/instance/dagster.yaml $@
+# BC_DAGSTER_STORAGE=postgres (with BC_POSTGRES_URL) for a team's PostgreSQL instance; see README.
+$(DAGSTER_HOME)/dagster.yaml: | install
+	$(VENV)/bin/bc-instance init
 
 # dg dev: the UI and the daemon on this project ([tool.dg] in pyproject.toml).
 dev: install $(DAGSTER_HOME)/dagster.yaml

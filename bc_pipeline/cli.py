@@ -1,4 +1,4 @@
-"""The command-line programs: ``bc-predict`` and ``bc-fetch-bloodmnist``.
+"""The command-line programs: ``bc-predict``, ``bc-fetch-bloodmnist`` and ``bc-instance``.
 
 ``bc-predict`` classifies a folder of images or an .npz with a saved model and write a CSV.
 
@@ -111,6 +111,55 @@ def fetch_bloodmnist_main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0
+
+def instance_main(argv: list[str] | None = None) -> int:
+    """``bc-instance``: write the Dagster instance, end runs whose process is gone, free a run's slots.
+
+        bc-instance init [--storage sqlite|postgres] [--replace]   # $DAGSTER_HOME/dagster.yaml
+        bc-instance release                                        # what bc_pipeline.run does at start
+        bc-instance free-slots RUN_ID                              # by hand, for one run
+    """
+    parser = argparse.ArgumentParser(prog="bc-instance", description=instance_main.__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    init = commands.add_parser("init", help="write $DAGSTER_HOME/dagster.yaml (kept if present)")
+    init.add_argument("--storage", choices=["sqlite", "postgres"], default=None, help="default: BC_DAGSTER_STORAGE or sqlite")
+    init.add_argument("--replace", action="store_true", help="overwrite an existing dagster.yaml")
+    commands.add_parser("release", help="mark this host's runs whose process is gone failed and free their pool slots")
+    free = commands.add_parser("free-slots", help="free the pool slots one run holds (a run id or its first 8 characters)")
+    free.add_argument("run_id")
+    args = parser.parse_args(argv)
+    home = os.environ.get("DAGSTER_HOME")
+    if not home:
+        print("bc-instance: error: DAGSTER_HOME is not set (the Makefile sets it to $BC_DATA_DIR/dagster_home)", file=sys.stderr)
+        return 2
+    if args.command == "init":
+        from bc_pipeline.dagster_utils.instance import write_instance
+        from bc_pipeline.defs.resources import instance_storage
+
+        storage = args.storage or instance_storage()
+        print(f"bc-instance: {write_instance(Path(home), storage, replace=args.replace)} ({storage})")
+        return 0
+    return _instance_slots(args)
+
+
+def _instance_slots(args: argparse.Namespace) -> int:
+    import dagster as dg
+
+    from bc_pipeline.dagster_utils.runs import free_slots, release_dead_runs
+
+    with dg.DagsterInstance.get() as instance:
+        if args.command == "release":
+            released = release_dead_runs(instance)
+            for item in released:
+                print(f"bc-instance: {item.describe()}")
+            print(f"bc-instance: {len(released)} run(s) released")
+            return 0
+        runs = [r for r in instance.get_runs() if r.run_id.startswith(args.run_id)]
+        if len(runs) != 1:
+            print(f"bc-instance: error: {len(runs)} runs match {args.run_id!r}; give more of the run id", file=sys.stderr)
+            return 2
+        print(f"bc-instance: freed {free_slots(instance, runs[0].run_id)} pool slot(s) of run {runs[0].run_id}")
+        return 0
 
 
 if __name__ == "__main__":

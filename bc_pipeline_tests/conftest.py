@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,18 @@ from bc_pipeline.lib.loaders import read_labelled_files, sample_class_files
 from bc_pipeline.defs.resources import shared_datasets_dir
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+# The whole graph in seconds on a few hundred images: one augmented copy, tiny benchmarks, one epoch at 32 px.
+TINY_RUN_CONFIG = {
+    "ops": {
+        "augmented_train_set": {"config": {"copies": 1, "shard_size": 64}},
+        "robustness_eval_sets": {"config": {"policies": ["light"]}},
+        "corruption_benchmark_set": {"config": {"corruptions": ["gaussian_noise", "pixelate"], "severities": [3], "max_images": 16, "workers": 1}},
+        "trained_model": {"config": {"epochs": 1, "image_size": 32, "batch_size": 32}},
+        "evaluation_report": {"config": {"robust_policy": "light", "tta": False, "gradcam_per_class": 0}},
+    }
+}
 
 
 def _pbc96_dir() -> Path:
@@ -70,3 +83,84 @@ def tick_sensor(sensor, instance, cursor: str | None, resources: dict):
             instance.report_runless_asset_event(event)
         return result, result.cursor
     return result, context.cursor
+
+
+# --- PostgreSQL (the team instance) ------------------------------------------------------------
+
+
+class PostgresServer:
+    """A throw-away PostgreSQL server on a free loopback port, from the Debian package's binaries."""
+
+    def __init__(self, bin_dir: Path, root: Path):
+        import socket
+
+        self.bin_dir, self.data = bin_dir, root / "pgdata"
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self._as_owner: list[str] = []
+        if os.geteuid() == 0:  # initdb refuses root: run the server as the package's postgres user
+            self._as_owner = ["runuser", "-u", "postgres", "--"]
+            shutil.chown(root, "postgres")
+        run = lambda *cmd: subprocess.run([*self._as_owner, *cmd], check=True, capture_output=True, text=True, timeout=120)  # noqa: E731
+        run(str(bin_dir / "initdb"), "-D", str(self.data), "-U", "bc", "--auth=trust", "--no-sync")
+        run(str(bin_dir / "pg_ctl"), "-D", str(self.data), "-w", "-l", str(root / "server.log"), "-o",
+            f"-p {self.port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200", "start")  # fmt: skip
+        self._run = run
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://bc@127.0.0.1:{self.port}/{database}"
+
+    def environment(self, database: str) -> dict[str, str]:
+        """The variables the shipped PostgreSQL instance reads (instance/postgres.yaml)."""
+        return {"DAGSTER_PG_USERNAME": "bc", "DAGSTER_PG_PASSWORD": "", "DAGSTER_PG_HOST": "127.0.0.1",
+                "DAGSTER_PG_PORT": str(self.port), "DAGSTER_PG_DB": database}  # fmt: skip
+
+    def new_database(self, name: str) -> dict[str, str]:
+        """A fresh, empty database; the environment that points the shipped instance at it."""
+        import psycopg2
+
+        conn = psycopg2.connect(self.url())
+        try:
+            conn.autocommit = True  # CREATE DATABASE cannot run in a transaction
+            with conn.cursor() as cursor:
+                cursor.execute(f'DROP DATABASE IF EXISTS "{name}"')
+                cursor.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            conn.close()
+        return self.environment(name)
+
+    def stop(self) -> None:
+        self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop")
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server for the session (skips, saying how to install it, when there is none)."""
+    import importlib.util
+
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not found:
+        pytest.skip("PostgreSQL is not installed: scripts/install_system_package.sh postgresql "
+                    "'/usr/lib/postgresql/*/bin/initdb' (as .ci/run does)")  # fmt: skip
+    if importlib.util.find_spec("dagster_postgres") is None:
+        pytest.skip("dagster-postgres is not installed: pip install 'bc_pipeline[postgres]'")
+    import tempfile
+
+    # Not under pytest's temp dir: as root the server runs as `postgres`, which must reach its folder.
+    root = Path(tempfile.mkdtemp(prefix="bc-postgres-"))
+    try:
+        server = PostgresServer(found[-1].parent, root)
+    except subprocess.CalledProcessError as error:
+        pytest.fail(f"PostgreSQL did not start: {' '.join(error.cmd)}: {error.stderr or error.stdout}")
+    yield server
+    server.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def write_instance_home(home: Path, storage: str) -> Path:
+    """A DAGSTER_HOME holding the shipped instance for ``storage`` (as ``bc-instance init`` writes it)."""
+    from bc_pipeline.dagster_utils.instance import write_instance
+
+    write_instance(home, storage)
+    return home

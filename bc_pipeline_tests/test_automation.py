@@ -24,19 +24,9 @@ from bc_pipeline.definitions import all_asset_checks, all_assets, build_resource
 from bc_pipeline.defs.jobs import all_jobs
 from bc_pipeline.lib.classes import CLASS_NAMES
 from bc_pipeline.defs.resources import ImageSource
-from bc_pipeline.defs.resources import PROJECT_ROOT
-from bc_pipeline_tests.conftest import pbc96_files, tick_sensor
+from bc_pipeline_tests.conftest import TINY_RUN_CONFIG, pbc96_files, tick_sensor, write_instance_home
 
 MODEL = "custom_cnn"
-TINY_RUN_CONFIG = {
-    "ops": {
-        "augmented_train_set": {"config": {"copies": 1, "shard_size": 64}},
-        "robustness_eval_sets": {"config": {"policies": ["light"]}},
-        "corruption_benchmark_set": {"config": {"corruptions": ["gaussian_noise", "pixelate"], "severities": [3], "max_images": 16, "workers": 1}},
-        "trained_model": {"config": {"epochs": 1, "image_size": 32, "batch_size": 32}},
-        "evaluation_report": {"config": {"robust_policy": "light", "tta": False, "gradcam_per_class": 0}},
-    }
-}
 _GRAPH = project_defs.resolve_asset_graph()  # test_definitions pins the exact set of assets
 UNPARTITIONED = sorted(k.to_user_string() for k in _GRAPH.materializable_asset_keys if not _GRAPH.get(k).partitions_def)
 PER_MODEL = sorted(k.to_user_string() for k in _GRAPH.materializable_asset_keys if _GRAPH.get(k).partitions_def)
@@ -141,14 +131,18 @@ def _once_each(requests: list[dict[str, set]]) -> dict[str, set]:
     return merged
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("automation")
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def pipeline(request, tmp_path_factory: pytest.TempPathFactory):
+    """The scenarios on the instance ``make run`` writes (SQLite) and on a team's (a real PostgreSQL server)."""
+    root = tmp_path_factory.mktemp(f"automation_{request.param}")
     source = root / "source"
     _copy_images(pbc96_files(per_class=10, seed=1), source)
-    home = root / "dagster_home"
-    home.mkdir()
-    shutil.copy(PROJECT_ROOT / "bc_pipeline" / "instance" / "dagster.yaml", home / "dagster.yaml")
+    home = write_instance_home(root / "dagster_home", request.param)
+    if request.param == "postgres":
+        patch = pytest.MonkeyPatch()
+        request.addfinalizer(patch.undo)
+        for name, value in request.getfixturevalue("postgres_server").new_database("automation").items():
+            patch.setenv(name, value)
     with dg.DagsterInstance.from_config(str(home)) as instance:  # the project's instance settings
         pipe = Pipeline(source, root / "data", instance)
         pipe.observe()

@@ -2,7 +2,7 @@
 
 The graph is materialized in-process (tiny settings, 6 real images per class) into a temporary
 DAGSTER_HOME; then `dagster dev` serves that instance and headless Chromium (via Playwright, using
-the system's /usr/bin/chromium, see scripts/install_chromium.sh) checks that the asset lineage
+the system's /usr/bin/chromium, see scripts/install_system_package.sh) checks that the asset lineage
 shows the assets and that the evaluation report's page shows its metrics and the confusion matrix.
 Screenshots and the server log go to bc_pipeline_tests/output/browser/ (git-ignored).
 
@@ -78,7 +78,7 @@ def _chromium() -> str:
         return wanted
     found = "/usr/bin/chromium" if os.access("/usr/bin/chromium", os.X_OK) else shutil.which("chromium")
     if not found:
-        pytest.skip("chromium not found (/usr/bin/chromium, PATH): run scripts/install_chromium.sh to install it")
+        pytest.skip("chromium not found (/usr/bin/chromium, PATH): run scripts/install_system_package.sh chromium /usr/bin/chromium to install it")
     return found
 
 

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 import dagster as dg
+import pytest
+import yaml
 
 from bc_pipeline.definitions import defs
 
@@ -192,17 +194,29 @@ def test_make_run_passes_each_run_only_the_config_of_its_assets_and_refuses_unkn
     assert "unknown model(s) alexnet" in capsys.readouterr().err
 
 
-def test_the_shipped_instance_limits_the_gpu_pool_and_is_what_make_installs():
-    import yaml
-
+def test_the_shipped_instance_limits_the_gpu_pool_and_is_what_make_installs(tmp_path):
+    from bc_pipeline.dagster_utils.instance import instance_config, write_instance
     from bc_pipeline.defs.resources import PROJECT_ROOT
 
-    shipped = PROJECT_ROOT / "bc_pipeline" / "instance" / "dagster.yaml"
-    config = yaml.safe_load(shipped.read_text())
+    config = instance_config("sqlite")
     assert config["concurrency"]["pools"]["default_limit"] == 1
-    assert config["telemetry"]["enabled"] is False
+    assert config["telemetry"]["enabled"] is False and "storage" not in config  # SQLite files in DAGSTER_HOME
+    assert config["run_monitoring"]["enabled"] and config["run_monitoring"]["free_slots_after_run_end_seconds"] > 0
+    team = instance_config("postgres")
+    assert team["storage"]["postgres"]["postgres_db"]["hostname"] == {"env": "DAGSTER_PG_HOST"}  # no secret in a file
+    assert {k: v for k, v in team.items() if k != "storage"} == config  # pools, queue, monitoring declared once
+    with pytest.raises(ValueError, match="unknown Dagster storage 'mysql'"):
+        instance_config("mysql")
+    for storage in ("sqlite", "postgres"):
+        written = write_instance(tmp_path / storage, storage)
+        assert yaml.safe_load(written.read_text()) == instance_config(storage)
+        assert "# Pools limit how many ops" in written.read_text()  # the comments travel with it
+    written.write_text("# edited by hand\n")
+    assert write_instance(tmp_path / "postgres", "postgres").read_text() == "# edited by hand\n"  # kept
+    with dg.DagsterInstance.from_config(str(tmp_path / "sqlite")) as instance:
+        assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator" and instance.run_monitoring_enabled
     makefile = (PROJECT_ROOT / "Makefile").read_text()
-    assert "cp bc_pipeline/instance/dagster.yaml $@" in makefile and "export DAGSTER_HOME ?= $(BC_DATA_DIR)/dagster_home" in makefile
+    assert "$(VENV)/bin/bc-instance init" in makefile and "export DAGSTER_HOME ?= $(BC_DATA_DIR)/dagster_home" in makefile
     tracked = subprocess.run(["git", "ls-files", "data/dagster_home"], cwd=PROJECT_ROOT, capture_output=True, text=True)
     assert tracked.returncode != 0 or tracked.stdout.strip() == "", "a tracked data/dagster_home/dagster.yaml would shadow the shipped one"
 

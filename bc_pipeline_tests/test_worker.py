@@ -164,7 +164,7 @@ def test_a_worker_whose_backend_is_missing_fails_fast_naming_it(prepared):
     assert "could not start" in message and "'torch' package is not installed" in message
     assert "pip install 'bc_pipeline[torch]'" in message
     assert time.perf_counter() - start < 60
-    assert (prepared[0] / "cache" / "staging" / "trained_model" / "resnet50" / FAILURE_FILE).is_file()
+    assert list((prepared[0] / "cache" / "staging" / "trained_model" / "resnet50").glob(f"*/{FAILURE_FILE}"))
 
 
 def test_a_worker_that_requires_a_gpu_fails_fast_where_there_is_none(prepared):

@@ -10,6 +10,9 @@ its only default. The variables:
 - ``BC_TRAINING_LAUNCHER`` (subprocess | docker | k8s), ``BC_KERAS_BACKEND`` (tensorflow | jax |
   torch), ``BC_TRAINING_DEVICE``, ``BC_WORKER_IMAGE``, ``BC_K8S_NAMESPACE``, ``BC_DATA_VOLUME_CLAIM``:
   where models train.
+- ``BC_DAGSTER_STORAGE`` (sqlite | postgres): the storage ``bc-instance init`` writes into
+  ``$DAGSTER_HOME/dagster.yaml`` (``dagster_utils/instance.py``); with postgres, Dagster itself reads
+  ``BC_POSTGRES_URL`` when the instance loads.
 - ``BC_SHARED_DATASETS``: the shared development datasets tests and benchmarks read (default
   ``../shared/datasets`` beside the project root).
 
@@ -21,7 +24,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import shutil
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -33,6 +35,7 @@ from bc_pipeline.lib.artifacts import PartitionedArtifacts, read_artifact, write
 from bc_pipeline.lib.bloodmnist import BLOODMNIST_FILENAME, fetch_bloodmnist
 from bc_pipeline.lib.classes import CLASS_NAMES
 from bc_pipeline.lib.loaders import LoadedImages, load_source
+from bc_pipeline.lib.processes import fresh_folder
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,6 +43,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 ENVIRONMENT: dict[str, tuple[str, str]] = {
     "BC_DATA_DIR": ("PipelineStorage", "data_dir"),
     "BC_SHARED_DATASETS": ("paths", "shared_datasets"),
+    "BC_DAGSTER_STORAGE": ("instance", "storage"),
     "BC_SOURCE": ("ImageSource", "kind"),
     "BC_SOURCE_PATH": ("ImageSource", "path"),
     "BC_IMAGE_SIZE": ("ImageSource", "image_size"),
@@ -76,6 +80,11 @@ def shared_datasets_dir(environ: Mapping[str, str] | None = None) -> Path:
     return Path(_env("paths", environ).get("shared_datasets") or default).resolve()
 
 
+def instance_storage(environ: Mapping[str, str] | None = None) -> str:
+    """The Dagster storage a new instance gets: ``BC_DAGSTER_STORAGE`` or ``sqlite``."""
+    return _env("instance", environ).get("storage") or "sqlite"
+
+
 class PipelineStorage(dg.ConfigurableResource):
     """The data directory: reports (PNG, Markdown, JSON) and caches live below it."""
 
@@ -99,12 +108,12 @@ class PipelineStorage(dg.ConfigurableResource):
         """An empty folder on the data directory's file system, for files an asset writes one by one.
 
         The IO manager then renames it into place, so the artifact appears complete or not at all.
-        Left-overs of a killed run are removed here, the next time the same asset runs.
+        Each process gets its own folder below ``cache/staging/<name>/``, so two runs of one asset at
+        once never write into each other's; left-overs of killed runs are removed here, the next time
+        the same asset runs.
         """
-        path = self.cache_dir() / "staging" / name
-        shutil.rmtree(path, ignore_errors=True)
-        path.mkdir(parents=True)
-        return path
+        root = self.cache_dir() / "staging" / name
+        return fresh_folder(root)
 
 
 class ImageSource(dg.ConfigurableResource):

@@ -7,6 +7,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from bc_pipeline.lib.processes import exit_with_parent
 from bc_pipeline.lib.zoo import WeightsUnavailableError
 from bc_pipeline.worker.backend import WorkerStartError
 from bc_pipeline.worker.spec import FAILURE_FILE, SpecError, WorkerSpec
@@ -18,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bc_pipeline.worker", description="Train one model from a job spec.")
     parser.add_argument("--spec", required=True, type=Path, help="the job's spec.json (written by the trained_model asset)")
     args = parser.parse_args(argv)
+    exit_with_parent()  # started by a run process that may be killed: never train on as an orphan
     from bc_pipeline.worker.report import open_reporter
     from bc_pipeline.worker.run import run_job
 

@@ -1,0 +1,127 @@
+"""A few readable lines per run, read back from the instance's event log.
+
+Why: Dagster's console logger prints every event at DEBUG (about 500 lines for ``make run``); the
+user wants to see which stage runs, what it produced, how training goes, and what failed. So
+``bc_pipeline.run`` sends the full log to a file and prints what :class:`RunProgress` makes of the
+events it finds in the instance: one line per stage start and end with its key figure, one per
+epoch of a training, one per failed check, warnings and errors in full, one per run end.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from datetime import datetime
+
+import dagster as dg
+
+from bc_pipeline.dagster_utils.runs import owner_tags
+
+# The figures a stage's end line shows: the first MAX_FIGURES of these its materialization records
+# (in this order), else its first number.
+KEY_FIGURES = (
+    "accuracy", "corruption_accuracy", "num_images", "images", "images_after", "train_images", "val_images",
+    "test_images", "num_skipped", "num_removed", "near_groups", "exact_groups", "flagged_images", "templates",
+    "outliers", "tinted_share", "epochs_run", "resumed_from_epoch", "best_epoch", "train_seconds", "models",
+)  # fmt: skip
+MAX_FIGURES = 3
+SLOW_STEP_SECONDS = 2.0  # a stage running longer than this gets a start line too
+_EPOCH_PREFIXES = ("epoch ", "worker ready", "resuming ")
+_RUN_ENDS = {"PIPELINE_SUCCESS": "succeeded", "PIPELINE_FAILURE": "failed", "PIPELINE_CANCELED": "was canceled"}
+
+
+def key_figures(metadata: dict) -> str:
+    """``name=value, ...`` for the :data:`KEY_FIGURES` entries of ``metadata`` (else its first number)."""
+    numbers = {k: v.value for k, v in metadata.items() if isinstance(getattr(v, "value", None), (int, float))}
+    numbers = {k: v for k, v in numbers.items() if not isinstance(v, bool)}
+    names = [k for k in KEY_FIGURES if k in numbers][:MAX_FIGURES] or list(numbers)[:1]
+    return ", ".join(f"{k}={numbers[k]:,}" if isinstance(numbers[k], int) else f"{k}={numbers[k]:.4g}" for k in names)
+
+
+def _failure_text(event: dg.DagsterEvent, max_lines: int = 12) -> str:
+    data = event.step_failure_data
+    error = data.error if data else None
+    while error is not None and error.cause is not None and "DagsterExecutionStepExecutionError" in error.cls_name:
+        error = error.cause  # Dagster's wrapper around what the stage raised
+    message = error.message.strip() if error else (event.message or "")
+    if data and data.user_failure_data and data.user_failure_data.description:
+        message = f"{message}\n{data.user_failure_data.description.strip()}"
+    lines = [line for line in message.splitlines() if line.strip()]
+    return "\n".join(f"      {line}" for line in lines[:max_lines])
+
+
+class RunProgress:
+    """Prints the readable lines of every run the process ``pid`` executes, as they happen."""
+
+    def __init__(self, instance: dg.DagsterInstance, pid: int, emit: Callable[[str], None] = print):
+        self.instance, self.tags, self.emit = instance, owner_tags(pid), emit
+        self._cursors: dict[str, str | None] = {}
+        self._figures: dict[str, str] = {}
+        self._running: dict[str, float] = {}  # step -> start time, until its start line is printed
+        self._checks = {"passed": 0, "failed": 0}
+        self.failed_steps: list[str] = []
+
+    def poll(self) -> None:
+        """Print what happened since the last call."""
+        for run in sorted(self.instance.get_runs(dg.RunsFilter(tags=self.tags)), key=lambda r: r.run_id):
+            if run.run_id not in self._cursors:
+                self._cursors[run.run_id] = None
+                partition = run.tags.get("dagster/partition")
+                what = f"{partition}" if partition else run.job_name.strip("_")
+                self.emit(self._line(time.time(), f"run {run.run_id[:8]} started ({what})"))
+            self._drain(run.run_id)
+        now = time.time()
+        for step, started in list(self._running.items()):
+            if now - started > SLOW_STEP_SECONDS:
+                self.emit(self._line(started, f"  {step} ..."))
+                del self._running[step]
+
+    def _drain(self, run_id: str) -> None:
+        while True:
+            result = self.instance.get_records_for_run(run_id, cursor=self._cursors[run_id], limit=500)
+            for record in result.records:
+                for line in self.lines(record.event_log_entry):
+                    self.emit(line)
+            self._cursors[run_id] = result.cursor
+            if not result.has_more:
+                return
+
+    def lines(self, entry) -> Iterable[str]:
+        """The readable lines of one event log entry (most give none)."""
+        event, step, at = entry.dagster_event, entry.step_key, entry.timestamp
+        if event is None:  # a log message of a stage
+            message = entry.user_message.strip()
+            if entry.level >= 30:
+                yield self._line(at, f"  {step or ''} {'ERROR' if entry.level >= 40 else 'warning'}: {message}")
+            elif step and message.startswith(_EPOCH_PREFIXES):
+                yield self._line(at, f"    {step} {message}")
+            return
+        kind = event.event_type_value
+        if kind == "STEP_START":
+            self._running[step] = at
+        elif kind == "ASSET_MATERIALIZATION":
+            self._figures[step] = key_figures(event.event_specific_data.materialization.metadata)
+        elif kind == "ASSET_CHECK_EVALUATION":
+            evaluation = event.event_specific_data
+            self._figures.setdefault(step, None)  # a check step: its outcome is the line, not its duration
+            self._checks["passed" if evaluation.passed else "failed"] += 1
+            if not evaluation.passed:
+                yield self._line(at, f"  check {evaluation.check_name} on {evaluation.asset_key.to_user_string()} did not pass")
+        elif kind == "STEP_SUCCESS":
+            self._running.pop(step, None)
+            figures = self._figures.pop(step, "")
+            if figures is not None:
+                seconds = event.event_specific_data.duration_ms / 1000
+                yield self._line(at, f"  {step} done in {seconds:.1f} s" + (f": {figures}" if figures else ""))
+        elif kind == "STEP_FAILURE":
+            self._running.pop(step, None)
+            self.failed_steps.append(step)
+            yield self._line(at, f"  {step} FAILED:\n{_failure_text(event)}")
+        elif kind in _RUN_ENDS:
+            checks = ", ".join(f"{n} {state}" for state, n in self._checks.items() if n)
+            self._checks = {"passed": 0, "failed": 0}
+            yield self._line(at, f"run {entry.run_id[:8]} {_RUN_ENDS[kind]}" + (f" (checks: {checks})" if checks else ""))
+
+    @staticmethod
+    def _line(at: float, text: str) -> str:
+        return f"{datetime.fromtimestamp(at):%H:%M:%S} {text}"

@@ -1,0 +1,114 @@
+"""Runs whose process is gone, a few lines per run, processes that end with their parent: the pieces
+``bc_pipeline.run`` is built from (the whole, with real killed processes, is in test_faults.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import dagster as dg
+
+from bc_pipeline.dagster_utils.progress import RunProgress, key_figures
+from bc_pipeline.dagster_utils.runs import owner_tags, release_dead_runs, release_runs_of
+from bc_pipeline.lib.processes import fresh_folder, process_alive
+from bc_pipeline_tests.conftest import write_instance_home
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+@dg.asset(pool="gpu")
+def pooled() -> int:
+    return 1
+
+
+def _started_run(instance: dg.DagsterInstance, tags: dict[str, str], claim: bool = False) -> dg.DagsterRun:
+    """A run recorded as started by the process its tags name, holding the gpu slot if ``claim``."""
+    job = dg.Definitions(assets=[pooled], jobs=[dg.define_asset_job("train", [pooled])]).resolve_job_def("train")
+    run = instance.create_run_for_job(job, tags=tags)
+    instance.handle_run_event(run.run_id, dg.DagsterEvent(event_type_value="PIPELINE_START", job_name=run.job_name))
+    if claim:
+        storage = instance.event_log_storage
+        storage.set_concurrency_slots("gpu", 1)
+        assert storage.claim_concurrency_slot("gpu", run.run_id, "pooled").is_claimed
+    return run
+
+
+def test_a_dead_process_s_run_is_marked_failed_and_its_slot_freed_but_a_live_one_is_left_alone(tmp_path):
+    with dg.DagsterInstance.from_config(str(write_instance_home(tmp_path / "home", "sqlite"))) as instance:
+        dead = _started_run(instance, owner_tags(_dead_pid()), claim=True)  # a run killed with kill -9
+        alive = _started_run(instance, owner_tags())
+
+        (released,) = release_dead_runs(instance)
+        assert (released.run_id, released.status, released.slots) == (dead.run_id, "FAILURE", 1)
+        assert "is gone (killed or crashed)" in released.describe() and "1 pool slot(s) freed" in released.describe()
+        assert instance.get_run_by_id(dead.run_id).status == dg.DagsterRunStatus.FAILURE
+        assert instance.get_run_by_id(alive.run_id).status == dg.DagsterRunStatus.STARTED  # its process is this one
+        assert not instance.event_log_storage.get_concurrency_info("gpu").claimed_slots
+        assert release_dead_runs(instance) == []  # nothing left to do
+
+        (stopped,) = release_runs_of(instance, os.getpid(), canceled=True, reason="stopped by SIGINT")
+        assert stopped.status == "CANCELED" and instance.get_run_by_id(alive.run_id).status == dg.DagsterRunStatus.CANCELED
+
+
+def test_progress_prints_one_line_per_stage_with_its_key_figures(tmp_path):
+    @dg.asset
+    def counted() -> dg.MaterializeResult:
+        return dg.MaterializeResult(metadata={"num_images": 320, "num_skipped": 2, "seconds": 0.1})
+
+    @dg.asset_check(asset=counted)
+    def positive() -> dg.AssetCheckResult:
+        return dg.AssetCheckResult(passed=False)
+
+    @dg.asset(deps=[counted])
+    def broken() -> None:
+        raise ValueError("images.npy is truncated: rematerialize raw_images")
+
+    lines: list[str] = []
+    with dg.instance_for_test() as instance:
+        dg.materialize([counted, positive, broken], instance=instance, tags=owner_tags(), raise_on_error=False)
+        RunProgress(instance, os.getpid(), emit=lines.append).poll()
+    text = "\n".join(lines)
+    assert "counted done in" in text and "num_images=320, num_skipped=2" in text
+    assert "check positive on counted did not pass" in text
+    assert "broken FAILED" in text and "ValueError: images.npy is truncated: rematerialize raw_images" in text
+    assert "DagsterExecutionStepExecutionError" not in text and "Traceback" not in text
+    assert lines[-1].endswith("failed (checks: 1 failed)") and len(lines) <= 6, lines
+    assert key_figures({"x": dg.MetadataValue.float(0.25)}) == "x=0.25"  # no known figure: the first number
+
+
+def test_a_child_started_with_exit_with_parent_ends_when_its_parent_is_killed(tmp_path):
+    pid_file = tmp_path / "grandchild.pid"
+    grandchild = ("import sys, time; from bc_pipeline.lib.processes import exit_with_parent; exit_with_parent(0.2);"
+                  "open(sys.argv[1], 'w').write(__import__('os').getpid().__str__()); time.sleep(120)")  # fmt: skip
+    spawn = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {grandchild!r}, {str(pid_file)!r}]); time.sleep(120)"
+    parent = subprocess.Popen([sys.executable, "-c", spawn])
+    deadline = time.monotonic() + 60
+    while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    assert process_alive(child)
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while process_alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not process_alive(child), "the grandchild outlived its killed parent"
+
+
+def test_each_process_gets_its_own_staging_folder_and_dead_ones_are_cleaned(tmp_path):
+    root = tmp_path / "staging" / "augmented_train_set"
+    root.mkdir(parents=True)
+    (root / f"{_dead_pid()}-deadbeef").mkdir()
+    (root / "copy00_part000.images.npy").write_bytes(b"left by an older version")
+    live = root / f"{os.getppid()}-cafe0000"
+    live.mkdir()
+    mine = fresh_folder(root)
+    again = fresh_folder(root)
+    assert mine != again and mine.parent == root and mine.name.startswith(f"{os.getpid()}-")
+    assert sorted(p.name for p in root.iterdir()) == sorted([live.name, mine.name, again.name])
