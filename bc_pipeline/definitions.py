@@ -39,7 +39,7 @@ def load() -> dg.Definitions:
     assets = dg.map_asset_specs(_default_automation, [a for a in loaded.assets or [] if not isinstance(a, dg.SourceAsset)])
     return dg.Definitions(
         assets=[*sources, *assets], asset_checks=loaded.asset_checks, jobs=loaded.jobs, schedules=loaded.schedules,
-        sensors=loaded.sensors, resources=loaded.resources,
+        sensors=loaded.sensors, resources=loaded.resources, executor=loaded.executor,
     )  # fmt: skip
 
 

@@ -275,3 +275,57 @@ def test_read_missing_artifact_names_the_path(tmp_path: Path) -> None:
     base.mkdir(parents=True)
     with pytest.raises(ArtifactNotFoundError, match=re.escape(str(base))):
         read_artifact(base)
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: max(1, path.stat().st_size // 3)])
+
+
+@pytest.mark.parametrize("damaged", ["images.npy", "manifest.parquet", "class_names.json", "counts.parquet"])
+def test_a_damaged_image_set_file_names_the_file_and_the_asset_to_rematerialize(tmp_path: Path, image_set: ImageSet, damaged: str) -> None:
+    from bc_pipeline.lib.artifacts import ArtifactDamagedError
+
+    base = tmp_path / "assets" / "clean_images"
+    write_artifact(base, ImageSet(images=image_set.images, manifest=image_set.manifest, class_names=("a", "b"),
+                                  tables={"counts": pd.DataFrame({"n": [1, 2]})}))  # fmt: skip
+    _truncate(base / damaged)
+    with pytest.raises(ArtifactDamagedError) as caught:
+        read_artifact(base, what="clean_images")
+    message = str(caught.value)
+    assert str(base / damaged) in message and "damaged or truncated: materialize clean_images again" in message
+    assert "Traceback" not in message and len(message.splitlines()) == 1
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".npy", ".json"])
+def test_a_damaged_single_file_artifact_is_explained_too(tmp_path: Path, suffix: str) -> None:
+    from bc_pipeline.lib.artifacts import ArtifactDamagedError
+
+    value = {".parquet": pd.DataFrame({"x": range(100)}), ".npy": np.arange(1000), ".json": {"a": list(range(50))}}[suffix]
+    path = write_artifact(tmp_path / "data_splits", value)
+    _truncate(path)
+    with pytest.raises(ArtifactDamagedError, match=r"data_splits\[custom_cnn\]: .* damaged or truncated: materialize data_splits again"):
+        read_artifact(tmp_path / "data_splits", what="data_splits[custom_cnn]")
+
+
+def test_a_damaged_model_and_a_damaged_checkpoint(tmp_path: Path) -> None:
+    import keras
+
+    from bc_pipeline.lib.artifacts import ArtifactDamagedError
+    from bc_pipeline.worker.checkpoint import Checkpoint
+
+    folder = tmp_path / "trained_model" / "custom_cnn"
+    folder.mkdir(parents=True)
+    keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]).save(folder / "model.keras")
+    pd.DataFrame({"epoch": [1]}).to_parquet(folder / "history.parquet")
+    (folder / "info.json").write_text("{}")
+    assert read_artifact(folder, what="trained_model[custom_cnn]").info == {}
+    _truncate(folder / "model.keras")
+    with pytest.raises(ArtifactDamagedError, match=r"model.keras cannot be read .* materialize trained_model again"):
+        read_artifact(folder, what="trained_model[custom_cnn]")
+
+    checkpoint = tmp_path / "checkpoints"
+    checkpoint.mkdir()
+    (checkpoint / "state.json").write_text('{"key": "k", "model": "epoch')  # cut while copying by hand
+    said: list[str] = []
+    assert Checkpoint(checkpoint, key="k").load(said.append) is None  # trains from scratch
+    assert "it is damaged (JSONDecodeError" in said[0] and not checkpoint.exists()

@@ -26,7 +26,7 @@ KEY_FIGURES = (
 )  # fmt: skip
 MAX_FIGURES = 3
 SLOW_STEP_SECONDS = 2.0  # a stage running longer than this gets a start line too
-_EPOCH_PREFIXES = ("epoch ", "worker ready", "resuming ")
+_EPOCH_PREFIXES = ("epoch ", "worker ready", "resuming ", "discarding ")
 _RUN_ENDS = {"PIPELINE_SUCCESS": "succeeded", "PIPELINE_FAILURE": "failed", "PIPELINE_CANCELED": "was canceled"}
 
 
@@ -41,7 +41,7 @@ def key_figures(metadata: dict) -> str:
 def _failure_text(event: dg.DagsterEvent, max_lines: int = 12) -> str:
     data = event.step_failure_data
     error = data.error if data else None
-    while error is not None and error.cause is not None and "DagsterExecutionStepExecutionError" in error.cls_name:
+    while error is not None and error.cause is not None and error.cls_name.startswith("DagsterExecution"):
         error = error.cause  # Dagster's wrapper around what the stage raised
     message = error.message.strip() if error else (event.message or "")
     if data and data.user_failure_data and data.user_failure_data.description:

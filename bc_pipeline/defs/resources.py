@@ -13,6 +13,8 @@ its only default. The variables:
 - ``BC_DAGSTER_STORAGE`` (sqlite | postgres): the storage ``bc-instance init`` writes into
   ``$DAGSTER_HOME/dagster.yaml`` (``dagster_utils/instance.py``); with postgres, Dagster itself reads
   ``BC_POSTGRES_URL`` when the instance loads.
+- ``BC_STEP_EXECUTOR`` (default | k8s): with ``k8s`` (the Helm deployment in ``deploy/``) each
+  step of a launched run runs in its own pod through ``dagster_k8s.k8s_job_executor``.
 - ``BC_SHARED_DATASETS``: the shared development datasets tests and benchmarks read (default
   ``../shared/datasets`` beside the project root).
 
@@ -44,6 +46,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "BC_DATA_DIR": ("PipelineStorage", "data_dir"),
     "BC_SHARED_DATASETS": ("paths", "shared_datasets"),
     "BC_DAGSTER_STORAGE": ("instance", "storage"),
+    "BC_STEP_EXECUTOR": ("executor", "kind"),
     "BC_SOURCE": ("ImageSource", "kind"),
     "BC_SOURCE_PATH": ("ImageSource", "path"),
     "BC_IMAGE_SIZE": ("ImageSource", "image_size"),
@@ -265,7 +268,21 @@ def build_resources(
     }
 
 
+def step_executor(environ: Mapping[str, str] | None = None) -> dg.ExecutorDefinition | None:
+    """The executor of launched runs: Dagster's default, or one pod per step (``BC_STEP_EXECUTOR=k8s``).
+
+    The pods take image, volumes and namespace from the Helm chart's run launcher; a step's own
+    ``dagster-k8s/config`` tag adds to them (``trained_model`` asks for a GPU node).
+    """
+    kind = _env("executor", environ).get("kind") or "default"
+    if kind == "default":
+        return None
+    if kind != "k8s":
+        raise ValueError(f"BC_STEP_EXECUTOR={kind!r}: expected 'default' or 'k8s'")
+    return _import_client("k8s", "dagster_k8s", "k8s_job_executor")
+
+
 @dg.definitions
 def resources() -> dg.Definitions:
-    """The resources the definitions load with (``dg`` autoloads this module from ``defs/``)."""
-    return dg.Definitions(resources=build_resources())
+    """The resources (and executor) the definitions load with (``dg`` autoloads this module from ``defs/``)."""
+    return dg.Definitions(resources=build_resources(), executor=step_executor())

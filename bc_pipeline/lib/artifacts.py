@@ -7,10 +7,11 @@ around these, so the formats can be used and tested without Dagster.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,15 +155,21 @@ def write_artifact(base: Path, value: Any) -> Path:
 
 
 def read_artifact(base: Path, *, what: str = "artifact") -> Any:
-    """Read back whatever :func:`write_artifact` wrote at ``base``."""
+    """Read back whatever :func:`write_artifact` wrote at ``base``.
+
+    A file that is there but cannot be read (truncated, overwritten, half-copied by hand) raises
+    :class:`ArtifactDamagedError` naming the file and the asset to rematerialize, not the reader's
+    traceback (writes go through a rename, so only a change outside the pipeline damages one).
+    """
+    read = functools.partial(_read_or_explain, what=what)
     if (base / "images.npy").is_file():
-        tables = {p.stem: pd.read_parquet(p) for p in sorted(base.glob("*.parquet")) if p.stem != "manifest"}
-        images = np.load(base / "images.npy", mmap_mode="r", allow_pickle=False)
-        names = tuple(_load_json(base / "class_names.json")) if (base / "class_names.json").is_file() else ()
-        manifest = pd.read_parquet(base / "manifest.parquet")
+        tables = {p.stem: read(p, pd.read_parquet) for p in sorted(base.glob("*.parquet")) if p.stem != "manifest"}
+        images = read(base / "images.npy", lambda p: np.load(p, mmap_mode="r", allow_pickle=False))
+        names = tuple(read(base / "class_names.json", _load_json)) if (base / "class_names.json").is_file() else ()
+        manifest = read(base / "manifest.parquet", pd.read_parquet)
         return ImageSet(images=images, manifest=manifest, tables=tables, class_names=names, directory=base)
     if (base / "shards.parquet").is_file():
-        return ShardSet(directory=base, manifest=pd.read_parquet(base / "shards.parquet"))
+        return ShardSet(directory=base, manifest=read(base / "shards.parquet", pd.read_parquet))
     if (base / "model.keras").is_file():
         import keras
 
@@ -170,14 +177,31 @@ def read_artifact(base: Path, *, what: str = "artifact") -> Any:
             # compile=False: the pipeline only predicts with a stored model, and a model compiled
             # for XLA on JAX would otherwise be XLA-compiled here too, where TensorFlow's XLA has no
             # kernel for the antialiased resize every zoo model starts with.
-            model=keras.saving.load_model(base / "model.keras", compile=False),
-            history=pd.read_parquet(base / "history.parquet"),
-            info=json.loads((base / "info.json").read_text()),
+            model=read(base / "model.keras", lambda p: keras.saving.load_model(p, compile=False)),
+            history=read(base / "history.parquet", pd.read_parquet),
+            info=read(base / "info.json", _load_json),
         )
     for suffix, reader in ((".parquet", pd.read_parquet), (".npy", _load_npy), (".json", _load_json)):
         if base.with_suffix(suffix).is_file():
-            return reader(base.with_suffix(suffix))
+            return read(base.with_suffix(suffix), reader)
     raise ArtifactNotFoundError(f"{what}: nothing stored at {base}; materialize it first")
+
+
+class ArtifactDamagedError(ValueError):
+    """A stored artifact's file exists but cannot be read."""
+
+
+def _read_or_explain(path: Path, reader: Callable[[Path], Any], *, what: str) -> Any:
+    try:
+        return reader(path)
+    except FileNotFoundError as error:
+        raise ArtifactNotFoundError(f"{what}: {path} is missing ({error.strerror}); materialize {what.split('[')[0]} again") from None
+    except Exception as error:  # noqa: BLE001 - any reader's failure on a present file means a damaged file
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        raise ArtifactDamagedError(
+            f"{what}: {path} cannot be read ({type(error).__name__}: {first}); the file is damaged or "
+            f"truncated: materialize {what.split('[')[0]} again to rewrite it"
+        ) from None
 
 
 def artifact_exists(base: Path) -> bool:

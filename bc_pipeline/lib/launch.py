@@ -7,6 +7,11 @@ and what to tell the user when it fails. Plain data; the Dagster resource hands 
 - ``k8s``: a pod with ``nvidia.com/gpu`` in its limits, the data directory from a
   PersistentVolumeClaim and an optional node selector, ``PipesK8sClient`` (extra ``k8s``). Each
   model partition gets its own pod, so several models train at once on several GPU nodes.
+
+On a cluster deployed with Dagster's Helm chart (``deploy/``), the ``k8s_job_executor`` runs each
+step in its own pod; :data:`TRAINING_STEP_K8S_CONFIG` is the ``dagster-k8s/config`` tag of
+``trained_model``, so its step pod (and only it) asks for a GPU node; the worker then runs there as
+a subprocess.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 WORKER_MODULE = "bc_pipeline.worker"
+GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}  # the label NVIDIA's GPU operator puts on GPU nodes
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 CONTAINER_NAME = "trainer"
 DATA_VOLUME = "bc-data"
 LAUNCHERS = ("subprocess", "docker", "k8s")
@@ -71,8 +78,30 @@ def k8s_pod_spec(
     if node_selector:
         spec["nodeSelector"] = dict(node_selector)
     if gpus > 0:
-        spec["tolerations"] = list(tolerations or [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
+        spec["tolerations"] = list(tolerations or [GPU_TOLERATION])
     return spec
+
+
+def training_step_k8s_config(gpus: int = 1) -> dict[str, Any]:
+    """The ``dagster-k8s/config`` tag of the training step: ``gpus`` GPUs, a GPU node, its taint tolerated.
+
+    Only the limit matters to the scheduler for extended resources (see :func:`k8s_pod_spec`); the
+    enlarged ``/dev/shm`` is for the input threads, as in the Pipes pod.
+    """
+    return {
+        "container_config": {
+            "resources": {"limits": {"nvidia.com/gpu": str(gpus)}},
+            "volume_mounts": [{"name": "dshm", "mount_path": "/dev/shm"}],
+        },
+        "pod_spec_config": {
+            "node_selector": dict(GPU_NODE_SELECTOR),
+            "tolerations": [dict(GPU_TOLERATION)],
+            "volumes": [{"name": "dshm", "empty_dir": {"medium": "Memory", "size_limit": "8Gi"}}],
+        },
+    }
+
+
+TRAINING_STEP_K8S_CONFIG = training_step_k8s_config()
 
 
 def docker_container_kwargs(*, data_root: Path, mount: str, gpus: int) -> dict[str, Any]:

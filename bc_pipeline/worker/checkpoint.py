@@ -115,12 +115,19 @@ class Checkpoint:
             return None
         import keras
 
-        saved = json.loads((self.directory / "state.json").read_text())
-        if saved.get("key") != self.key:
-            log(f"discarding the checkpoint in {self.directory}: it was made with other data or settings")
+        try:
+            saved = json.loads((self.directory / "state.json").read_text())
+            if saved.get("key") != self.key:
+                log(f"discarding the checkpoint in {self.directory}: it was made with other data or settings")
+                self.clear()
+                return None
+            model = keras.saving.load_model(self.directory / saved["model"])
+        except Exception as error:  # noqa: BLE001 - a damaged checkpoint costs its epochs, never the run
+            first = (str(error).strip().splitlines() or [""])[0][:200]
+            log(f"discarding the checkpoint in {self.directory}: it is damaged ({type(error).__name__}: {first}); "
+                "training starts from scratch")  # fmt: skip
             self.clear()
             return None
-        model = keras.saving.load_model(self.directory / saved["model"])
         state = replace(TrainingState.from_json(saved), resumed_from_epoch=saved["epochs_done"],
                         seconds_before_resume=saved["elapsed"])  # fmt: skip
         log(f"resuming from the checkpoint after epoch {saved['epochs_done']} (phase {min(saved['phase'] + 1, 99)})")

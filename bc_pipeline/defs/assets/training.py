@@ -14,7 +14,7 @@ from bc_pipeline.dagster_utils.versions import config_from_dataclass, overrides_
 from bc_pipeline.defs.resources import PipelineStorage, TrainingWorker
 from bc_pipeline.lib.artifacts import ImageSet, ModelFolder, ShardSet, read_model_folder, training_metadata
 from bc_pipeline.lib.balancing import class_weight_of
-from bc_pipeline.lib.launch import describe_failure
+from bc_pipeline.lib.launch import TRAINING_STEP_K8S_CONFIG, describe_failure
 from bc_pipeline.lib.splits import split_arrays, split_rows
 from bc_pipeline.lib.training_job import Placement, TrainingInputs, prepare_job
 from bc_pipeline.lib.zoo import ENSEMBLE, ModelSpec, WeightsUnavailableError, model_spec
@@ -64,6 +64,7 @@ def _inputs(balanced: ImageSet, shards: ShardSet, images: ImageSet, splits: pd.D
     kinds={"keras", "tensorflow", "jax"},
     partitions_def=model_partitions,
     pool="gpu",  # one training at a time on the machine's accelerator (see README: GPU pool)
+    op_tags={"dagster-k8s/config": TRAINING_STEP_K8S_CONFIG},  # its step pod gets a GPU node (README: Kubernetes)
     description="One model of the zoo per partition, trained in phases by the Pipes training worker; "
     "saved as .keras with its history.",
 )
