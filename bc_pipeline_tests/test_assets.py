@@ -68,7 +68,7 @@ def test_raw_images_loads_every_image_with_manifest_and_grid(full_run):
     raw = result.output_for_node("raw_images")
     assert raw.images.shape == (320, 64, 64, 3) and raw.images.dtype == np.uint8
     assert raw.manifest["class_name"].value_counts().to_dict() == {name: 40 for name in CLASS_NAMES}
-    assert list(raw.manifest.columns) == ["image_id", "source", "label", "class_name", "orig_height", "orig_width"]
+    assert list(raw.manifest.columns) == ["image_id", "source", "label", "class_name", "orig_height", "orig_width", "note"]
     assert (raw.manifest[["orig_height", "orig_width"]] == 96).all().all()
     metadata = _metadata(result, "raw_images")
     assert metadata["num_images"].value == 320

@@ -26,6 +26,7 @@ from bc_pipeline.lib.loaders import (
     load_folder,
     load_npz,
     load_source,
+    to_rgb_square,
 )
 from bc_pipeline_tests.conftest import pbc96_files
 
@@ -499,3 +500,30 @@ def test_folder_resizes_and_converts_to_rgb(tmp_path: Path) -> None:
     expected = np.asarray(grey.convert("RGB").resize((64, 64), Image.Resampling.BICUBIC))
     np.testing.assert_array_equal(pixels, expected)
     assert isinstance(loaded.manifest, pd.DataFrame)
+
+
+def test_degenerate_images_are_kept_with_a_note_and_16_bit_is_scaled_not_clipped(tmp_path: Path) -> None:
+    root = tmp_path / "pbc"
+    files = _make_folder(root, per_class=1)
+    real = np.asarray(Image.open(files[0][0]).convert("L"), dtype=np.uint16)  # a real cell, 96x96
+    Image.fromarray(real * 257).save(root / "basophil" / "deep.png")  # 16-bit PNG, same picture
+    rgba = Image.open(files[0][0]).convert("RGBA")
+    rgba.putalpha(Image.new("L", rgba.size, 0).point(lambda _: 128))
+    rgba.save(root / "basophil" / "alpha.png")
+    Image.open(files[0][0]).resize((8, 8)).save(root / "basophil" / "tiny.png")
+    Image.open(files[0][0]).resize((1100, 1100)).save(root / "basophil" / "huge.jpg")
+
+    loaded = load_folder(root, image_size=64)
+    plain = f"{CLASS_NAMES[files[0][1]]}/{files[0][0].name}"
+    note = dict(zip(loaded.manifest["source"], loaded.manifest["note"]))
+    assert note["basophil/deep.png"] == "16-bit image scaled to 8 bits"
+    assert note["basophil/alpha.png"] == "transparency composited on white"
+    assert note["basophil/tiny.png"] == "tiny 8x8 image upscaled 8x"
+    assert note["basophil/huge.jpg"] == "huge 1100x1100 image downscaled 17x"
+    assert note[plain] == ""  # an ordinary image has none
+    row = {s: i for i, s in enumerate(loaded.manifest["source"])}
+    deep = loaded.images[row["basophil/deep.png"]].astype(int)
+    expected = to_rgb_square(np.repeat(real.astype(np.uint8)[..., None], 3, axis=2), 64).astype(int)
+    assert np.abs(deep - expected).max() <= 1  # the same picture, not a white square
+    half_white = loaded.images[row["basophil/alpha.png"]].astype(int)
+    assert half_white.mean() > loaded.images[row[plain]].mean()

@@ -35,7 +35,9 @@ SourceKind = Literal["npz", "folder", "bloodmnist"]
 OnBadItem = Literal["skip", "fail"]
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"})
-MANIFEST_COLUMNS = ["image_id", "source", "label", "class_name", "orig_height", "orig_width"]
+MANIFEST_COLUMNS = ["image_id", "source", "label", "class_name", "orig_height", "orig_width", "note"]
+# A file this much smaller (or larger) than the target size is accepted with a note in the manifest.
+TINY_FACTOR, HUGE_FACTOR = 4, 16
 SKIP_COLUMNS = ["source", "reason"]
 
 
@@ -197,7 +199,7 @@ def _from_arrays(
                 continue
             pixels = to_rgb_square(images[index], image_size)
             images_out.append(pixels)
-            rows.append((image_id(pixels), source, label, class_names[label], height, width))
+            rows.append((image_id(pixels), source, label, class_names[label], height, width, ""))
     return _assemble(images_out, rows, skipped, path, image_size)
 
 
@@ -247,14 +249,21 @@ def load_folder(
         if pixels is None:
             _bad_item(on_bad_item, root, source, info, skipped)
             continue
-        height, width = (int(v) for v in info.split("x"))
+        size, _, note = info.partition(" ")
+        height, width = (int(v) for v in size.split("x"))
         images_out.append(pixels)
-        rows.append((image_id(pixels), source, label, class_names[label], height, width))
+        rows.append((image_id(pixels), source, label, class_names[label], height, width, note))
     return _assemble(images_out, rows, skipped, root, image_size)
 
 
 def _read_image_file(file: Path, image_size: int) -> tuple[np.ndarray | None, str]:
-    """Return (pixels, 'HxW') or (None, reason). Never raises for a bad file."""
+    """Return (pixels, 'HxW[ note]') or (None, reason). Never raises for a bad file.
+
+    Degenerate but usable images are kept with a note (the manifest's ``note`` column): 16-bit and
+    32-bit images are scaled to 8 bits by their range (clipping would turn most of them white),
+    transparency is composited on white (a microscope slide's background), and images far smaller
+    or larger than ``image_size`` say by how much they were resized.
+    """
     if file.name.startswith("."):
         return None, "hidden file, not an image"
     if file.suffix.lower() not in IMAGE_SUFFIXES:
@@ -263,12 +272,41 @@ def _read_image_file(file: Path, image_size: int) -> tuple[np.ndarray | None, st
         with Image.open(file) as image:
             image.load()
             height, width = image.height, image.width
-            rgb = image.convert("RGB")
+            pixels, notes = _to_rgb8(image)
     except UnidentifiedImageError:
         return None, "not a readable image (unknown or damaged format)"
+    except Image.DecompressionBombError as error:
+        return None, f"too large to decode safely ({error})"
     except (OSError, SyntaxError, ValueError) as error:
         return None, f"unreadable or truncated image ({error})"
-    return to_rgb_square(np.asarray(rgb), image_size), f"{height}x{width}"
+    if min(height, width) * TINY_FACTOR <= image_size:
+        notes.append(f"tiny {height}x{width} image upscaled {image_size / min(height, width):.0f}x")
+    elif max(height, width) >= HUGE_FACTOR * image_size:
+        notes.append(f"huge {height}x{width} image downscaled {max(height, width) / image_size:.0f}x")
+    return to_rgb_square(pixels, image_size), f"{height}x{width} {'; '.join(notes)}".rstrip()
+
+
+def _to_rgb8(image: Image.Image) -> tuple[np.ndarray, list[str]]:
+    """8-bit RGB pixels of ``image`` and what was done to get them."""
+    notes: list[str] = []
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        peak = float(values.max(initial=0.0))
+        if image.mode.startswith("I;16") or 255 < peak <= 65535:  # 16-bit data (PIL opens 16-bit PNGs as "I")
+            top, bits = 65535.0, 16
+        else:  # 8-bit values in a 32-bit container, or float/32-bit data: scale by its own peak
+            top, bits = (255.0, 8) if peak <= 255 else (peak, 32)
+        if bits != 8:
+            notes.append(f"{bits}-bit image scaled to 8 bits")
+        gray = np.clip(np.round(values * (255.0 / top)), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2), notes
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        if rgba.getextrema()[3][0] < 255:
+            notes.append("transparency composited on white")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB")), notes
+    return np.asarray(image.convert("RGB")), notes
 
 
 _LOADERS = {"npz": load_npz, "folder": load_folder, "bloodmnist": load_bloodmnist}

@@ -43,7 +43,7 @@ def raw_image_source(
 
 
 @dg.asset(
-    code_version="2",
+    code_version="3",
     group_name="ingest",
     deps=[raw_image_source],
     kinds={"numpy", "parquet"},
