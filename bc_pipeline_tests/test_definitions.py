@@ -243,3 +243,22 @@ def test_resources_take_their_settings_from_the_environment_over_one_set_of_defa
     assert from_env(ImageSource, {"BC_IMAGE_SIZE": ""}).image_size == ImageSource().image_size  # empty: unset
     assert default_data_dir({"BC_DATA_DIR": str(tmp_path)}) == tmp_path.resolve()
     assert {"BC_DATA_DIR", "BC_SOURCE", "BC_TRAINING_LAUNCHER", "BC_SHARED_DATASETS"} <= set(ENVIRONMENT)
+
+
+def test_every_row_of_the_readme_bad_input_table_names_tests_that_exist():
+    """The README's bad-input table stays backed by tests: 25 rows or more, every named test defined."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("### Bad input: what you see", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert len(rows) >= 25
+    tests_dir = Path(__file__).resolve().parent
+    for row in rows:
+        cell = row.rstrip(" |").rsplit("|", 1)[1].strip()
+        if cell.startswith(("same test", "test_faults (")):
+            continue
+        module, names = cell.split("::", 1)
+        source = (tests_dir / f"{module}.py").read_text()
+        for name in (n.strip() for n in names.split(",")):
+            assert re.search(rf"^def {re.escape(name)}\(", source, re.M), f"{module}::{name} (README row {row[:40]}...)"
