@@ -173,12 +173,13 @@ def cache_images(pbc_subset_arrays) -> tuple[np.ndarray, list[str]]:
 
 @pytest.fixture
 def counted(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Number of images each compute_hashes call inside hash_with_cache received."""
+    """Number of images each compute_hashes call inside hash_with_cache was asked to hash."""
     calls: list[int] = []
     real = hashing.compute_hashes
 
     def spy(images: np.ndarray, **kwargs):
-        calls.append(len(images))
+        rows = kwargs.get("rows")
+        calls.append(len(images) if rows is None else len(rows))
         return real(images, **kwargs)
 
     monkeypatch.setattr(hashing, "compute_hashes", spy)
@@ -279,3 +280,27 @@ def test_hash_hex_is_imagehash_string_form() -> None:
     assert hash_hex(np.uint64(1)) == "0000000000000001"
     assert hash_hex(0xFFFF_FFFF_FFFF_FFFF) == "ffffffffffffffff"
     assert hash_hex(np.uint64(0x8000_0000_0000_0000)) == "8000000000000000"
+
+
+def test_workers_map_a_stored_image_file_themselves_and_give_the_same_hashes(pbc_subset_arrays, tmp_path) -> None:
+    images = pbc_subset_arrays[0][:300]
+    np.save(tmp_path / "images.npy", images)
+    mapped = np.load(tmp_path / "images.npy", mmap_mode="r")
+    assert hashing._mapped_file(mapped) == str(tmp_path / "images.npy")
+    assert hashing._mapped_file(mapped[10:]) is None and hashing._mapped_file(images) is None  # part of it / in memory
+    rows = np.array([5, 3, 299, 0, 150])
+    expected = compute_hashes(images, rows=rows, workers=1)
+    got = compute_hashes(mapped, rows=rows, workers=2, batch_size=2)  # three batches: the pool, reading the file
+    for a, b in zip(expected, got):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(compute_hashes(images[rows], workers=1)[0], expected[0])
+
+
+def test_a_stored_file_replaced_while_hashing_falls_back_to_this_process_s_map(pbc_subset_arrays, tmp_path, monkeypatch) -> None:
+    images = pbc_subset_arrays[0][:64]
+    np.save(tmp_path / "images.npy", images)
+    mapped = np.load(tmp_path / "images.npy", mmap_mode="r")
+    (tmp_path / "images.npy").unlink()  # another run replaced the asset: the name is gone, our map is not
+    monkeypatch.setattr(hashing, "_mapped_file", lambda _: str(tmp_path / "images.npy"))  # checked just before
+    got = compute_hashes(mapped, workers=2, batch_size=16)
+    np.testing.assert_array_equal(got[0], compute_hashes(images, workers=1)[0])
