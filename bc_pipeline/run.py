@@ -122,6 +122,11 @@ def _stop(child: subprocess.Popen) -> None:
             continue
 
 
+def _report(released: list) -> None:
+    for item in released:
+        print(f"   {item.describe()}", flush=True)
+
+
 def supervise(argv: list[str], args: argparse.Namespace) -> int:
     """Start the runs in a child process and print their progress; stop them on Ctrl-C or SIGTERM."""
     from bc_pipeline.dagster_utils.instance import get_instance
@@ -129,8 +134,7 @@ def supervise(argv: list[str], args: argparse.Namespace) -> int:
     from bc_pipeline.dagster_utils.runs import release_dead_runs, release_runs_of
 
     instance = get_instance()
-    for released in release_dead_runs(instance):
-        print(f"   {released.describe()}", flush=True)
+    _report(release_dead_runs(instance))
     log_path = _log_path(args)
     received: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -145,23 +149,20 @@ def supervise(argv: list[str], args: argparse.Namespace) -> int:
         progress.poll()
         if time.monotonic() - last_release > RELEASE_EVERY_SECONDS:
             last_release = time.monotonic()
-            for released in release_dead_runs(instance):
-                print(f"   {released.describe()}", flush=True)
+            _report(release_dead_runs(instance))
     if received:
         name = signal.Signals(received[0]).name
         print(f"bc-run: {name} received: stopping the run", flush=True)
         _stop(child)
         progress.poll()
-        for released in release_runs_of(instance, child.pid, canceled=True, reason=f"stopped by {name}"):
-            print(f"   {released.describe()}", flush=True)
+        _report(release_runs_of(instance, child.pid, canceled=True, reason=f"stopped by {name}"))
         print(f"Full log: {log_path}", flush=True)
         return 128 + received[0]
     progress.poll()
     code = child.returncode
     if code != 0:
         reason = f"its process exited with code {code}"
-        for released in release_runs_of(instance, child.pid, canceled=False, reason=reason):
-            print(f"   {released.describe()}", flush=True)
+        _report(release_runs_of(instance, child.pid, canceled=False, reason=reason))
         print(f"bc-run: the run failed (exit code {code}); the log says why", file=sys.stderr, flush=True)
     print(f"Full log: {log_path}", flush=True)
     return code

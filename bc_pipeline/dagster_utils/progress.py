@@ -59,7 +59,7 @@ class RunProgress:
         self._figures: dict[str, str] = {}
         self._running: dict[str, float] = {}  # step -> start time, until its start line is printed
         self._checks = {"passed": 0, "failed": 0}
-        self.failed_steps: list[str] = []
+        self._ended: set[str] = set()  # runs whose end line was printed: nothing more to read
 
     def poll(self) -> None:
         """Print what happened since the last call."""
@@ -69,7 +69,8 @@ class RunProgress:
                 partition = run.tags.get("dagster/partition")
                 what = f"{partition}" if partition else run.job_name.strip("_")
                 self.emit(self._line(time.time(), f"run {run.run_id[:8]} started ({what})"))
-            self._drain(run.run_id)
+            if run.run_id not in self._ended:
+                self._drain(run.run_id)
         now = time.time()
         for step, started in list(self._running.items()):
             if now - started > SLOW_STEP_SECONDS:
@@ -115,11 +116,11 @@ class RunProgress:
                 yield self._line(at, f"  {step} done in {seconds:.1f} s" + (f": {figures}" if figures else ""))
         elif kind == "STEP_FAILURE":
             self._running.pop(step, None)
-            self.failed_steps.append(step)
             yield self._line(at, f"  {step} FAILED:\n{_failure_text(event)}")
         elif kind in _RUN_ENDS:
             checks = ", ".join(f"{n} {state}" for state, n in self._checks.items() if n)
             self._checks = {"passed": 0, "failed": 0}
+            self._ended.add(entry.run_id)
             yield self._line(at, f"run {entry.run_id[:8]} {_RUN_ENDS[kind]}" + (f" (checks: {checks})" if checks else ""))
 
     @staticmethod

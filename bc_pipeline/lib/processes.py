@@ -67,8 +67,12 @@ def fresh_folder(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     for old in root.iterdir():
         owner = old.name.split("-", 1)[0]
-        if not (old.is_dir() and owner.isdigit() and process_alive(int(owner))):
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+        if old.is_dir() and owner.isdigit() and process_alive(int(owner)):
+            continue  # a live process's folder
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
     path = root / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     path.mkdir()
     return path
