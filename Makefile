@@ -68,6 +68,7 @@ test: install
 bench: install
 	$(PY) bench/bench_definitions.py
 	$(PY) bench/bench_hashing.py
+	$(PY) bench/bench_ingest.py
 	$(PY) bench/bench_incremental.py
 	$(PY) bench/bench_dedup.py
 	$(PY) bench/bench_dedup.py --scale 10000 100000 1000000

@@ -76,6 +76,9 @@ def test_raw_images_loads_every_image_with_manifest_and_grid(full_run):
     assert (data_dir / "reports" / "raw_images" / "samples.png").stat().st_size > 10_000
     stored = read_artifact(data_dir / "assets" / "raw_images")
     np.testing.assert_array_equal(stored.images, raw.images)
+    # Streamed to a staging file and moved into place: nothing is left behind in staging.
+    staged = data_dir / "cache" / "staging" / "raw_images"
+    assert [p for p in staged.rglob("*") if p.is_file()] == []
 
 
 @pytest.mark.slow

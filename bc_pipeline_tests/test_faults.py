@@ -23,6 +23,8 @@ import dagster as dg
 import pytest
 
 from bc_pipeline.defs.resources import PROJECT_ROOT
+from bc_pipeline.lib.artifacts import read_artifact
+from bc_pipeline.lib.storage import fingerprint
 from bc_pipeline_tests.conftest import TINY_RUN_CONFIG, write_instance_home
 
 TRAIN = {"epochs": 1, "image_size": 32, "batch_size": 32}
@@ -38,16 +40,19 @@ class Project:
     env: dict[str, str]
     storage: str
 
-    def start(self, *args: str, train: dict = TRAIN, name: str = "run") -> tuple[subprocess.Popen, Path]:
-        config = {"ops": {**TINY_RUN_CONFIG["ops"], "trained_model": {"config": train}}}
+    def start(self, *args: str, train: dict = TRAIN, name: str = "run", augment: dict | None = None) -> tuple[subprocess.Popen, Path]:
+        ops = {**TINY_RUN_CONFIG["ops"], "trained_model": {"config": train}}
+        if augment is not None:
+            ops["augmented_train_set"] = {"config": augment}
+        config = {"ops": ops}
         out = self.data_dir.parent / f"{name}-{time.monotonic_ns()}.txt"
         with open(out, "w") as stream:
             process = subprocess.Popen([sys.executable, "-m", "bc_pipeline.run", "--config-json", json.dumps(config), *args],
                                        env=self.env, cwd=PROJECT_ROOT, stdout=stream, stderr=subprocess.STDOUT)  # fmt: skip
         return process, out
 
-    def run(self, *args: str, train: dict = TRAIN, timeout: float = 900) -> str:
-        process, out = self.start(*args, train=train)
+    def run(self, *args: str, train: dict = TRAIN, timeout: float = 900, augment: dict | None = None) -> str:
+        process, out = self.start(*args, train=train, augment=augment)
         assert process.wait(timeout=timeout) == 0, out.read_text()[-4000:]
         return out.read_text()
 
@@ -176,6 +181,35 @@ def test_a_run_killed_with_kill_9_in_training_blocks_nothing_and_the_next_run_re
         event = instance.get_latest_materialization_event(dg.AssetKey("trained_model"))
         assert event.asset_materialization.metadata["resumed_from_epoch"].value == done
         assert not instance.event_log_storage.get_concurrency_info("gpu").claimed_slots
+
+
+@pytest.mark.slow
+@SQLITE
+def test_kill_9_of_every_process_while_shards_are_written_keeps_the_stored_shards_and_the_next_run_finishes(project: Project):
+    stored = project.data_dir / "assets" / "augmented_train_set"
+    before = read_artifact(stored)
+    digests = [fingerprint(before.load(i)[0]) for i in range(len(before.manifest))]
+    staging = project.data_dir / "cache" / "staging" / "augmented_train_set"
+    augment = {"copies": 4, "shard_size": 64, "seed": 11}  # a new sample: 16 shards of the 256 training images
+    process, out = project.start(augment=augment, name="shards")
+    deadline = time.monotonic() + 600
+    while process.poll() is None and not any(staging.glob("*/*.images.npy")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert process.poll() is None, out.read_text()[-3000:]
+    # Every process of the run at once (the one the user started, its run child, the steps'), as a
+    # power cut or `kill -9` of them all does.
+    for pid in [process.pid, *(int(line.split()[0]) for line in project.processes())]:
+        os.kill(pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    killed = [folder.name for folder in staging.iterdir() if any(folder.glob("*.images.npy"))]
+    assert killed, "the kill came after the shards were stored"  # it hit the stage while it wrote them
+    after = read_artifact(stored)
+    assert [fingerprint(after.load(i)[0]) for i in range(len(after.manifest))] == digests  # the stored shards, untouched
+
+    project.run(augment=augment)
+    fresh = read_artifact(stored)
+    assert sorted(set(fresh.manifest["copy"])) == [0, 1, 2, 3] and len(fresh) == 4 * len(before)
+    assert not set(killed) & {folder.name for folder in staging.iterdir()}  # the killed run's staging is gone
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from bc_pipeline.lib import hashing
+from bc_pipeline.lib import chunks, hashing
 from bc_pipeline.lib.hashing import (
     compute_hashes,
     greyscale,
@@ -131,12 +131,12 @@ def test_process_pool_gives_the_same_hashes(pbc_subset_arrays, monkeypatch: pyte
 
     pools = []
 
-    class RecordingPool(hashing.ProcessPoolExecutor):
+    class RecordingPool(chunks.ProcessPoolExecutor):
         def __init__(self, *args, **kwargs) -> None:
             pools.append(kwargs.get("max_workers", args[0] if args else None))
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(hashing, "ProcessPoolExecutor", RecordingPool)
+    monkeypatch.setattr(chunks, "ProcessPoolExecutor", RecordingPool)
 
     serial = compute_hashes(images, workers=1, batch_size=40)
     assert pools == []  # one worker stays in this process
@@ -286,8 +286,8 @@ def test_workers_map_a_stored_image_file_themselves_and_give_the_same_hashes(pbc
     images = pbc_subset_arrays[0][:300]
     np.save(tmp_path / "images.npy", images)
     mapped = np.load(tmp_path / "images.npy", mmap_mode="r")
-    assert hashing._mapped_file(mapped) == str(tmp_path / "images.npy")
-    assert hashing._mapped_file(mapped[10:]) is None and hashing._mapped_file(images) is None  # part of it / in memory
+    assert chunks.mapped_array(mapped).filename == str(tmp_path / "images.npy")
+    assert chunks.mapped_array(mapped[10:]) is None and chunks.mapped_array(images) is None  # part of it / in memory
     rows = np.array([5, 3, 299, 0, 150])
     expected = compute_hashes(images, rows=rows, workers=1)
     got = compute_hashes(mapped, rows=rows, workers=2, batch_size=2)  # three batches: the pool, reading the file
@@ -300,7 +300,9 @@ def test_a_stored_file_replaced_while_hashing_falls_back_to_this_process_s_map(p
     images = pbc_subset_arrays[0][:64]
     np.save(tmp_path / "images.npy", images)
     mapped = np.load(tmp_path / "images.npy", mmap_mode="r")
-    (tmp_path / "images.npy").unlink()  # another run replaced the asset: the name is gone, our map is not
-    monkeypatch.setattr(hashing, "_mapped_file", lambda _: str(tmp_path / "images.npy"))  # checked just before
+    np.save(tmp_path / "other.npy", images[::-1].copy())
+    (tmp_path / "other.npy").replace(tmp_path / "images.npy")  # another run rewrote the asset: same name, other pixels
     got = compute_hashes(mapped, workers=2, batch_size=16)
     np.testing.assert_array_equal(got[0], compute_hashes(images, workers=1)[0])
+    (tmp_path / "images.npy").unlink()  # and with the name gone altogether
+    np.testing.assert_array_equal(compute_hashes(mapped, workers=2, batch_size=16)[0], got[0])

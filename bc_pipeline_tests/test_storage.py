@@ -329,3 +329,49 @@ def test_a_damaged_model_and_a_damaged_checkpoint(tmp_path: Path) -> None:
     said: list[str] = []
     assert Checkpoint(checkpoint, key="k").load(said.append) is None  # trains from scratch
     assert "it is damaged (JSONDecodeError" in said[0] and not checkpoint.exists()
+
+
+# --- a real kill -9 in the middle of a write ----------------------------------------------------
+
+_WRITER = """
+import sys
+import numpy as np, pandas as pd
+from pathlib import Path
+from bc_pipeline.lib.artifacts import write_artifact
+base, kind = Path(sys.argv[1]), sys.argv[2]
+rows = 2_000_000
+for round in range(1, 1000):
+    if kind == "parquet":
+        value = pd.DataFrame({"round": np.full(rows, round), "x": np.random.default_rng(round).random(rows)})
+    else:
+        value = np.full((rows, 8), round, dtype=np.int64)
+    write_artifact(base, value)
+"""
+
+
+@pytest.mark.parametrize("kind", ["parquet", "npy"])
+def test_a_writer_killed_with_kill_9_mid_write_leaves_the_previous_artifact_loadable(kind: str, tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    base = tmp_path / "assets" / "table"
+    first = pd.DataFrame({"round": [0, 0], "x": [0.5, 0.25]}) if kind == "parquet" else np.zeros((2, 8), np.int64)
+    write_artifact(base, first)
+    process = subprocess.Popen([sys.executable, "-c", _WRITER, str(base), kind])
+    deadline, hit = time.monotonic() + 120, False
+    while time.monotonic() < deadline and process.poll() is None:
+        if list(base.parent.glob(f".{base.name}.{kind}.tmp-*")):  # a write is under way: kill it there
+            os.kill(process.pid, signal.SIGKILL)
+            hit = True
+            break
+        time.sleep(0.005)
+    process.wait(timeout=30)
+    assert hit, "never saw a write under way"
+    stored = read_artifact(base)  # the previous complete artifact (the first, or a later complete round)
+    rounds = set(stored["round"]) if kind == "parquet" else set(np.unique(stored))
+    assert len(rounds) == 1 and len(stored) in (2, 2_000_000)
+    write_artifact(base, first)  # and the next write goes through, left-over temporary file or not
+    assert len(read_artifact(base)) == 2

@@ -36,6 +36,7 @@ import dagster as dg
 from bc_pipeline.lib.artifacts import PartitionedArtifacts, read_artifact, write_artifact
 from bc_pipeline.lib.bloodmnist import BLOODMNIST_FILENAME, fetch_bloodmnist
 from bc_pipeline.lib.classes import CLASS_NAMES
+from bc_pipeline.lib.chunks import every_tenth
 from bc_pipeline.lib.loaders import LoadedImages, load_source
 from bc_pipeline.lib.processes import fresh_folder
 
@@ -141,7 +142,8 @@ class ImageSource(dg.ConfigurableResource):
             raise ValueError(f"image source kind {self.kind!r} needs a path (set BC_SOURCE_PATH)")
         return data_dir / "raw" / BLOODMNIST_FILENAME
 
-    def load(self, data_dir: Path, log: Callable[[str], None]) -> LoadedImages:
+    def load(self, data_dir: Path, log: Callable[[str], None], out_dir: Path | None = None) -> LoadedImages:
+        """Load the source; with ``out_dir``, images stream to ``out_dir/images.npy`` (see loaders)."""
         path = self.resolve_path(data_dir)
         if self.kind == "bloodmnist" and not path.exists():
             log(f"{path} is missing: fetching BloodMNIST")
@@ -153,6 +155,8 @@ class ImageSource(dg.ConfigurableResource):
             image_size=self.image_size,
             class_names=self.class_names,
             on_bad_item=self.on_bad_item,
+            out_dir=out_dir,
+            progress=every_tenth(lambda done, total: log(f"decoded {done}/{total} images")),
         )
 
 

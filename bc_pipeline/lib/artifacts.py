@@ -37,6 +37,9 @@ class ImageSet:
     class_names: tuple[str, ...] = ()
     # The folder it was read from (images.npy there), so a worker process can map the same file.
     directory: Path | None = field(default=None, compare=False)
+    # A finished .npy of exactly ``images`` that this run wrote in staging (a streamed ingest):
+    # stored by moving it into place, not by writing a million images again.
+    images_file: Path | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.images) != len(self.manifest):
@@ -118,7 +121,11 @@ def write_artifact(base: Path, value: Any) -> Path:
     if isinstance(value, ImageSet):
         with atomic_path(base) as tmp:
             tmp.mkdir()
-            np.save(tmp / "images.npy", value.images, allow_pickle=False)
+            if value.images_file is not None:
+                _move_dir(Path(value.images_file), tmp / "images.npy")
+                value.images_file = None
+            else:
+                np.save(tmp / "images.npy", value.images, allow_pickle=False)
             value.manifest.to_parquet(tmp / "manifest.parquet", engine="pyarrow", index=False)
             for name, table in value.tables.items():
                 table.to_parquet(tmp / f"{name}.parquet", engine="pyarrow", index=False)
@@ -238,12 +245,16 @@ class PartitionedArtifacts(Mapping[str, Any]):
 
 
 def _move_dir(source: Path, target: Path) -> None:
-    """Rename ``source`` to ``target`` (a copy then delete when they are on different file systems)."""
+    """Rename folder or file ``source`` to ``target`` (a copy then delete across file systems)."""
     try:
         os.replace(source, target)
     except OSError:
-        shutil.copytree(source, target)
-        shutil.rmtree(source, ignore_errors=True)
+        if source.is_dir():
+            shutil.copytree(source, target)
+            shutil.rmtree(source, ignore_errors=True)
+        else:
+            shutil.copyfile(source, target)
+            source.unlink(missing_ok=True)
 
 
 def _load_npy(path: Path) -> np.ndarray:

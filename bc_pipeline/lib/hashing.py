@@ -14,16 +14,16 @@ significant bit, so ``f"{h:016x}"`` equals ``str(imagehash.phash(image))``.
 
 from __future__ import annotations
 
-import functools
-import itertools
-import multiprocessing
-import os
-from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 from PIL import Image
+
+from bc_pipeline.lib import chunks
+
+if TYPE_CHECKING:  # pandas only where tables are built: hashing workers start without it
+    import pandas as pd
 
 HASH_NAMES: tuple[str, ...] = ("phash", "dhash")
 HASH_BITS = 64
@@ -93,69 +93,23 @@ def compute_hashes(
     memory at a time here; when ``images`` is a whole memory-mapped ``.npy`` (what a stored image
     set is), the workers map the file themselves and receive row numbers only, so neither the
     pixels nor their greyscale conversion go through this process (that serial part kept two
-    processes at 1.4x one).
+    processes at 1.4x one); otherwise they receive greyscale batches, a third of the bytes
+    (:func:`bc_pipeline.lib.chunks.map_rows`).
     """
     rows = np.arange(images.shape[0]) if rows is None else np.asarray(rows)
     n = len(rows)
     phash = np.zeros(n, dtype=np.uint64)
     dhash = np.zeros(n, dtype=np.uint64)
-    starts = list(range(0, n, batch_size))
-    workers = min(workers or os.cpu_count() or 1, len(starts))
+    workers = workers or chunks.default_workers()
     done = 0
-    for start, (p, d) in _hash_batches(images, rows, starts, batch_size, workers):
+    batches = chunks.map_rows(hash_batch, images, rows, batch_size=batch_size, workers=workers, prepare=_as_grey)
+    for start, (p, d) in batches:
         phash[start : start + len(p)] = p
         dhash[start : start + len(d)] = d
         done += len(p)
         if progress is not None:
             progress(done, n)
     return phash, dhash
-
-
-def _mapped_file(images: np.ndarray) -> str | None:
-    """The ``.npy`` file ``images`` maps as a whole, or None (in memory, or a view of part of it)."""
-    filename = getattr(images, "filename", None)
-    if not isinstance(images, np.memmap) or not filename or not images.flags.c_contiguous:
-        return None
-    try:
-        whole = np.load(filename, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError):
-        return None
-    same = whole.shape == images.shape and whole.dtype == images.dtype and whole.offset == images.offset
-    return str(filename) if same else None
-
-
-@functools.lru_cache(maxsize=4)
-def _open_mapped(filename: str) -> np.ndarray:
-    return np.load(filename, mmap_mode="r", allow_pickle=False)
-
-
-def _hash_mapped_rows(filename: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return hash_batch(_open_mapped(filename)[rows])
-
-
-def _hash_batches(
-    images: np.ndarray, rows: np.ndarray, starts: list[int], batch_size: int, workers: int
-) -> Iterator[tuple[int, tuple[np.ndarray, np.ndarray]]]:
-    chunks = (rows[s : s + batch_size] for s in starts)
-    if workers <= 1:
-        yield from zip(starts, (hash_batch(images[chunk]) for chunk in chunks))
-        return
-    # "spawn" keeps workers clean of whatever threads the calling process (Dagster, TF) holds.
-    context = multiprocessing.get_context("spawn")
-    mapped = _mapped_file(images)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        if mapped:
-            done = 0
-            try:
-                for start, result in zip(starts, pool.map(_hash_mapped_rows, itertools.repeat(mapped), chunks)):
-                    done += 1
-                    yield start, result
-                return
-            except OSError:  # the file was replaced meanwhile (another run rewrote the asset): our map still holds it
-                starts = starts[done:]
-        # in memory: workers get greyscale batches, a third of the bytes to send
-        batches = (_as_grey(images[rows[s : s + batch_size]]) for s in starts)
-        yield from zip(starts, pool.map(hash_batch, batches))
 
 
 def hash_with_cache(
@@ -171,6 +125,8 @@ def hash_with_cache(
     Returns (hashes in image order with columns image_id/phash/dhash, updated cache,
     number of images actually hashed).
     """
+    import pandas as pd
+
     ids = pd.Series(list(image_ids), dtype="string")
     cache = _empty_cache() if cache is None else cache
     known = cache.drop_duplicates("image_id").set_index("image_id")
@@ -189,6 +145,8 @@ def hash_with_cache(
 
 
 def _empty_cache() -> pd.DataFrame:
+    import pandas as pd
+
     return pd.DataFrame(
         {
             "image_id": pd.Series(dtype="string"),

@@ -7,7 +7,11 @@ Three source layouts are supported:
 - ``bloodmnist``: the MedMNIST v2 BloodMNIST file, train/val/test merged into one pool because the
   pipeline makes its own leakage-free splits.
 
-Every image is normalised to RGB uint8 at one square size. Problems with the source as a whole
+Every image is normalised to RGB uint8 at one square size. Sources larger than memory stream
+through: with ``out_dir`` the images are written to ``out_dir/images.npy`` a chunk at a time and come
+back memory-mapped, files are decoded over worker processes (``workers``), and the members of an
+uncompressed ``.npz`` (what ``np.savez`` writes) are memory-mapped rather than read whole
+(:mod:`bc_pipeline.lib.chunks`). Problems with the source as a whole
 (missing file, wrong array shape or dtype, unknown class folder, nothing readable) raise
 :class:`ImageSourceError` with the file and the problem in the message. Problems with single items
 (an unreadable or truncated file, a non-image file, a label out of range) are skipped and recorded
@@ -16,29 +20,33 @@ with their reason, or raise when ``on_bad_item="fail"``.
 
 from __future__ import annotations
 
-import hashlib
-import os
+import functools
+import struct
 import zipfile
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from bc_pipeline.lib import chunks
 from bc_pipeline.lib.classes import CLASS_NAMES
+# image_id and to_rgb_square are part of this module's API too.
+from bc_pipeline.lib.decode import (convert_batch, convert_batch_into, decode_files, decode_files_into, file_problem,  # noqa: F401
+                                     image_id, to_rgb_square)  # fmt: skip
 
 SourceKind = Literal["npz", "folder", "bloodmnist"]
 OnBadItem = Literal["skip", "fail"]
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"})
 MANIFEST_COLUMNS = ["image_id", "source", "label", "class_name", "orig_height", "orig_width", "note"]
-# A file this much smaller (or larger) than the target size is accepted with a note in the manifest.
-TINY_FACTOR, HUGE_FACTOR = 4, 16
 SKIP_COLUMNS = ["source", "reason"]
+#: Images decoded per job: large enough that sending a job costs little, small enough (7 MB at
+#: 96 px) that a few jobs in flight stay small.
+BATCH_SIZE = 256
+Progress = Callable[[int, int], None]
 
 
 class ImageSourceError(ValueError):
@@ -47,28 +55,16 @@ class ImageSourceError(ValueError):
 
 @dataclass(frozen=True)
 class LoadedImages:
-    """Images (N, S, S, 3) uint8, their manifest (row i describes image i), and recorded skips."""
+    """Images (N, S, S, 3) uint8, their manifest (row i describes image i), and recorded skips.
+
+    ``images_file``: the ``.npy`` file ``images`` maps when loading wrote one (``out_dir``), to be
+    moved into place rather than written again.
+    """
 
     images: np.ndarray
     manifest: pd.DataFrame
     skipped: pd.DataFrame
-
-
-def image_id(pixels: np.ndarray) -> str:
-    """A stable id from pixel content: identical images get identical ids, wherever they come from."""
-    return hashlib.blake2b(np.ascontiguousarray(pixels).tobytes(), digest_size=8).hexdigest()
-
-
-def to_rgb_square(pixels: np.ndarray, size: int) -> np.ndarray:
-    """Convert an (H, W), (H, W, 1) or (H, W, 3) uint8 image to RGB (size, size, 3) uint8."""
-    if pixels.ndim == 3 and pixels.shape[2] == 1:
-        pixels = pixels[:, :, 0]
-    if pixels.ndim == 2:
-        pixels = np.repeat(pixels[:, :, None], 3, axis=2)
-    if pixels.shape[:2] == (size, size):
-        return np.ascontiguousarray(pixels)
-    resized = Image.fromarray(pixels).resize((size, size), Image.Resampling.BICUBIC)
-    return np.asarray(resized)
+    images_file: Path | None = None
 
 
 def load_source(
@@ -78,14 +74,21 @@ def load_source(
     image_size: int = 96,
     class_names: Sequence[str] = CLASS_NAMES,
     on_bad_item: OnBadItem = "skip",
+    out_dir: Path | None = None,
+    workers: int | None = None,
+    progress: Progress | None = None,
 ) -> LoadedImages:
-    """Load any supported source; see the module docstring for the layouts."""
+    """Load any supported source; see the module docstring for the layouts and ``out_dir``/``workers``.
+
+    ``progress(done, total)`` is called after each chunk of images.
+    """
     if image_size < 8:
         raise ImageSourceError(f"image_size must be at least 8 pixels, got {image_size}")
     loader = _LOADERS.get(kind)
     if loader is None:
         raise ImageSourceError(f"unknown source kind {kind!r}: use one of {sorted(_LOADERS)}")
-    return loader(Path(path), image_size=image_size, class_names=class_names, on_bad_item=on_bad_item)
+    streaming = _Streaming(out_dir, workers or chunks.default_workers(), progress)
+    return loader(Path(path), image_size=image_size, class_names=class_names, on_bad_item=on_bad_item, streaming=streaming)
 
 
 # --- npz sources -------------------------------------------------------------------------------
@@ -98,14 +101,31 @@ def _open_npz(path: Path) -> dict[str, np.ndarray]:
     if not zipfile.is_zipfile(path):
         raise ImageSourceError(f"{path}: not a readable .npz archive (not a zip file)")
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            return {key: archive[key] for key in archive.files}
+        with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
+            return {info.filename.removesuffix(".npy"): _npz_member(path, archive, raw, info) for info in archive.infolist()}
     except ValueError as error:
         if "allow_pickle" in str(error):
             raise ImageSourceError(f"{path}: holds pickled object arrays; expected plain uint8 arrays") from None
         raise ImageSourceError(f"{path}: not a readable .npz archive ({error})") from None
     except (OSError, zipfile.BadZipFile, EOFError) as error:
         raise ImageSourceError(f"{path}: not a readable .npz archive ({error})") from None
+
+
+def _npz_member(path: Path, archive: zipfile.ZipFile, raw: Any, info: zipfile.ZipInfo) -> np.ndarray:
+    """One array of an .npz: memory-mapped where stored uncompressed (``np.savez``), else read."""
+    if info.compress_type == zipfile.ZIP_STORED:
+        raw.seek(info.header_offset)
+        local = raw.read(30)  # the zip local file header: its name and extra field lengths end it
+        if local[:4] == b"PK\x03\x04":
+            name_length, extra_length = struct.unpack("<HH", local[26:30])
+            raw.seek(info.header_offset + 30 + name_length + extra_length)
+            version = np.lib.format.read_magic(raw)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran_order, dtype = read_header(raw)
+            if not fortran_order and not dtype.hasobject and int(np.prod(shape)) > 0:
+                return np.memmap(path, dtype=dtype, mode="r", offset=raw.tell(), shape=shape)
+    with archive.open(info) as member:
+        return np.lib.format.read_array(member, allow_pickle=False)
 
 
 def _check_images_array(images: np.ndarray, where: str) -> None:
@@ -138,6 +158,7 @@ def load_npz(
     image_size: int = 96,
     class_names: Sequence[str] = CLASS_NAMES,
     on_bad_item: OnBadItem = "skip",
+    streaming: _Streaming | None = None,
 ) -> LoadedImages:
     """Load the challenge layout: ``images`` (N, H, W, 3) uint8 and ``labels`` (N,) or (N, 1)."""
     arrays = _open_npz(path)
@@ -150,6 +171,7 @@ def load_npz(
         image_size=image_size,
         class_names=class_names,
         on_bad_item=on_bad_item,
+        streaming=streaming or _Streaming(),
     )
 
 
@@ -162,6 +184,7 @@ def load_bloodmnist(
     image_size: int = 96,
     class_names: Sequence[str] = CLASS_NAMES,
     on_bad_item: OnBadItem = "skip",
+    streaming: _Streaming | None = None,
 ) -> LoadedImages:
     """Load BloodMNIST and merge its train/val/test parts into one pool."""
     arrays = _open_npz(path)
@@ -174,7 +197,10 @@ def load_bloodmnist(
                 f"(found: {sorted(arrays)})"
             )
         parts.append((arrays[images_key], arrays[labels_key], f"{path.name}:{split}"))
-    return _from_arrays(parts, path=path, image_size=image_size, class_names=class_names, on_bad_item=on_bad_item)
+    return _from_arrays(
+        parts, path=path, image_size=image_size, class_names=class_names, on_bad_item=on_bad_item,
+        streaming=streaming or _Streaming(),
+    )  # fmt: skip
 
 
 def _from_arrays(
@@ -184,23 +210,28 @@ def _from_arrays(
     image_size: int,
     class_names: Sequence[str],
     on_bad_item: OnBadItem,
+    streaming: _Streaming,
 ) -> LoadedImages:
-    images_out, rows, skipped = [], [], []
+    checked, skipped = [], []
     for images, labels, prefix in parts:
         _check_images_array(images, f"{path}: array {prefix!r} images")
         labels = _check_labels_array(labels, images.shape[0], f"{path}: array {prefix!r} labels")
-        height, width = images.shape[1:3]
-        for index in range(images.shape[0]):
-            source = f"{prefix}[{index}]"
-            label = int(labels[index])
-            if not 0 <= label < len(class_names):
-                reason = f"label {label} out of range 0..{len(class_names) - 1}"
-                _bad_item(on_bad_item, path, source, reason, skipped)
-                continue
-            pixels = to_rgb_square(images[index], image_size)
-            images_out.append(pixels)
-            rows.append((image_id(pixels), source, label, class_names[label], height, width, ""))
-    return _assemble(images_out, rows, skipped, path, image_size)
+        for index in np.flatnonzero((labels < 0) | (labels >= len(class_names))):
+            reason = f"label {labels[index]} out of range 0..{len(class_names) - 1}"
+            _bad_item(on_bad_item, path, f"{prefix}[{index}]", reason, skipped)
+        checked.append((images, labels, prefix))
+    sink = _Sink(streaming, sum(len(labels) for _, labels, _ in checked), image_size)
+    rows: list[tuple] = []
+    with sink:
+        for images, labels, prefix in checked:
+            good = np.flatnonzero((labels >= 0) & (labels < len(class_names)))
+            height, width = images.shape[1:3]
+            for start, ids in sink.convert(images, good, streaming.workers, first_row=len(rows)):
+                for index, identity in zip(good[start : start + len(ids)], ids):
+                    label = int(labels[index])
+                    rows.append((identity, f"{prefix}[{index}]", label, class_names[label], height, width, ""))
+                streaming.report(len(rows), sink.capacity)
+        return _assemble(sink, rows, skipped, path)
 
 
 # --- folder sources ----------------------------------------------------------------------------
@@ -212,6 +243,7 @@ def load_folder(
     image_size: int = 96,
     class_names: Sequence[str] = CLASS_NAMES,
     on_bad_item: OnBadItem = "skip",
+    streaming: _Streaming | None = None,
 ) -> LoadedImages:
     """Load one sub-folder per class; the class order (and so the labels) comes from ``class_names``."""
     if not root.is_dir():
@@ -236,77 +268,30 @@ def load_folder(
     if not files and not skipped:
         raise ImageSourceError(f"{root}: no class folders with files (empty source)")
 
-    def read(item: tuple[Path, int]) -> tuple[np.ndarray | None, str]:
-        return _read_image_file(item[0], image_size)
-
-    workers = min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(read, files))
-
-    images_out, rows = [], []
-    for (file, label), (pixels, info) in zip(files, results):
-        source = str(file.relative_to(root))
-        if pixels is None:
-            _bad_item(on_bad_item, root, source, info, skipped)
-            continue
-        size, _, note = info.partition(" ")
-        height, width = (int(v) for v in size.split("x"))
-        images_out.append(pixels)
-        rows.append((image_id(pixels), source, label, class_names[label], height, width, note))
-    return _assemble(images_out, rows, skipped, root, image_size)
-
-
-def _read_image_file(file: Path, image_size: int) -> tuple[np.ndarray | None, str]:
-    """Return (pixels, 'HxW[ note]') or (None, reason). Never raises for a bad file.
-
-    Degenerate but usable images are kept with a note (the manifest's ``note`` column): 16-bit and
-    32-bit images are scaled to 8 bits by their range (clipping would turn most of them white),
-    transparency is composited on white (a microscope slide's background), and images far smaller
-    or larger than ``image_size`` say by how much they were resized.
-    """
-    if file.name.startswith("."):
-        return None, "hidden file, not an image"
-    if file.suffix.lower() not in IMAGE_SUFFIXES:
-        return None, f"not an image file (extension {file.suffix or 'none'!r})"
-    try:
-        with Image.open(file) as image:
-            image.load()
-            height, width = image.height, image.width
-            pixels, notes = _to_rgb8(image)
-    except UnidentifiedImageError:
-        return None, "not a readable image (unknown or damaged format)"
-    except Image.DecompressionBombError as error:
-        return None, f"too large to decode safely ({error})"
-    except (OSError, SyntaxError, ValueError) as error:
-        return None, f"unreadable or truncated image ({error})"
-    if min(height, width) * TINY_FACTOR <= image_size:
-        notes.append(f"tiny {height}x{width} image upscaled {image_size / min(height, width):.0f}x")
-    elif max(height, width) >= HUGE_FACTOR * image_size:
-        notes.append(f"huge {height}x{width} image downscaled {max(height, width) / image_size:.0f}x")
-    return to_rgb_square(pixels, image_size), f"{height}x{width} {'; '.join(notes)}".rstrip()
-
-
-def _to_rgb8(image: Image.Image) -> tuple[np.ndarray, list[str]]:
-    """8-bit RGB pixels of ``image`` and what was done to get them."""
-    notes: list[str] = []
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        peak = float(values.max(initial=0.0))
-        if image.mode.startswith("I;16") or 255 < peak <= 65535:  # 16-bit data (PIL opens 16-bit PNGs as "I")
-            top, bits = 65535.0, 16
-        else:  # 8-bit values in a 32-bit container, or float/32-bit data: scale by its own peak
-            top, bits = (255.0, 8) if peak <= 255 else (peak, 32)
-        if bits != 8:
-            notes.append(f"{bits}-bit image scaled to 8 bits")
-        gray = np.clip(np.round(values * (255.0 / top)), 0, 255).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=2), notes
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        if rgba.getextrema()[3][0] < 255:
-            notes.append("transparency composited on white")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB")), notes
-    return np.asarray(image.convert("RGB")), notes
+    streaming = streaming or _Streaming()
+    # Files that may be images get the next row of the output; the rest are skipped by name.
+    places, candidates = [], 0
+    for file, _ in files:
+        places.append(None if file_problem(file) else candidates)
+        candidates += places[-1] is not None
+    sink = _Sink(streaming, candidates, image_size)
+    rows: list[tuple] = []
+    with sink:
+        done, decoded = 0, np.zeros(candidates, dtype=bool)
+        for results in sink.decode(files, places, streaming.workers):
+            for (file, label), place, (identity, info) in zip(files[done:], places[done:], results):
+                source = str(file.relative_to(root))
+                if identity is None:
+                    _bad_item(on_bad_item, root, source, info, skipped)
+                    continue
+                decoded[place] = True
+                size, _, note = info.partition(" ")
+                height, width = (int(v) for v in size.split("x"))
+                rows.append((identity, source, label, class_names[label], height, width, note))
+            done += len(results)
+            streaming.report(done, len(files))
+        sink.drop_unwritten(decoded)
+        return _assemble(sink, rows, skipped, root)
 
 
 _LOADERS = {"npz": load_npz, "folder": load_folder, "bloodmnist": load_bloodmnist}
@@ -323,24 +308,104 @@ def _bad_item(
     skipped.append((source, reason))
 
 
-def _assemble(
-    images: list[np.ndarray],
-    rows: list[tuple],
-    skipped: list[tuple[str, str]],
-    where: Path,
-    image_size: int,
-) -> LoadedImages:
+@dataclass(frozen=True)
+class _Streaming:
+    """Where and how a loader streams: ``out_dir`` for images.npy (None: in memory), worker processes, progress."""
+
+    out_dir: Path | None = None
+    workers: int = 1
+    progress: Progress | None = None
+
+    def report(self, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(done, total)
+
+
+class _Sink:
+    """Decoded images, in memory or appended to ``out_dir/images.npy``; removed again if loading fails."""
+
+    def __init__(self, streaming: _Streaming, capacity: int, image_size: int) -> None:
+        self.parts: list[np.ndarray] = []
+        self.image_size, self.capacity = image_size, capacity
+        self.writer = None
+        if streaming.out_dir is not None:
+            file = Path(streaming.out_dir) / "images.npy"
+            self.writer = chunks.NpyWriter(file, (image_size, image_size, 3), np.uint8, capacity)
+
+    def convert(self, images: np.ndarray, rows: np.ndarray, workers: int, first_row: int) -> Iterator[tuple[int, list[str]]]:
+        """Convert ``images[rows]`` batch by batch into the sink; yield (start, ids) per batch.
+
+        Streamed to a file, workers write their pixels in place (only ids come back: for images
+        that need little work, sending pixels back would cost about as much as converting them).
+        """
+        if self.writer is None:
+            convert = functools.partial(convert_batch, self.image_size)
+            for start, (pixels, ids) in chunks.map_rows(convert, images, rows, batch_size=BATCH_SIZE, workers=workers):
+                self.add(pixels)
+                yield start, ids
+            return
+        into = functools.partial(convert_batch_into, self.image_size, self.writer.target(), first_row)
+        for start, ids in chunks.map_rows(into, images, rows, batch_size=BATCH_SIZE, workers=workers, indexed=True):
+            self.writer.written(len(ids))
+            yield start, ids
+
+    def decode(self, files: list[tuple[Path, int]], places: list[int | None], workers: int) -> Iterator[list[tuple[str | None, str]]]:
+        """Decode ``files`` a batch at a time into the sink; yield each batch's (id or None, info) per file.
+
+        Streamed to a file, workers write each image at its place (see :meth:`convert`).
+        """
+        starts = range(0, len(files), BATCH_SIZE)
+        workers = min(workers, len(starts))
+        if self.writer is None:
+            jobs = ([str(file) for file, _ in files[start : start + BATCH_SIZE]] for start in starts)
+            for pixels, results in chunks.parallel_map(functools.partial(decode_files, self.image_size), jobs, workers=workers):
+                self.add(pixels)
+                yield results
+            return
+        into = functools.partial(decode_files_into, self.image_size, self.writer.target())
+        jobs = [([str(file) for file, _ in files[start : start + BATCH_SIZE]], places[start : start + BATCH_SIZE]) for start in starts]
+        for (_, job_places), results in zip(jobs, chunks.parallel_map(into, jobs, workers=workers)):
+            self.writer.written(sum(place is not None for place in job_places))  # rows reserved, written or not
+            yield results
+
+    def drop_unwritten(self, decoded: np.ndarray) -> None:
+        """Close the gaps that files which turned out unreadable left in the file."""
+        if self.writer is not None:
+            self.writer.compact(decoded)
+
+    def add(self, pixels: np.ndarray) -> None:
+        if self.writer is not None:
+            self.writer.append(pixels)
+        else:
+            self.parts.append(pixels)
+
+    def finish(self) -> tuple[np.ndarray, Path | None]:
+        if self.writer is not None:
+            return self.writer.finish(), self.writer.path
+        empty = np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
+        return (np.concatenate(self.parts) if self.parts else empty), None
+
+    def __enter__(self) -> _Sink:
+        return self
+
+    def __exit__(self, error_type: Any, *_: Any) -> None:
+        if error_type is not None and self.writer is not None:
+            self.writer.close()
+            self.writer.path.unlink(missing_ok=True)
+
+
+def _assemble(sink: _Sink, rows: list[tuple], skipped: list[tuple[str, str]], where: Path) -> LoadedImages:
     skipped_frame = pd.DataFrame(skipped, columns=SKIP_COLUMNS)
-    if not images:
+    if not rows:
         reasons = skipped_frame["reason"].value_counts().head(3).to_dict() if skipped else {}
         raise ImageSourceError(
             f"{where}: no usable images (empty source); {len(skipped)} items skipped: {reasons}"
         )
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     manifest = manifest.astype({"label": "int64", "orig_height": "int64", "orig_width": "int64"})
-    stacked = np.stack(images).astype(np.uint8, copy=False)
-    assert stacked.shape[1:] == (image_size, image_size, 3)
-    return LoadedImages(images=stacked, manifest=manifest, skipped=skipped_frame)
+    images, file = sink.finish()
+    assert len(images) == len(manifest) and images.shape[1:] == (sink.image_size, sink.image_size, 3)
+    return LoadedImages(images=images, manifest=manifest, skipped=skipped_frame, images_file=file)
 
 
 def sample_class_files(

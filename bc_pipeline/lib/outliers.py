@@ -11,12 +11,13 @@ template explains.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-from bc_pipeline.lib.anomalies import atypicality, stain_tinted
+from bc_pipeline.lib import anomalies, chunks
 from bc_pipeline.lib.corruption import (BLEND, COPY, CorruptionResult, CorruptionSettings, find_corruptions,
                                         templates_from_report)  # fmt: skip
 
@@ -32,14 +33,27 @@ STATS_COLUMNS = ["index", "image_id", "representative", "tinted", "atypicality"]
 OUTLIER_COLUMNS = ["index", "image_id", "kind", "reason", "atypicality"]
 
 
-def colour_stats(images: np.ndarray, duplicates: pd.DataFrame) -> pd.DataFrame:
-    """One row per image: its distinct representative, stain tint and atypicality."""
+def colour_stats(
+    images: np.ndarray, duplicates: pd.DataFrame, *, workers: int = 1, batch_size: int = 2048
+) -> pd.DataFrame:
+    """One row per image: its distinct representative, stain tint and atypicality.
+
+    Two passes over the distinct images, a batch at a time (a million images are never in memory
+    together): the pooled colour histogram, then each image's score under it. With ``workers`` > 1
+    the batches go to worker processes, which map a stored image file themselves
+    (:func:`bc_pipeline.lib.chunks.map_rows`); the result is the same to the bit.
+    """
     table = duplicates.sort_values("index")
     representative = table.groupby("exact_group")["index"].transform("min").to_numpy(np.int64)
     distinct = np.unique(representative)
-    distinct_images = np.asarray(images[distinct])
-    score = atypicality(distinct_images)
-    tinted = stain_tinted(distinct_images)
+    scores = np.zeros((len(distinct), 2))
+    with chunks.worker_pool(min(workers, -(-len(distinct) // batch_size))) as pool:
+        passes = functools.partial(chunks.map_rows, images=images, rows=distinct, batch_size=batch_size, workers=workers, pool=pool)
+        counts = sum((c for _, c in passes(anomalies.colour_counts)), np.zeros(anomalies.LEVELS**3))
+        histogram = counts / max(counts.sum(), 1.0)
+        for start, batch in passes(functools.partial(anomalies.colour_scores, histogram)):
+            scores[start : start + len(batch)] = batch
+    score, tinted = anomalies.robust_z(scores[:, 0]), scores[:, 1] > 0.5
     position = np.searchsorted(distinct, representative)
     return pd.DataFrame(
         {

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bc_pipeline.lib.loaders import ImageSourceError, _open_npz, _read_image_file, to_rgb_square
+from bc_pipeline.lib.decode import read_image_file, to_rgb_square
+from bc_pipeline.lib.loaders import ImageSourceError, _open_npz
 from bc_pipeline.lib.submission import read_class_names
 
 # Keys tried in order for the images of an .npz: the challenge layout, then common test-set names.
@@ -157,7 +158,7 @@ def _read_one(root: Path, file: Path, image_size: int) -> tuple[np.ndarray | Non
     # Hidden folders (.git, .ipynb_checkpoints) hold copies and metadata, not images to classify.
     if any(part.startswith(".") for part in file.relative_to(root).parent.parts):
         return None, "inside a hidden folder, not read"
-    return _read_image_file(file, image_size)
+    return read_image_file(file, image_size)
 
 
 def _skip_summary(skipped: list[tuple[str, str]]) -> str:

@@ -15,7 +15,7 @@ from pydantic import Field
 
 from bc_pipeline.dagster_utils.versions import config_from_dataclass, to_dataclass, versioned, with_config
 from bc_pipeline.dagster_utils import metadata as md
-from bc_pipeline.lib import corruption, outliers
+from bc_pipeline.lib import chunks, corruption, outliers
 from bc_pipeline.lib.artifacts import ImageSet
 from bc_pipeline.lib.plots import decomposition_examples, score_histogram, template_grid
 from bc_pipeline.defs.resources import PipelineStorage
@@ -31,7 +31,7 @@ def image_colour_stats(
     context: dg.AssetExecutionContext, raw_images: ImageSet, duplicate_groups: pd.DataFrame, storage: PipelineStorage
 ) -> dg.Output[pd.DataFrame]:
     start = time.perf_counter()
-    stats = outliers.colour_stats(raw_images.images, duplicate_groups)
+    stats = outliers.colour_stats(raw_images.images, duplicate_groups, workers=chunks.default_workers())
     context.log.info(f"colour statistics of {len(stats)} images in {time.perf_counter() - start:.1f}s")
     png = score_histogram(
         stats["atypicality"].to_numpy(), "atypicality (robust z of colour log-likelihood)", outliers.OUTLIER_ATYPICALITY

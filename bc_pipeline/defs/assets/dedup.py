@@ -10,6 +10,7 @@ from pydantic import Field
 from bc_pipeline.dagster_utils.versions import versioned, with_config
 from bc_pipeline.dagster_utils import metadata as md
 from bc_pipeline.lib.artifacts import ImageSet
+from bc_pipeline.lib.chunks import every_tenth
 from bc_pipeline.lib.dedup import NearPairs, duplicate_counts, find_duplicates_cached, summarize_groups
 from bc_pipeline.lib.hashing import HASH_ALGORITHM_VERSION, hash_hex, hash_with_cache
 from bc_pipeline.lib.plots import group_examples
@@ -29,13 +30,7 @@ def image_hashes(
     cache_path = storage.cache_dir() / f"image_hashes-{HASH_ALGORITHM_VERSION}.parquet"
     cache = _read_cache(cache_path, context)
 
-    next_report = [0.0]
-
-    def progress(done: int, total: int) -> None:
-        if done / total >= next_report[0] or done == total:
-            context.log.info(f"hashed {done}/{total} new images")
-            next_report[0] = done / total + 0.1
-
+    progress = every_tenth(lambda done, total: context.log.info(f"hashed {done}/{total} new images"))
     start = time.perf_counter()
     hashes, updated_cache, computed = hash_with_cache(
         raw_images.images, raw_images.manifest["image_id"], cache, progress=progress

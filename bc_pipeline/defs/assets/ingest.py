@@ -52,8 +52,8 @@ def raw_image_source(
 def raw_images(
     context: dg.AssetExecutionContext, image_source: ImageSource, storage: PipelineStorage
 ) -> dg.Output[ImageSet]:
-    try:
-        loaded = image_source.load(storage.root, log=context.log.info)
+    try:  # streamed to a staging images.npy, moved into place when stored (a million images never in memory)
+        loaded = image_source.load(storage.root, log=context.log.info, out_dir=storage.staging_dir("raw_images"))
     except ImageSourceError as error:
         raise dg.Failure(description=f"bad image source: {error}", allow_retries=False) from None
     except FetchError as error:
@@ -75,6 +75,6 @@ def raw_images(
     }
     if len(loaded.skipped):
         metadata["skipped"] = md.table(loaded.skipped)
-    value = ImageSet(images=loaded.images, manifest=manifest, tables={"skipped": loaded.skipped}, class_names=class_names)
+    value = ImageSet(loaded.images, manifest, {"skipped": loaded.skipped}, class_names, images_file=loaded.images_file)
     return versioned(value, loaded.images, manifest, list(class_names), metadata=metadata)
 
