@@ -56,12 +56,14 @@ def test_mapped_array_describes_whole_maps_only_and_refuses_a_replaced_file(tmp_
     np.save(tmp_path / "x.npy", data)
     mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
     where = chunks.mapped_array(mapped)
-    np.testing.assert_array_equal(where.open(), data)
+    np.testing.assert_array_equal(where.read_rows(np.arange(10)), data)
+    np.testing.assert_array_equal(where.read_rows(np.array([7, 2, 9])), data[[7, 2, 9]])
     assert chunks.mapped_array(mapped[2:]) is None and chunks.mapped_array(data) is None
     np.save(tmp_path / "y.npy", data[::-1].copy())
     (tmp_path / "y.npy").replace(tmp_path / "x.npy")
+    chunks._open_file.cache_clear()  # a worker that had not opened it yet
     with pytest.raises(OSError, match="replaced"):
-        where.open()
+        where.read_rows(np.arange(3))
     assert chunks.mapped_array(mapped).inode == where.inode  # still the file this process maps, not the new one
 
 

@@ -122,10 +122,6 @@ class MappedArray:
     device: int
     inode: int
 
-    def open(self) -> np.ndarray:
-        self._check(os.stat(self.filename))
-        return np.memmap(self.filename, dtype=np.dtype(self.dtype), mode="r", offset=self.offset, shape=self.shape)
-
     def read_rows(self, rows: np.ndarray) -> np.ndarray:
         """``array[rows]`` from a map of just the rows' span, released with the result.
 

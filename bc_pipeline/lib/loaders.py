@@ -322,7 +322,7 @@ class _Streaming:
 
 
 class _Sink:
-    """Decoded images, in memory or appended to ``out_dir/images.npy``; removed again if loading fails."""
+    """Decoded images, in memory or written by workers into ``out_dir/images.npy``; removed again if loading fails."""
 
     def __init__(self, streaming: _Streaming, capacity: int, image_size: int) -> None:
         self.parts: list[np.ndarray] = []
@@ -341,7 +341,7 @@ class _Sink:
         if self.writer is None:
             convert = functools.partial(convert_batch, self.image_size)
             for start, (pixels, ids) in chunks.map_rows(convert, images, rows, batch_size=BATCH_SIZE, workers=workers):
-                self.add(pixels)
+                self.parts.append(pixels)
                 yield start, ids
             return
         into = functools.partial(convert_batch_into, self.image_size, self.writer.target(), first_row)
@@ -359,7 +359,7 @@ class _Sink:
         if self.writer is None:
             jobs = ([str(file) for file, _ in files[start : start + BATCH_SIZE]] for start in starts)
             for pixels, results in chunks.parallel_map(functools.partial(decode_files, self.image_size), jobs, workers=workers):
-                self.add(pixels)
+                self.parts.append(pixels)
                 yield results
             return
         into = functools.partial(decode_files_into, self.image_size, self.writer.target())
@@ -372,12 +372,6 @@ class _Sink:
         """Close the gaps that files which turned out unreadable left in the file."""
         if self.writer is not None:
             self.writer.compact(decoded)
-
-    def add(self, pixels: np.ndarray) -> None:
-        if self.writer is not None:
-            self.writer.append(pixels)
-        else:
-            self.parts.append(pixels)
 
     def finish(self) -> tuple[np.ndarray, Path | None]:
         if self.writer is not None:
