@@ -1,4 +1,4 @@
-# The training worker's image: `python -m bc_pipeline.worker --spec ...` with Keras on JAX and CUDA.
+# The training worker's image: `python -m bc_pipeline.training.worker --spec ...` with Keras on JAX and CUDA.
 #
 #   docker build -t bc-pipeline-worker:latest .                       # JAX + CUDA 12 (default)
 #   docker build --build-arg BACKEND="torch" -t bc-pipeline-worker .  # or PyTorch
@@ -22,7 +22,7 @@ COPY bc_pipeline ./bc_pipeline
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['worker']))" > /tmp/worker.txt \
     && pip install -r /tmp/worker.txt "${BACKEND}" \
     && pip install --no-deps . \
-    && python -c "import bc_pipeline.worker.training, keras; print('worker image: Keras', keras.__version__)"
+    && python -c "import bc_pipeline.training.worker.fit, keras; print('worker image: Keras', keras.__version__)"
 
 WORKDIR /data
-ENTRYPOINT ["python", "-m", "bc_pipeline.worker"]
+ENTRYPOINT ["python", "-m", "bc_pipeline.training.worker"]

@@ -13,7 +13,7 @@ EXTRAS ?= dev
 RECIPE ?= quick
 # Laid over the recipe's config, e.g. RUN_CONFIG='{"ops": {"trained_model": {"config": {"epochs": 30}}}}'.
 RUN_CONFIG ?= {}
-# Models (partitions of trained_model, see bc_pipeline/lib/zoo.py) to train instead of the recipe's.
+# Models (partitions of trained_model, see bc_pipeline/models/zoo.py) to train instead of the recipe's.
 MODELS ?=
 # Every artifact, report and cache, and the Dagster home (bc_pipeline/defs/resources.py reads BC_DATA_DIR too).
 BC_DATA_DIR ?= $(CURDIR)/data

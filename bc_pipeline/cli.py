@@ -71,8 +71,8 @@ def _at_least(minimum: int) -> Callable[[str], int]:
 
 def predict_to_csv(model_path: Path, input_path: Path, output: Path, batch_size: int, image_size: int) -> list[str]:
     """Classify, write the CSV atomically, and return the summary lines to print."""
-    from bc_pipeline.lib.predict import locate_model, load_classifier, predict_frame, read_new_images, stored_temperature
-    from bc_pipeline.lib.storage import write_atomic
+    from bc_pipeline.core.storage import write_atomic
+    from bc_pipeline.evaluation.predict import load_classifier, locate_model, predict_frame, read_new_images, stored_temperature
 
     model_file = locate_model(model_path)  # a wrong model path fails before a large folder is read
     new = read_new_images(input_path, image_size=image_size)
@@ -101,7 +101,7 @@ def _summary(input_path: Path, output: Path, frame: pd.DataFrame, skipped: list[
 def fetch_bloodmnist_main(argv: list[str] | None = None) -> int:
     """``bc-fetch-bloodmnist [DEST]``: fetch the default dataset (default: ``<data dir>/raw/``); 1 on failure."""
     from bc_pipeline.defs.resources import default_data_dir
-    from bc_pipeline.lib.bloodmnist import BLOODMNIST_FILENAME, FetchError, fetch_bloodmnist
+    from bc_pipeline.ingest.bloodmnist import BLOODMNIST_FILENAME, FetchError, fetch_bloodmnist
 
     args = sys.argv[1:] if argv is None else argv
     dest = Path(args[0]) if args else default_data_dir() / "raw" / BLOODMNIST_FILENAME

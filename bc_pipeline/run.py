@@ -35,8 +35,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from bc_pipeline.lib.recipes import DEFAULT_RECIPE, Recipe, load_recipe, merged_config, recipe_names
-from bc_pipeline.lib.zoo import MODEL_NAMES
+from bc_pipeline.models.zoo import MODEL_NAMES
+from bc_pipeline.recipes import DEFAULT_RECIPE, Recipe, load_recipe, merged_config, recipe_names
 
 PER_MODEL = ["trained_model", "evaluation_report", "model_leaderboard", "submission_package"]
 STOP_GRACE_SECONDS = 5.0  # after SIGTERM, the child's process group is killed
@@ -79,9 +79,9 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, Recipe, dict]:
 
 def materialize_models(args: argparse.Namespace, run_config: dict) -> int:
     """The runs themselves (in the child process): the whole graph for the first model, then per model."""
+    from bc_pipeline.core.processes import exit_with_parent
     from bc_pipeline.dagster_utils.runs import owner_tags
     from bc_pipeline.definitions import all_asset_checks, all_assets, defs
-    from bc_pipeline.lib.processes import exit_with_parent
 
     exit_with_parent()  # the supervisor was killed: stop (the next bc_pipeline.run ends these runs)
     instance = dg.DagsterInstance.get()

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bc_pipeline.lib.classes import CLASS_NAMES
-from bc_pipeline.lib.loaders import read_labelled_files, sample_class_files
+from bc_pipeline.core.classes import CLASS_NAMES
 from bc_pipeline.defs.resources import shared_datasets_dir
+from bc_pipeline.ingest.loaders import read_labelled_files, sample_class_files
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -66,7 +66,7 @@ def pbc_subset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def pbc_subset_arrays(pbc_subset_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     """The same subset as (images uint8 (N, 96, 96, 3), labels (N,))."""
-    from bc_pipeline.lib.loaders import load_folder
+    from bc_pipeline.ingest.loaders import load_folder
 
     loaded = load_folder(pbc_subset_dir, image_size=96)
     return loaded.images, loaded.manifest["label"].to_numpy()

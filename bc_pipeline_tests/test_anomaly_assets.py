@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-
 from pathlib import Path
 
 import dagster as dg
@@ -12,12 +11,11 @@ import pandas as pd
 import pytest
 
 from bc_pipeline.defs.checks import no_flagged_image_in_splits
-from bc_pipeline.lib.corruption import psnr
-from bc_pipeline.defs.resources import ImageSource
-from bc_pipeline.defs.resources import shared_datasets_dir
-from bc_pipeline_tests.test_assets import UP_TO_CLEAN, _materialize, _metadata
-from bc_pipeline.lib import challenge_files as cf
+from bc_pipeline.defs.resources import ImageSource, shared_datasets_dir
+from bc_pipeline.quality.blends import psnr
+from bc_pipeline_tests import challenge_files as cf
 from bc_pipeline_tests.conftest import load_pbc96_arrays
+from bc_pipeline_tests.test_assets import UP_TO_CLEAN, _materialize, _metadata
 
 STAGE = [*UP_TO_CLEAN, "noise_templates", "data_splits"]
 

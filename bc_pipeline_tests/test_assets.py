@@ -13,13 +13,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from bc_pipeline.defs.checks import class_proportions_match, no_group_in_two_splits, no_image_in_two_splits
-from bc_pipeline.lib.splits import split_arrays
+from bc_pipeline.core.artifacts import read_artifact
+from bc_pipeline.core.classes import CLASS_NAMES
 from bc_pipeline.definitions import all_asset_checks, all_assets, build_resources
-from bc_pipeline.lib.artifacts import read_artifact
-from bc_pipeline.lib.classes import CLASS_NAMES
-from bc_pipeline.lib.hashing import hash_hex
+from bc_pipeline.defs.checks import class_proportions_match, no_group_in_two_splits, no_image_in_two_splits
 from bc_pipeline.defs.resources import ImageSource
+from bc_pipeline.preparation.splits import split_arrays
+from bc_pipeline.quality.hashing import hash_hex
 from bc_pipeline_tests.conftest import pbc96_files
 
 TRAIN_CONFIG = {
@@ -116,7 +116,7 @@ def test_splits_are_clean_stratified_and_checks_pass(full_run):
 @pytest.mark.slow
 def test_model_and_report_are_written_and_consistent(full_run):
     result, data_dir = full_run
-    from bc_pipeline.worker.training import weights_fingerprint
+    from bc_pipeline.models.inference import weights_fingerprint
 
     trained = read_artifact(data_dir / "assets" / "trained_model" / "custom_cnn")
     assert 1 <= len(trained.history) <= 2
@@ -164,8 +164,8 @@ def test_model_and_report_are_written_and_consistent(full_run):
 @pytest.mark.slow
 def test_corruption_benchmark_and_calibration_are_scored_and_reported(full_run):
     """The stored ImageNet-C set scores the model per corruption and severity; the temperature calibrates."""
-    from bc_pipeline.lib.calibration import reliability, scale_probabilities
-    from bc_pipeline.worker.training import predict_proba
+    from bc_pipeline.models.calibration import reliability, scale_probabilities
+    from bc_pipeline.models.inference import predict_proba
 
     result, data_dir = full_run
     trained = read_artifact(data_dir / "assets" / "trained_model" / "custom_cnn")
@@ -214,9 +214,9 @@ def test_corruption_benchmark_and_calibration_are_scored_and_reported(full_run):
 
 @pytest.mark.slow
 def test_tta_scores_average_the_views_of_the_test_split(full_run):
-    from bc_pipeline.lib.splits import split_arrays
-    from bc_pipeline.lib.interpret import TTA_VIEWS, tta_view
-    from bc_pipeline.worker.training import predict_proba
+    from bc_pipeline.evaluation.interpret import TTA_VIEWS, tta_view
+    from bc_pipeline.models.inference import predict_proba
+    from bc_pipeline.preparation.splits import split_arrays
 
     result, _ = full_run
     model = read_artifact(full_run[1] / "assets" / "trained_model" / "custom_cnn").model
@@ -381,7 +381,7 @@ def test_bad_source_fails_with_a_clear_message(pbc_subset_dir: Path, tmp_path: P
 def test_unreachable_default_dataset_fails_with_a_clear_message(monkeypatch, tmp_path: Path):
     import subprocess
 
-    from bc_pipeline.lib import bloodmnist
+    from bc_pipeline.ingest import bloodmnist
 
     def offline(command, **kwargs):
         return subprocess.CompletedProcess(command, 1, "", "ERROR: No matching distribution found")

@@ -6,14 +6,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bc_pipeline.lib.augmentation import (
+from bc_pipeline.augmentation.presets import (
     BATCH_PRESETS,
     IMAGE_PRESETS,
     PRESETS,
     augment_images,
     check_image_preset,
 )
-from bc_pipeline.worker.data import ImagePool, evaluation_batches, mix_batch, training_batches
+from bc_pipeline.training.worker.data import ImagePool, evaluation_batches, mix_batch, training_batches
 
 
 @pytest.fixture(scope="module")
@@ -282,7 +282,7 @@ def test_training_pipeline_without_batch_augment_keeps_exact_one_hot_labels_and_
 
 
 def _staged_shards(root, images, labels, sizes, policy):
-    from bc_pipeline.lib.artifacts import ShardSet
+    from bc_pipeline.core.artifacts import ShardSet
 
     root.mkdir(parents=True)
     rows, start = [], 0
@@ -297,7 +297,7 @@ def _staged_shards(root, images, labels, sizes, policy):
 
 
 def test_shardset_round_trip_moves_the_staging_folder_and_reloads_every_shard(tmp_path, images32):
-    from bc_pipeline.lib.artifacts import ShardSet, read_artifact, write_artifact
+    from bc_pipeline.core.artifacts import ShardSet, read_artifact, write_artifact
 
     images, labels = images32
     sizes = [12, 12, 8]
@@ -330,7 +330,7 @@ def test_shardset_round_trip_moves_the_staging_folder_and_reloads_every_shard(tm
 
 
 def test_flips_and_turns_draw_all_eight_symmetries_evenly(images32):
-    from bc_pipeline.worker.data import flip_and_turn
+    from bc_pipeline.training.worker.data import flip_and_turn
 
     image = images32[0][0]
     variants = [np.rot90(base, k).tobytes() for base in (image, image[:, ::-1]) for k in range(4)]

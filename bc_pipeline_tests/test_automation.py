@@ -18,11 +18,12 @@ import dagster as dg
 import pytest
 from pydantic import Field
 
+from bc_pipeline.core.classes import CLASS_NAMES
 from bc_pipeline.dagster_utils.versions import with_config
+from bc_pipeline.definitions import all_asset_checks, all_assets, build_resources
+from bc_pipeline.definitions import defs as project_defs
 from bc_pipeline.defs.assets.evaluation import EvaluationConfig
-from bc_pipeline.definitions import all_asset_checks, all_assets, build_resources, defs as project_defs
 from bc_pipeline.defs.jobs import all_jobs
-from bc_pipeline.lib.classes import CLASS_NAMES
 from bc_pipeline.defs.resources import ImageSource
 from bc_pipeline_tests.conftest import TINY_RUN_CONFIG, pbc96_files, tick_sensor, write_instance_home
 

@@ -7,7 +7,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from bc_pipeline.lib.balancing import STRATEGIES, balance, parse_strategy, smote, target_counts
+from bc_pipeline.preparation.balancing import STRATEGIES, balance, parse_strategy, smote, target_counts
 
 # Per-class counts of the imbalanced subset: one class of 2 images forces oversampling past the
 # 7 plain symmetries into shifted repeats, and SMOTE down to k=1 / k=2 for the tiny classes.

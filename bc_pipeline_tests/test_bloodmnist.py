@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bc_pipeline.lib import bloodmnist
+from bc_pipeline.ingest import bloodmnist
 
 
 def _fake_wheel(folder: Path, payload: bytes) -> Path:

@@ -28,8 +28,8 @@ import dagster as dg
 import pytest
 import yaml
 
+from bc_pipeline.core.classes import CLASS_NAMES
 from bc_pipeline.definitions import all_asset_checks, all_assets, build_resources
-from bc_pipeline.lib.classes import CLASS_NAMES
 from bc_pipeline.defs.resources import ImageSource
 from bc_pipeline_tests.conftest import pbc96_files
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bc_pipeline.lib.calibration import (
+from bc_pipeline.models.calibration import (
     calibration_summary,
     fit_temperature,
     reliability,

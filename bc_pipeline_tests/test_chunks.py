@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bc_pipeline.lib import chunks
-from bc_pipeline.lib.loaders import ImageSourceError, load_source
+from bc_pipeline.core import chunks
+from bc_pipeline.ingest.loaders import ImageSourceError, load_source
 from bc_pipeline_tests.conftest import pbc96_files
 
 
@@ -116,7 +116,7 @@ def test_uncompressed_npz_members_are_memory_mapped_and_load_the_same(pbc_subset
     labels[5] = 99  # one out-of-range label, skipped
     np.savez(tmp_path / "plain.npz", images=images, labels=labels)
     np.savez_compressed(tmp_path / "packed.npz", images=images, labels=labels)
-    from bc_pipeline.lib.loaders import _open_npz
+    from bc_pipeline.ingest.loaders import _open_npz
 
     assert isinstance(_open_npz(tmp_path / "plain.npz")["images"], np.memmap)
     assert not isinstance(_open_npz(tmp_path / "packed.npz")["images"], np.memmap)

@@ -1,6 +1,6 @@
 """The corruption / outlier stage on generated challenge-style files: real pbc96 cells, templates made in code.
 
-The files come from :mod:`bc_pipeline.lib.challenge_files`, with settings drawn at random from the
+The files come from :mod:`bc_pipeline_tests.challenge_files`, with settings drawn at random from the
 ranges the stage must hold on (weights 0.2-0.85, fixed or varying by up to 0.1 per image; 1-6
 templates of every kind, stain-coloured ones included; 2-40 bases; 1-50 repeats with conflicting
 or agreeing labels; copies of the picture or none; rounding or truncation; any order). The seed
@@ -13,13 +13,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bc_pipeline.lib import blend_algebra as ba
-from bc_pipeline.lib import challenge_files as cf
-from bc_pipeline.lib import corruption, outliers
-from bc_pipeline.lib.anomalies import atypicality
-from bc_pipeline.lib.dedup import find_duplicates
-from bc_pipeline.lib.hashing import compute_hashes
-from bc_pipeline.lib.loaders import image_id
+from bc_pipeline.ingest.loaders import image_id
+from bc_pipeline.quality import blend_algebra as ba
+from bc_pipeline.quality import blends as corruption
+from bc_pipeline.quality import outliers
+from bc_pipeline.quality.colour import atypicality
+from bc_pipeline.quality.dedup import find_duplicates
+from bc_pipeline.quality.hashing import compute_hashes
+from bc_pipeline_tests import challenge_files as cf
 from bc_pipeline_tests.conftest import load_pbc96_arrays
 
 PROPERTY_SEEDS = list(range(100, 130))
@@ -134,7 +135,7 @@ def test_clean_images_alone_give_empty_reports(cells):
 @pytest.mark.slow
 def test_all_of_pbc96_is_clean(pbc96_dir):
     """Real smears hold odd but genuine cells; none of the 14,416 may look like a blend."""
-    from bc_pipeline.lib.loaders import load_folder
+    from bc_pipeline.ingest.loaders import load_folder
 
     loaded = load_folder(pbc96_dir)
     result = detect(loaded.images, loaded.manifest["label"].to_numpy())

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bc_pipeline.lib.corruptions import (
+from bc_pipeline.evaluation.imagenet_c import (
     CORRUPTIONS,
     build_corrupted_set,
     check_corruptions,

@@ -13,8 +13,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from bc_pipeline.lib.cleaning import EXACT_DUPLICATE, LABEL_CONFLICT, REMOVED_COLUMNS, removal_counts, select_clean
-from bc_pipeline.lib.dedup import (
+from bc_pipeline.ingest.loaders import image_id
+from bc_pipeline.quality.cleaning import EXACT_DUPLICATE, LABEL_CONFLICT, REMOVED_COLUMNS, removal_counts, select_clean
+from bc_pipeline.quality.dedup import (
     DUPLICATE_COLUMNS,
     NearPairs,
     all_pairs,
@@ -25,8 +26,7 @@ from bc_pipeline.lib.dedup import (
     near_duplicate_pairs,
     summarize_groups,
 )
-from bc_pipeline.lib.hashing import compute_hashes, hamming
-from bc_pipeline.lib.loaders import image_id
+from bc_pipeline.quality.hashing import compute_hashes, hamming
 
 THRESHOLD = 4
 

@@ -169,7 +169,7 @@ def test_importing_definitions_does_not_import_tensorflow_or_keras():
 
 
 def test_training_and_evaluation_are_partitioned_by_the_model_registry_and_the_ensemble():
-    from bc_pipeline.lib.zoo import REGISTRY
+    from bc_pipeline.models.zoo import REGISTRY
 
     graph = defs.resolve_asset_graph()
     for name in ("trained_model", "evaluation_report"):
@@ -222,7 +222,7 @@ def test_the_shipped_instance_limits_the_gpu_pool_and_is_what_make_installs(tmp_
 
 
 def test_the_environment_is_read_in_one_module():
-    """Only defs/resources.py reads BC_* variables (the worker reads its own mount point in worker/spec.py)."""
+    """Only defs/resources.py reads BC_* variables (the worker reads its own mount point in training/spec.py)."""
     import re
 
     package = Path(__file__).resolve().parents[1] / "bc_pipeline"
@@ -231,7 +231,7 @@ def test_the_environment_is_read_in_one_module():
         str(path.relative_to(package)) for path in package.rglob("*.py")
         if any(reading.search(line) and "BC_" in line for line in path.read_text().splitlines())
     }  # fmt: skip
-    assert readers <= {"defs/resources.py", "worker/spec.py"}, readers
+    assert readers <= {"defs/resources.py", "training/spec.py"}, readers
 
 
 def test_resources_take_their_settings_from_the_environment_over_one_set_of_defaults(tmp_path):

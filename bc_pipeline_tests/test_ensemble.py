@@ -6,15 +6,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bc_pipeline.lib.classes import CLASS_NAMES
-from bc_pipeline.lib.ensemble import EnsembleError, assemble_ensemble, build_ensemble, choose_members, ensemble_members
+from bc_pipeline.core.classes import CLASS_NAMES
+from bc_pipeline.training.ensemble import EnsembleError, assemble_ensemble, build_ensemble, choose_members, ensemble_members
 
 
 @pytest.fixture(scope="module")
 def members():
     import keras
 
-    from bc_pipeline.lib.zoo import build_model, model_spec
+    from bc_pipeline.models.zoo import build_model, model_spec
 
     keras.utils.set_random_seed(1)
     first = build_model(model_spec("custom_cnn", image_size=32), len(CLASS_NAMES))
@@ -25,8 +25,8 @@ def members():
 def test_the_ensemble_averages_its_members_and_survives_a_save(members, pbc_subset_arrays, tmp_path):
     import keras
 
-    from bc_pipeline.lib.interpret import grad_cam, predict_tta
-    from bc_pipeline.worker.training import predict_proba
+    from bc_pipeline.evaluation.interpret import grad_cam, predict_tta
+    from bc_pipeline.models.inference import predict_proba
 
     images = pbc_subset_arrays[0][:24]
     ensemble = build_ensemble(members)
@@ -56,9 +56,8 @@ def test_members_are_chosen_from_what_is_trained():
 
 
 def test_assembled_from_stored_models_with_a_temperature(members, pbc_subset_arrays, tmp_path):
-    from bc_pipeline.lib.artifacts import write_artifact
-    from bc_pipeline.lib.artifacts import TrainedModel
-    from bc_pipeline.worker.training import weights_fingerprint
+    from bc_pipeline.core.artifacts import TrainedModel, write_artifact
+    from bc_pipeline.models.inference import weights_fingerprint
 
     for name, model in members.items():
         info = {"class_names": list(CLASS_NAMES), "weights_fingerprint": weights_fingerprint(model), "train_seconds": 10.0,

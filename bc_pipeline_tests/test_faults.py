@@ -22,9 +22,9 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from bc_pipeline.core.artifacts import read_artifact
+from bc_pipeline.core.storage import fingerprint
 from bc_pipeline.defs.resources import PROJECT_ROOT
-from bc_pipeline.lib.artifacts import read_artifact
-from bc_pipeline.lib.storage import fingerprint
 from bc_pipeline_tests.conftest import TINY_RUN_CONFIG, write_instance_home
 
 TRAIN = {"epochs": 1, "image_size": 32, "batch_size": 32}

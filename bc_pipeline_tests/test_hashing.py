@@ -11,8 +11,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from bc_pipeline.lib import chunks, hashing
-from bc_pipeline.lib.hashing import (
+from bc_pipeline.core import chunks
+from bc_pipeline.core.storage import save_parquet
+from bc_pipeline.ingest.loaders import image_id
+from bc_pipeline.quality import hashing
+from bc_pipeline.quality.hashing import (
     compute_hashes,
     greyscale,
     hamming,
@@ -20,8 +23,6 @@ from bc_pipeline.lib.hashing import (
     hash_hex,
     hash_with_cache,
 )
-from bc_pipeline.lib.loaders import image_id
-from bc_pipeline.lib.storage import save_parquet
 
 
 def _reference(image: np.ndarray) -> tuple[str, str]:

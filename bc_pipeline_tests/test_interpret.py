@@ -6,11 +6,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bc_pipeline.lib import interpret
-from bc_pipeline.lib.classes import CLASS_NAMES
-from bc_pipeline.lib.interpret import EXACT_VIEWS, TTA_VIEWS, example_titles, grad_cam, gradcam_examples, predict_tta, tta_view
-from bc_pipeline.lib.plots import gradcam_grid
-from bc_pipeline.lib.zoo import REGISTRY, build_model, model_spec
+from bc_pipeline.core.classes import CLASS_NAMES
+from bc_pipeline.core.plots import gradcam_grid
+from bc_pipeline.evaluation import interpret
+from bc_pipeline.evaluation.interpret import (
+    EXACT_VIEWS,
+    TTA_VIEWS,
+    example_titles,
+    grad_cam,
+    gradcam_examples,
+    predict_tta,
+    tta_view,
+)
+from bc_pipeline.models.zoo import REGISTRY, build_model, model_spec
 
 NUM_CLASSES = len(CLASS_NAMES)
 TRAINED_SIZE = 64  # the custom CNN's smallest size with a 2x2 feature map, so a heatmap can vary
@@ -54,7 +62,7 @@ def trained_cnn(pbc_subset_arrays):
 
 @pytest.fixture(scope="module")
 def trained_predictions(trained_cnn, pbc_subset_arrays) -> np.ndarray:
-    from bc_pipeline.worker.training import predict_proba
+    from bc_pipeline.models.inference import predict_proba
 
     return predict_proba(trained_cnn, pbc_subset_arrays[0]).argmax(axis=1)
 
@@ -128,7 +136,7 @@ def test_unknown_view_names_the_valid_ones(pbc_subset_arrays):
 
 @pytest.mark.slow
 def test_predict_tta_is_the_mean_over_views_chunk_by_chunk(trained_cnn, pbc_subset_arrays, monkeypatch):
-    from bc_pipeline.worker.training import predict_proba
+    from bc_pipeline.models.inference import predict_proba
 
     images = pbc_subset_arrays[0][::13]  # 25 images across the classes
     per_view = np.stack([predict_proba(trained_cnn, tta_view(images, view)) for view in TTA_VIEWS])

@@ -9,8 +9,8 @@ import signal
 import dagster as dg
 import pytest
 
-from bc_pipeline.lib import launch
-from bc_pipeline.worker.backend import Device, WorkerStartError, precision_policy, select_backend, use_jit
+from bc_pipeline.dagster_utils import launch
+from bc_pipeline.training.worker.backend import Device, WorkerStartError, precision_policy, select_backend, use_jit
 
 GPU = Device("jax", "gpu", "GPU x1: NVIDIA H200", bf16=True)
 OLD_GPU = Device("tensorflow", "gpu", "GPU x1: Tesla V100", bf16=False)
@@ -38,7 +38,7 @@ def test_dagster_k8s_builds_a_valid_pod_from_our_spec():
     from dagster_k8s.pipes import build_pod_body
 
     spec = launch.k8s_pod_spec(gpus=1, volume_claim="bc-data", mount="/data")
-    pod = build_pod_body("p", "bc-pipeline-worker:latest", ["python", "-m", "bc_pipeline.worker"], {"A": "1"}, None, spec)
+    pod = build_pod_body("p", "bc-pipeline-worker:latest", ["python", "-m", "bc_pipeline.training.worker"], {"A": "1"}, None, spec)
     assert pod.spec.containers[0].resources.limits == {"nvidia.com/gpu": "1"}
 
 
@@ -47,7 +47,7 @@ def test_the_spec_path_is_translated_into_the_container_mount(tmp_path):
     assert launch.path_in_container(spec, tmp_path / "data", "/data") == "/data/cache/training/custom_cnn/spec.json"
     with pytest.raises(ValueError, match="outside the data directory"):
         launch.path_in_container(tmp_path / "elsewhere.json", tmp_path / "data", "/data")
-    assert launch.worker_command("python", "/data/s.json") == ["python", "-m", "bc_pipeline.worker", "--spec", "/data/s.json"]
+    assert launch.worker_command("python", "/data/s.json") == ["python", "-m", "bc_pipeline.training.worker", "--spec", "/data/s.json"]
 
 
 def test_docker_kwargs_bind_the_data_directory(tmp_path):

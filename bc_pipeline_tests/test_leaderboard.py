@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bc_pipeline.lib.artifacts import PartitionedArtifacts, write_artifact
-from bc_pipeline.lib.leaderboard import leaderboard_figure, leaderboard_markdown, leaderboard_table
+from bc_pipeline.core.artifacts import PartitionedArtifacts, write_artifact
+from bc_pipeline.evaluation.leaderboard import leaderboard_figure, leaderboard_markdown, leaderboard_table
 
 
 def _summary(accuracy, robust, params, tta=None):

@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from bc_pipeline.lib.classes import CLASS_NAMES
-from bc_pipeline.lib.loaders import (
+from bc_pipeline.core.classes import CLASS_NAMES
+from bc_pipeline.ingest.loaders import (
     MANIFEST_COLUMNS,
     SKIP_COLUMNS,
     ImageSourceError,

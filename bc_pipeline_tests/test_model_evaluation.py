@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bc_pipeline.lib.artifacts import ImageSet, TrainedModel
-from bc_pipeline.lib.classes import CLASS_NAMES
-from bc_pipeline.lib.interpret import TTA_VIEWS
-from bc_pipeline.lib.model_evaluation import (
+from bc_pipeline.core.artifacts import ImageSet, TrainedModel
+from bc_pipeline.core.classes import CLASS_NAMES
+from bc_pipeline.core.storage import fingerprint
+from bc_pipeline.evaluation.evaluate import (
     TIMINGS,
     EvaluationSettings,
     ModelEvaluation,
@@ -22,7 +22,7 @@ from bc_pipeline.lib.model_evaluation import (
     without_timings,
     write_evaluation,
 )
-from bc_pipeline.lib.storage import fingerprint
+from bc_pipeline.evaluation.interpret import TTA_VIEWS
 from bc_pipeline_tests.conftest import load_pbc96_arrays
 
 NAME = "tiny_cnn"
@@ -45,7 +45,7 @@ def trained(data) -> TrainedModel:
     """The custom CNN at 32 px after two epochs on the train part (a few seconds on two cores)."""
     import keras
 
-    from bc_pipeline.lib.zoo import build_model, model_spec
+    from bc_pipeline.models.zoo import build_model, model_spec
 
     (train_x, train_y), (val_x, val_y) = data["train"], data["val"]
     keras.utils.set_random_seed(0)
@@ -80,7 +80,7 @@ def perturbed(data) -> ImageSet:
 
 @pytest.fixture(scope="module")
 def corruption_set(data) -> ImageSet:
-    from bc_pipeline.lib.corruptions import build_corrupted_set
+    from bc_pipeline.evaluation.imagenet_c import build_corrupted_set
 
     images, labels = data["test"]
     built = build_corrupted_set(images, labels, np.arange(len(labels)), corruptions=CORRUPTIONS, severities=(3,), seed=0)
@@ -107,8 +107,8 @@ def test_the_default_views_are_the_ones_the_asset_used():
 
 
 def test_scores_equal_the_models_own_predictions(evaluated, trained, data, perturbed):
-    from bc_pipeline.lib.interpret import predict_tta
-    from bc_pipeline.worker.training import predict_proba
+    from bc_pipeline.evaluation.interpret import predict_tta
+    from bc_pipeline.models.inference import predict_proba
 
     result, _ = evaluated
     model, (test_x, test_y) = trained.model, data["test"]
@@ -139,7 +139,7 @@ def test_the_robustness_table_has_every_policy_plain_and_only_the_robust_one_wit
 
 
 def test_the_corruption_benchmark_leaves_out_what_training_saw(evaluated, trained, corruption_set):
-    from bc_pipeline.worker.training import predict_proba
+    from bc_pipeline.models.inference import predict_proba
 
     result, _ = evaluated
     hits = predict_proba(trained.model, corruption_set.images).argmax(axis=1) == corruption_set.manifest["label"].to_numpy()
@@ -232,7 +232,7 @@ def test_without_tta_gradcam_or_benchmark_only_the_plain_scores_remain(trained, 
 
 def test_the_library_does_not_import_dagster():
     code = (
-        "import sys, bc_pipeline.lib.model_evaluation\n"
+        "import sys, bc_pipeline.evaluation.evaluate\n"
         "assert not [m for m in sys.modules if m.split('.')[0] == 'dagster'], 'dagster imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

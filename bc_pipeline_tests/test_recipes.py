@@ -8,8 +8,8 @@ import dagster as dg
 import pytest
 
 from bc_pipeline.definitions import defs
-from bc_pipeline.lib.recipes import load_recipe, merged_config, recipe_names
-from bc_pipeline.lib.zoo import REGISTRY
+from bc_pipeline.models.zoo import REGISTRY
+from bc_pipeline.recipes import load_recipe, merged_config, recipe_names
 
 
 def test_the_three_named_recipes_are_shipped():

@@ -10,9 +10,9 @@ import time
 
 import dagster as dg
 
+from bc_pipeline.core.processes import fresh_folder, process_alive
 from bc_pipeline.dagster_utils.progress import RunProgress, key_figures
 from bc_pipeline.dagster_utils.runs import owner_tags, release_dead_runs, release_runs_of
-from bc_pipeline.lib.processes import fresh_folder, process_alive
 from bc_pipeline_tests.conftest import write_instance_home
 
 
@@ -84,7 +84,7 @@ def test_progress_prints_one_line_per_stage_with_its_key_figures(tmp_path):
 
 def test_a_child_started_with_exit_with_parent_ends_when_its_parent_is_killed(tmp_path):
     pid_file = tmp_path / "grandchild.pid"
-    grandchild = ("import sys, time; from bc_pipeline.lib.processes import exit_with_parent; exit_with_parent(0.2);"
+    grandchild = ("import sys, time; from bc_pipeline.core.processes import exit_with_parent; exit_with_parent(0.2);"
                   "open(sys.argv[1], 'w').write(__import__('os').getpid().__str__()); time.sleep(120)")  # fmt: skip
     spawn = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {grandchild!r}, {str(pid_file)!r}]); time.sleep(120)"
     parent = subprocess.Popen([sys.executable, "-c", spawn])

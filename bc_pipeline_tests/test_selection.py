@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bc_pipeline.worker.selection import epochs_to_best, fixed_schedule, fold_assignment, select_rows
-from bc_pipeline.worker.training import Phase, TrainingSettings
+from bc_pipeline.training.worker.fit import Phase, TrainingSettings
+from bc_pipeline.training.worker.selection import epochs_to_best, fixed_schedule, fold_assignment, select_rows
 
 
 def test_folds_keep_groups_together_and_classes_even():
@@ -46,8 +46,8 @@ def test_epoch_counts_per_phase_and_the_fixed_schedule():
 
 @pytest.mark.slow
 def test_kfold_chooses_the_count_and_the_final_model_trains_on_train_plus_validation():
-    from bc_pipeline.lib.zoo import model_spec
-    from bc_pipeline.worker.selection import train_with_epoch_selection
+    from bc_pipeline.models.zoo import model_spec
+    from bc_pipeline.training.worker.selection import train_with_epoch_selection
     from bc_pipeline_tests.conftest import load_pbc96_arrays
 
     images, labels = load_pbc96_arrays(per_class=12, seed=3)
@@ -57,7 +57,7 @@ def test_kfold_chooses_the_count_and_the_final_model_trains_on_train_plus_valida
     copy = [(np.ascontiguousarray(train_x[:, ::-1]), train_y.copy())]  # one stored copy (flipped), row-aligned
     settings = TrainingSettings(epochs=3, patience=5, batch_size=16, cv_folds=2, retrain_on_validation=True, lr_schedule="constant")
     lines: list[str] = []
-    from bc_pipeline.worker.training import RunOptions, TrainingData
+    from bc_pipeline.training.worker.fit import RunOptions, TrainingData
 
     result = train_with_epoch_selection(
         TrainingData(train_x, train_y, val_x, val_y, num_classes=8, augmented=copy), model_spec("custom_cnn", image_size=32),
@@ -77,7 +77,7 @@ def test_kfold_chooses_the_count_and_the_final_model_trains_on_train_plus_valida
 def test_the_consistency_loss_is_cross_entropy_for_identical_views_and_grows_with_disagreement():
     import keras
 
-    from bc_pipeline.worker.consistency import AugMixConsistency
+    from bc_pipeline.training.worker.consistency import AugMixConsistency
 
     rng = np.random.default_rng(0)
     clean = rng.dirichlet(np.ones(8), size=5).astype(np.float32)
@@ -95,9 +95,9 @@ def test_the_consistency_loss_is_cross_entropy_for_identical_views_and_grows_wit
 
 @pytest.mark.slow
 def test_jsd_training_draws_three_aligned_views_and_learns(tmp_path):
-    from bc_pipeline.lib.zoo import model_spec
-    from bc_pipeline.worker.data import view_batches
-    from bc_pipeline.worker.training import train_classifier
+    from bc_pipeline.models.zoo import model_spec
+    from bc_pipeline.training.worker.data import view_batches
+    from bc_pipeline.training.worker.fit import train_classifier
     from bc_pipeline_tests.conftest import load_pbc96_arrays
 
     images, labels = load_pbc96_arrays(per_class=10, seed=5)
@@ -109,7 +109,7 @@ def test_jsd_training_draws_three_aligned_views_and_learns(tmp_path):
     assert all(a in clean or b in clean for a, b in flipped), "every view is a copy of a clean image of the batch"
     settings = TrainingSettings(epochs=2, batch_size=16, consistency_loss="jsd", lr_schedule="constant")
     shards = [(c, labels) for c in copies]
-    from bc_pipeline.worker.training import RunOptions, TrainingData
+    from bc_pipeline.training.worker.fit import RunOptions, TrainingData
 
     data = TrainingData(images, labels, images[:16], labels[:16], num_classes=8, augmented=shards)
     result = train_classifier(data, model_spec("custom_cnn", image_size=32), settings, RunOptions(log=lambda _: None))

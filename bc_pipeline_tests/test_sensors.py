@@ -10,9 +10,9 @@ import dagster as dg
 import numpy as np
 import pytest
 
-from bc_pipeline.lib.source_version import MISSING, changed_entries, folder_stamps, snapshot
 from bc_pipeline.defs.resources import ImageSource, PipelineStorage
 from bc_pipeline.defs.sensors import raw_data_sensor
+from bc_pipeline.ingest.source_version import MISSING, changed_entries, folder_stamps, snapshot
 from bc_pipeline_tests.conftest import load_pbc96_arrays, tick_sensor
 
 

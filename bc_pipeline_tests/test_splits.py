@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bc_pipeline.lib.splits import (
+from bc_pipeline.preparation.splits import (
     SPLIT_COLUMNS,
     SPLITS,
     group_stratified_split,

@@ -12,8 +12,8 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from bc_pipeline.lib.artifacts import ArtifactNotFoundError, ImageSet, read_artifact, write_artifact
-from bc_pipeline.lib.storage import (
+from bc_pipeline.core.artifacts import ArtifactNotFoundError, ImageSet, read_artifact, write_artifact
+from bc_pipeline.core.storage import (
     atomic_path,
     fingerprint,
     save_bytes,
@@ -283,7 +283,7 @@ def _truncate(path: Path) -> None:
 
 @pytest.mark.parametrize("damaged", ["images.npy", "manifest.parquet", "class_names.json", "counts.parquet"])
 def test_a_damaged_image_set_file_names_the_file_and_the_asset_to_rematerialize(tmp_path: Path, image_set: ImageSet, damaged: str) -> None:
-    from bc_pipeline.lib.artifacts import ArtifactDamagedError
+    from bc_pipeline.core.artifacts import ArtifactDamagedError
 
     base = tmp_path / "assets" / "clean_images"
     write_artifact(base, ImageSet(images=image_set.images, manifest=image_set.manifest, class_names=("a", "b"),
@@ -298,7 +298,7 @@ def test_a_damaged_image_set_file_names_the_file_and_the_asset_to_rematerialize(
 
 @pytest.mark.parametrize("suffix", [".parquet", ".npy", ".json"])
 def test_a_damaged_single_file_artifact_is_explained_too(tmp_path: Path, suffix: str) -> None:
-    from bc_pipeline.lib.artifacts import ArtifactDamagedError
+    from bc_pipeline.core.artifacts import ArtifactDamagedError
 
     value = {".parquet": pd.DataFrame({"x": range(100)}), ".npy": np.arange(1000), ".json": {"a": list(range(50))}}[suffix]
     path = write_artifact(tmp_path / "data_splits", value)
@@ -310,8 +310,8 @@ def test_a_damaged_single_file_artifact_is_explained_too(tmp_path: Path, suffix:
 def test_a_damaged_model_and_a_damaged_checkpoint(tmp_path: Path) -> None:
     import keras
 
-    from bc_pipeline.lib.artifacts import ArtifactDamagedError
-    from bc_pipeline.worker.checkpoint import Checkpoint
+    from bc_pipeline.core.artifacts import ArtifactDamagedError
+    from bc_pipeline.training.worker.checkpoint import Checkpoint
 
     folder = tmp_path / "trained_model" / "custom_cnn"
     folder.mkdir(parents=True)
@@ -337,7 +337,7 @@ _WRITER = """
 import sys
 import numpy as np, pandas as pd
 from pathlib import Path
-from bc_pipeline.lib.artifacts import write_artifact
+from bc_pipeline.core.artifacts import write_artifact
 base, kind = Path(sys.argv[1]), sys.argv[2]
 rows = 2_000_000
 for round in range(1, 1000):

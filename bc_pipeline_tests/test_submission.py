@@ -16,9 +16,9 @@ import pandas as pd
 import pytest
 
 from bc_pipeline.cli import main
-from bc_pipeline.lib.classes import CLASS_NAMES
-from bc_pipeline.lib.predict import load_classifier, read_new_images
-from bc_pipeline.lib.submission import MODEL_TEMPLATE, write_submission
+from bc_pipeline.core.classes import CLASS_NAMES
+from bc_pipeline.evaluation.predict import load_classifier, read_new_images
+from bc_pipeline.evaluation.submission import MODEL_TEMPLATE, write_submission
 
 # Runs model.py where bc_pipeline cannot be imported, even though it is installed in this venv.
 STANDALONE_SCRIPT = """
@@ -50,7 +50,7 @@ def trained(pbc_subset_arrays):
     """
     import keras
 
-    from bc_pipeline.lib.zoo import build_model, model_spec
+    from bc_pipeline.models.zoo import build_model, model_spec
 
     keras.utils.set_random_seed(0)
     images, labels = pbc_subset_arrays
@@ -64,7 +64,7 @@ def trained(pbc_subset_arrays):
 @pytest.fixture(scope="module")
 def expected(trained, pbc_subset_arrays) -> np.ndarray:
     """The Keras model's own class indices for the subset, the reference for every other path."""
-    from bc_pipeline.worker.training import predict_proba
+    from bc_pipeline.models.inference import predict_proba
 
     labels = predict_proba(trained, pbc_subset_arrays[0]).argmax(axis=1)
     assert len(np.unique(labels)) >= 3, f"the quick model predicts too few classes: {np.bincount(labels)}"
@@ -166,8 +166,7 @@ def test_write_submission_refuses_a_class_count_that_does_not_match(trained, tmp
 
 
 def test_load_classifier_reads_artifacts_submissions_and_bare_files(trained, submission, tmp_path):
-    from bc_pipeline.lib.artifacts import write_artifact
-    from bc_pipeline.lib.artifacts import TrainedModel
+    from bc_pipeline.core.artifacts import TrainedModel, write_artifact
 
     names = [f"cell_{i}" for i in range(8)]
     info = {"class_names": names, "model_name": "x"}
@@ -197,7 +196,7 @@ def test_load_classifier_reads_artifacts_submissions_and_bare_files(trained, sub
 
 
 def test_cli_classifies_a_folder_like_the_model(submission, pbc_subset_dir, expected, tmp_path, capsys):
-    from bc_pipeline.lib.loaders import load_folder
+    from bc_pipeline.ingest.loaders import load_folder
 
     output = tmp_path / "out" / "predictions.csv"
     assert _run_cli(submission, pbc_subset_dir, "-o", output, "--batch-size", 64) == 0
@@ -249,7 +248,7 @@ def test_cli_reports_expected_errors_with_status_2_and_no_traceback(submission, 
 @pytest.mark.parametrize("backend", [b for b in _backends() if b != "tensorflow"])
 def test_cli_gives_the_same_probabilities_on_another_backend(submission, trained, pbc_subset_arrays, tmp_path, backend):
     """bc-predict on JAX (or PyTorch) with a model trained on TensorFlow: probabilities within 1e-4."""
-    from bc_pipeline.worker.training import predict_proba
+    from bc_pipeline.models.inference import predict_proba
 
     images = pbc_subset_arrays[0][:64]
     np.savez(tmp_path / "new.npz", images=images)
@@ -308,8 +307,8 @@ def test_a_folder_with_no_readable_image_is_an_error(submission, tmp_path, capsy
 
 def test_cli_probabilities_use_the_stored_temperature(trained, pbc_subset_arrays, expected, tmp_path, capsys):
     """A submission written with a temperature gives softer probabilities and the same classes."""
-    from bc_pipeline.lib.calibration import scale_probabilities
-    from bc_pipeline.worker.training import predict_proba
+    from bc_pipeline.models.calibration import scale_probabilities
+    from bc_pipeline.models.inference import predict_proba
 
     images = pbc_subset_arrays[0][:40]
     np.savez(tmp_path / "few.npz", X=images)

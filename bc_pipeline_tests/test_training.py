@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from bc_pipeline.defs.assets.training import PhaseConfig, TrainingConfig
-from bc_pipeline.lib.balancing import class_weights
-from bc_pipeline.worker.training import Phase, TrainingSettings
+from bc_pipeline.preparation.balancing import class_weights
+from bc_pipeline.training.worker.fit import Phase, TrainingSettings
 
 
 def test_the_training_config_is_derived_from_the_one_schema():
-    """TrainingConfig and PhaseConfig mirror worker.settings field by field: defaults, bounds, descriptions."""
+    """TrainingConfig and PhaseConfig mirror training.settings field by field: defaults, bounds, descriptions."""
     import dataclasses
 
     for settings_class, config_class in ((TrainingSettings, TrainingConfig), (Phase, PhaseConfig)):
@@ -24,7 +24,7 @@ def test_the_training_config_is_derived_from_the_one_schema():
             assert fields[field.name].description == field.metadata.get("description"), field.name
     assert PhaseConfig().epochs == Phase().epochs == 13  # the two once disagreed (5 and 13)
     with pytest.raises(ValueError):
-        TrainingConfig(cv_folds=21)  # le=20, declared in worker.settings only
+        TrainingConfig(cv_folds=21)  # le=20, declared in training.settings only
     with pytest.raises(ValueError):
         TrainingConfig(lr_schedule="linear")
 
@@ -46,7 +46,7 @@ def test_config_maps_onto_every_training_setting():
     assert isinstance(settings, TrainingSettings)
     assert (settings.epochs, settings.learning_rate, settings.augment) == (3, 0.01, False)
     assert (settings.optimizer, settings.loss) == ("lion", "focal")
-    assert settings.phases == (Phase("frozen", 1e-3, 2, 4), Phase("last:10", 1e-4, Phase().epochs, 4))  # one default: worker.settings
+    assert settings.phases == (Phase("frozen", 1e-3, 2, 4), Phase("last:10", 1e-4, Phase().epochs, 4))  # one default: training.settings
     assert TrainingConfig().settings() == TrainingSettings()
     assert config.spec("resnet50").image_size == 96 and TrainingConfig(image_size=48).spec("resnet50").image_size == 48
     with pytest.raises(Exception):
@@ -54,8 +54,8 @@ def test_config_maps_onto_every_training_setting():
 
 
 def test_default_schedule_is_one_phase_from_scratch_and_three_when_pretrained(tmp_path):
-    from bc_pipeline.lib.zoo import model_spec
-    from bc_pipeline.worker.training import default_phases
+    from bc_pipeline.models.zoo import model_spec
+    from bc_pipeline.training.worker.fit import default_phases
 
     settings = TrainingSettings(epochs=9, learning_rate=1e-3)
     assert default_phases(model_spec("custom_cnn"), settings) == (Phase("all", 1e-3, 9, 4),)
@@ -68,7 +68,7 @@ def test_default_schedule_is_one_phase_from_scratch_and_three_when_pretrained(tm
 
 
 def test_focal_loss_is_cross_entropy_at_gamma_zero_and_down_weights_easy_examples():
-    from bc_pipeline.worker.training import make_loss
+    from bc_pipeline.training.worker.fit import make_loss
 
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(64, 8)).astype(np.float32)
@@ -84,8 +84,8 @@ def test_focal_loss_is_cross_entropy_at_gamma_zero_and_down_weights_easy_example
 
 
 def test_optimizers_cyclical_and_cosine_rates():
-    from bc_pipeline.worker.callbacks import cosine_rate, cyclical_rate
-    from bc_pipeline.worker.training import make_optimizer
+    from bc_pipeline.training.worker.callbacks import cosine_rate, cyclical_rate
+    from bc_pipeline.training.worker.fit import make_optimizer
 
     assert [type(make_optimizer(n, 1e-3, 1e-4)).__name__ for n in ("adam", "adamw", "lion")] == ["Adam", "AdamW", "Lion"]
     with pytest.raises(ValueError, match="unknown optimizer"):
@@ -110,8 +110,9 @@ def _subset(per_class: int = 40):
 
 @pytest.mark.slow
 def test_training_learns_a_real_subset_and_logs_each_epoch():
-    from bc_pipeline.lib.zoo import model_spec
-    from bc_pipeline.worker.training import RunOptions, TrainingData, predict_proba, train_classifier
+    from bc_pipeline.models.inference import predict_proba
+    from bc_pipeline.models.zoo import model_spec
+    from bc_pipeline.training.worker.fit import RunOptions, TrainingData, train_classifier
 
     train_x, train_y, val_x, val_y = _subset(per_class=80)
     lines: list[str] = []
@@ -132,8 +133,8 @@ def test_training_learns_a_real_subset_and_logs_each_epoch():
 def test_a_frozen_phase_trains_only_the_head_and_the_next_phase_unfreezes():
     import keras
 
-    from bc_pipeline.lib.zoo import build_model, model_spec
-    from bc_pipeline.worker.training import RunOptions, TrainingData, train_classifier
+    from bc_pipeline.models.zoo import build_model, model_spec
+    from bc_pipeline.training.worker.fit import RunOptions, TrainingData, train_classifier
 
     train_x, train_y, val_x, val_y = _subset()
     data = TrainingData(train_x, train_y, val_x, val_y, num_classes=8)
@@ -170,8 +171,8 @@ class _Interrupted(RuntimeError):
     ids=["mid-phase", "between-phases"],
 )
 def test_an_interrupted_training_resumes_after_its_last_saved_epoch(tmp_path, phases, interrupt_at):
-    from bc_pipeline.lib.zoo import model_spec
-    from bc_pipeline.worker.training import RunOptions, TrainingData, train_classifier
+    from bc_pipeline.models.zoo import model_spec
+    from bc_pipeline.training.worker.fit import RunOptions, TrainingData, train_classifier
 
     train_x, train_y, val_x, val_y = _subset()
     data = TrainingData(train_x, train_y, val_x, val_y, num_classes=8)
@@ -205,7 +206,7 @@ def test_an_interrupted_training_resumes_after_its_last_saved_epoch(tmp_path, ph
 
 
 def test_template_augmentation_blends_a_recovered_template_with_a_bounded_weight():
-    from bc_pipeline.worker.data import blend_templates
+    from bc_pipeline.training.worker.data import blend_templates
 
     rng = np.random.default_rng(0)
     templates = rng.uniform(0, 255, size=(2, 8, 8, 3)).astype(np.float32)
@@ -229,8 +230,8 @@ def test_template_augmentation_blends_a_recovered_template_with_a_bounded_weight
 
 
 def test_template_augmentation_is_off_by_default_and_skipped_without_templates():
-    from bc_pipeline.lib.zoo import build_model, model_spec
-    from bc_pipeline.worker.training import _templates_for
+    from bc_pipeline.models.zoo import build_model, model_spec
+    from bc_pipeline.training.worker.fit import _templates_for
 
     assert TrainingConfig().template_augmentation is False
     model = build_model(model_spec("custom_cnn"), 8)
@@ -255,8 +256,8 @@ def test_template_augmentation_is_off_by_default_and_skipped_without_templates()
     ],
 )
 def test_rate_schedules_and_optimizers_drive_a_real_training(optimizer, schedule, expected):
-    from bc_pipeline.lib.zoo import model_spec
-    from bc_pipeline.worker.training import RunOptions, TrainingData, train_classifier
+    from bc_pipeline.models.zoo import model_spec
+    from bc_pipeline.training.worker.fit import RunOptions, TrainingData, train_classifier
 
     train_x, train_y, val_x, val_y = _subset(per_class=16)
     settings = TrainingSettings(
@@ -273,7 +274,7 @@ def test_rate_schedules_and_optimizers_drive_a_real_training(optimizer, schedule
 def test_the_reported_best_epoch_is_the_one_the_final_weights_come_from():
     import pandas as pd
 
-    from bc_pipeline.worker.training import best_epoch
+    from bc_pipeline.training.worker.fit import best_epoch
 
     # Phase 1's epoch 1 has the lowest loss, but phase 2 restored its own best (epoch 4).
     two_phases = pd.DataFrame({"epoch": [1, 2, 3, 4, 5], "phase": [1, 1, 2, 2, 2], "val_loss": [0.1, 0.5, 0.4, 0.3, 0.35]})

@@ -2,7 +2,7 @@
 
 One module-scoped data directory holds the upstream assets of a 320-image pbc96 subset; each test
 then runs only ``trained_model`` (through ``PipesSubprocessClient``, as ``make run`` does) or the
-worker itself (``python -m bc_pipeline.worker --spec``), and asserts on what the user would see.
+worker itself (``python -m bc_pipeline.training.worker --spec``), and asserts on what the user would see.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import dagster as dg
 import numpy as np
 import pytest
 
+from bc_pipeline.core.artifacts import read_artifact
 from bc_pipeline.definitions import all_asset_checks, all_assets, build_resources
-from bc_pipeline.lib.artifacts import read_artifact
 from bc_pipeline.defs.resources import ImageSource, TrainingWorker
-from bc_pipeline.worker.spec import FAILURE_FILE
+from bc_pipeline.training.spec import FAILURE_FILE
 
 UPSTREAM = ["raw_images", "image_hashes", "duplicate_groups", "image_colour_stats", "corruption_report",
             "outlier_report", "clean_images", "noise_templates", "data_splits", "balanced_train_set",
@@ -62,7 +62,7 @@ def _logs(instance, result) -> list[str]:
 
 @pytest.mark.slow
 def test_the_worker_trains_on_jax_through_pipes_and_the_model_predicts_the_same_on_tensorflow(prepared, tmp_path):
-    from bc_pipeline.worker.training import predict_proba
+    from bc_pipeline.models.inference import predict_proba
 
     instance = dg.DagsterInstance.ephemeral()
     result = _train(prepared, TrainingWorker(keras_backend="jax"), QUICK, instance=instance)
@@ -79,7 +79,7 @@ def test_the_worker_trains_on_jax_through_pipes_and_the_model_predicts_the_same_
     # Saved on JAX, loaded here on TensorFlow: the same probabilities as JAX computes.
     images = read_artifact(data_dir / "assets" / "clean_images").images[:48]
     np.save(tmp_path / "x.npy", images)
-    script = ("import sys, numpy as np, keras; from bc_pipeline.worker.training import predict_proba;"
+    script = ("import sys, numpy as np, keras; from bc_pipeline.models.inference import predict_proba;"
               "m = keras.saving.load_model(sys.argv[1], compile=False);"
               "np.save(sys.argv[3], predict_proba(m, np.load(sys.argv[2])))")  # fmt: skip
     done = subprocess.run([sys.executable, "-c", script, str(folder / "model.keras"), str(tmp_path / "x.npy"),
@@ -94,9 +94,9 @@ def test_the_worker_trains_on_jax_through_pipes_and_the_model_predicts_the_same_
 
 def test_the_worker_imports_neither_dagster_nor_keras_cv_nor_tensorflow_on_jax(prepared):
     """Run by hand on a finished job's spec, the JAX worker leaves those packages unimported."""
-    from bc_pipeline.lib.training_job import Placement, TrainingInputs, prepare_job
-    from bc_pipeline.lib.zoo import model_spec
-    from bc_pipeline.worker.training import TrainingSettings
+    from bc_pipeline.models.zoo import model_spec
+    from bc_pipeline.training.job import Placement, TrainingInputs, prepare_job
+    from bc_pipeline.training.worker.fit import TrainingSettings
 
     data_dir = prepared[0]
     assets = data_dir / "assets"
@@ -112,7 +112,7 @@ def test_the_worker_imports_neither_dagster_nor_keras_cv_nor_tensorflow_on_jax(p
     )  # fmt: skip
     assert not job.spec.train.images.startswith("/")  # named relative to the data directory, not copied
     assert not (data_dir / "probe_job" / "train_images.npy").exists()
-    script = ("import sys; from bc_pipeline.worker.__main__ import main; code = main(['--spec', sys.argv[1]]);"
+    script = ("import sys; from bc_pipeline.training.worker.__main__ import main; code = main(['--spec', sys.argv[1]]);"
               "print('MODULES', sorted({m.split('.')[0] for m in sys.modules})); sys.exit(code)")  # fmt: skip
     done = subprocess.run([sys.executable, "-c", script, str(job.spec_path)], capture_output=True, text=True,
                           timeout=600)  # fmt: skip
@@ -136,7 +136,7 @@ def test_a_killed_worker_fails_with_a_clear_message_and_the_next_run_resumes_fro
     while not checkpoint.is_file() and time.time() < deadline and runner.is_alive():
         time.sleep(0.1)
     assert checkpoint.is_file(), "the worker never saved a checkpoint"
-    killed = subprocess.run(["pkill", "-KILL", "-f", "bc_pipeline.worker --spec .*mobilenetv3small"], timeout=30)
+    killed = subprocess.run(["pkill", "-KILL", "-f", "bc_pipeline.training.worker --spec .*mobilenetv3small"], timeout=30)
     assert killed.returncode == 0, "no worker process to kill"
     runner.join(timeout=600)
     result = outcome["result"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bc_pipeline.lib.zoo import (
+from bc_pipeline.models.zoo import (
     FAMILIES,
     REGISTRY,
     WeightsUnavailableError,
@@ -28,7 +28,7 @@ def _batch(n: int = 8, size: int = 96, seed: int = 0) -> tuple[np.ndarray, np.nd
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(REGISTRY))
 def test_every_registered_model_builds_and_takes_a_training_step(name):
-    from bc_pipeline.worker.training import make_loss, make_optimizer
+    from bc_pipeline.training.worker.fit import make_loss, make_optimizer
 
     model = build_model(model_spec(name, image_size=32), num_classes=8)
     assert [layer.name for layer in model.layers] == ["image", "resize", "preprocess", "backbone", "head"]
@@ -79,7 +79,7 @@ def test_preprocessing_layers_match_keras_preprocess_input(family, module):
     """The in-model preprocessing equals keras.applications.<module>.preprocess_input (caffe, torch, tf)."""
     import keras
 
-    from bc_pipeline.lib.zoo import _build_preprocessing
+    from bc_pipeline.models.zoo import _build_preprocessing
 
     images, _ = _batch(4, size=32, seed=1)
     ours = np.asarray(_build_preprocessing(FAMILIES[family].preprocessing, 32)(images))
@@ -111,7 +111,7 @@ def test_trainable_phases_freeze_and_unfreeze_backbone_layers():
 
 
 def test_imagenet_weights_fail_fast_offline_with_a_way_out(monkeypatch):
-    from bc_pipeline.lib import zoo
+    from bc_pipeline.models import zoo
 
     monkeypatch.setattr(zoo, "_internet_reachable", lambda *a, **k: False)
     monkeypatch.setattr(zoo, "_imagenet_cached", lambda spec: False)
@@ -148,7 +148,7 @@ def test_a_local_weights_file_loads_into_the_backbone(tmp_path):
     ],
 )
 def test_imagenet_weights_in_the_keras_cache_are_used_offline(tmp_path, monkeypatch, model, cached_file):
-    from bc_pipeline.lib import zoo
+    from bc_pipeline.models import zoo
 
     monkeypatch.setattr(zoo.Path, "home", lambda: tmp_path)
     spec = model_spec(model, weights="imagenet")

@@ -40,8 +40,8 @@ def load_pbc96() -> tuple[Any, float, Any] | None:
     import sys
     from pathlib import Path
 
-    from bc_pipeline.lib.loaders import load_folder
     from bc_pipeline.defs.resources import shared_datasets_dir
+    from bc_pipeline.ingest.loaders import load_folder
 
     root = Path(shared_datasets_dir()) / "pbc96"
     if not root.is_dir():

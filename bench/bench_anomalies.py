@@ -32,12 +32,13 @@ import numpy as np
 import pandas as pd
 from _common import load_pbc96, table
 
-from bc_pipeline.lib import challenge_files as cf
-from bc_pipeline.lib import outliers
-from bc_pipeline.lib.dedup import find_duplicates
-from bc_pipeline.lib.hashing import compute_hashes
-from bc_pipeline.lib.loaders import image_id, load_bloodmnist, load_npz
-from bc_pipeline.defs.resources import default_data_dir as data_dir, shared_datasets_dir
+from bc_pipeline.defs.resources import default_data_dir as data_dir
+from bc_pipeline.defs.resources import shared_datasets_dir
+from bc_pipeline.ingest.loaders import image_id, load_bloodmnist, load_npz
+from bc_pipeline.quality import outliers
+from bc_pipeline.quality.dedup import find_duplicates
+from bc_pipeline.quality.hashing import compute_hashes
+from bc_pipeline_tests import challenge_files as cf
 
 WEIGHTS = (0.3, 0.5, 0.6, 0.7, 0.8)
 TEMPLATE_COUNTS = (1, 2, 4)

@@ -7,7 +7,7 @@ For every image preset (``IMAGE_PRESETS``) on ``--images`` pbc96 images (a fixed
   (b) per-image: the same ``build_preset`` function mapped over single (96, 96, 3) images
       (AUTOTUNE, deterministic, then rounded to uint8 and batched by 64), timed the same way;
 and for each the process CPU time over wall time (about 2 on 2 cores when both are busy).
-Then the batch-level mixers of the training worker (``bc_pipeline.worker.data.mix_batch``: mixup,
+Then the batch-level mixers of the training worker (``bc_pipeline.training.worker.data.mix_batch``: mixup,
 cutmix, mixup+cutmix; numpy, uint8) on batches of 64 with one-hot labels, against the same loop
 without a mixer. Every time is the best of
 ``--repeats`` runs (``--mixer-repeats`` for the mixers, which take about a second each).
@@ -28,8 +28,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 from _common import best_of, load_pbc96, table, timed
 
-from bc_pipeline.lib.augmentation import IMAGE_PRESETS, augment_images, build_preset
-from bc_pipeline.worker.data import mix_batch, one_hot
+from bc_pipeline.augmentation.presets import IMAGE_PRESETS, augment_images, build_preset
+from bc_pipeline.training.worker.data import mix_batch, one_hot
 
 BATCH = 64
 NUM_CLASSES = 8
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             mix_rows.append((name, first_s, made, made / wall, cpu / wall))
             print(f"  done: {name}", file=sys.stderr, flush=True)
         print(
-            f"batch mixers (worker.data.mix_batch), uint8 batches of {BATCH} with one-hot labels, every batch mixed, "
+            f"batch mixers (training.worker.data.mix_batch), uint8 batches of {BATCH} with one-hot labels, every batch mixed, "
             f"best of {args.mixer_repeats}"
         )
         table(

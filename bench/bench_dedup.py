@@ -21,10 +21,10 @@ import tracemalloc
 import numpy as np
 
 from bc_pipeline.defs.assets.dedup import DuplicateConfig
-from bc_pipeline.lib.dedup import duplicate_counts, find_duplicates, summarize_groups
-from bc_pipeline.lib.hashing import compute_hashes
-from bc_pipeline.lib.loaders import load_folder
 from bc_pipeline.defs.resources import shared_datasets_dir
+from bc_pipeline.ingest.loaders import load_folder
+from bc_pipeline.quality.dedup import duplicate_counts, find_duplicates, summarize_groups
+from bc_pipeline.quality.hashing import compute_hashes
 
 
 def synthetic_hashes(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -42,7 +42,7 @@ def synthetic_hashes(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def scale(sizes: list[int], threshold: int, brute_max: int) -> None:
-    from bc_pipeline.lib.dedup import all_pairs, near_duplicate_pairs
+    from bc_pipeline.quality.dedup import all_pairs, near_duplicate_pairs
 
     print(f"near-duplicate search at threshold {threshold}, synthetic hashes\n")
     print(f"{'images':>10}  {'pairs':>8}  {'seconds':>8}  {'peak MB':>8}  {'brute s':>8}  identical to brute force")

@@ -2,7 +2,7 @@
 
 Runs where the GPU is, with Keras on JAX (the GPU machine has JAX and PyTorch, no TensorFlow);
 ``scripts/device_check.sh`` prepares it here and runs it there. No Dagster, no TensorFlow: only
-``bc_pipeline.worker`` (backend, input pipeline, the model zoo) and Keras.
+``bc_pipeline.training.worker`` (backend, input pipeline, the model zoo) and Keras.
 
 For each model (default ``custom_cnn``, ``efficientnetv2b0``, ``convnext_tiny``) at 96 px, built as
 the worker builds it (mixed precision and XLA as ``auto`` chooses on that device), trained with
@@ -80,7 +80,7 @@ def peak_memory_gib() -> float | None:
 
 
 def load_split(folder: Path, seed: int = 0):
-    from bc_pipeline.lib.loaders import load_folder
+    from bc_pipeline.ingest.loaders import load_folder
 
     loaded = load_folder(folder, image_size=96)
     labels = loaded.manifest["label"].to_numpy(np.int64)
@@ -93,11 +93,11 @@ def load_split(folder: Path, seed: int = 0):
 def train_model(name: str, data, device, *, batch_size: int, steps: int, epochs: int) -> dict:
     import keras
 
-    from bc_pipeline.lib.zoo import build_model, model_spec, set_trainable
-    from bc_pipeline.worker.backend import precision_policy, use_jit
-    from bc_pipeline.worker.data import ImagePool, evaluation_batches, training_batches
-    from bc_pipeline.worker.run import input_threads
-    from bc_pipeline.worker.training import make_loss, make_optimizer
+    from bc_pipeline.models.zoo import build_model, model_spec, set_trainable
+    from bc_pipeline.training.worker.backend import precision_policy, use_jit
+    from bc_pipeline.training.worker.data import ImagePool, evaluation_batches, training_batches
+    from bc_pipeline.training.worker.fit import make_loss, make_optimizer
+    from bc_pipeline.training.worker.run import input_threads
 
     train_x, train_y, val_x, val_y = data
     policy = precision_policy("auto", device)
@@ -147,7 +147,7 @@ def train_model(name: str, data, device, *, batch_size: int, steps: int, epochs:
 
 def input_rate(pool, *, batch_size: int, threads: int, batch_augment: str, batches: int) -> tuple[float, float]:
     """(images/s, CPU/wall) of the worker's batches, ``threads`` building them at once as Keras' enqueuer does."""
-    from bc_pipeline.worker.data import _Schedule, make_batch
+    from bc_pipeline.training.worker.data import _Schedule, make_batch
 
     schedule = _Schedule(len(pool), batch_size, 0)
 
@@ -177,7 +177,7 @@ def main() -> int:
     if args.quick:
         args.batch_size, args.steps, args.epochs = 32, 3, 2
 
-    from bc_pipeline.worker.backend import configure_device, select_backend
+    from bc_pipeline.training.worker.backend import configure_device, select_backend
 
     backend = os.environ.get("KERAS_BACKEND", "jax")
     select_backend(backend)
@@ -197,7 +197,7 @@ def main() -> int:
         r["share_of_peak"] = round(r["achieved_tflops"] / peak, 4) if peak else None
         results.append(r)
         print(json.dumps(r), flush=True)
-    from bc_pipeline.worker.data import ImagePool
+    from bc_pipeline.training.worker.data import ImagePool
 
     threads = max(1, min(16, os.cpu_count() or 1))
     pool = ImagePool([(data[0], data[1])])

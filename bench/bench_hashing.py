@@ -30,11 +30,10 @@ from typing import Any
 import imagehash
 import numpy as np
 import pandas as pd
+from _common import load_pbc96
 from PIL import Image
 
-from _common import load_pbc96
-
-from bc_pipeline.lib.hashing import compute_hashes, hash_hex, hash_with_cache
+from bc_pipeline.quality.hashing import compute_hashes, hash_hex, hash_with_cache
 
 
 def imagehash_loop(images: np.ndarray) -> tuple[list[str], list[str]]:

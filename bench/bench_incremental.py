@@ -22,12 +22,11 @@ import tempfile
 import time
 
 import numpy as np
-
 from _common import best_of, load_pbc96, table
 
-from bc_pipeline.lib.dedup import find_duplicates_cached
-from bc_pipeline.lib.hashing import hash_with_cache
-from bc_pipeline.lib.source_version import snapshot, stamp_digest
+from bc_pipeline.ingest.source_version import snapshot, stamp_digest
+from bc_pipeline.quality.dedup import find_duplicates_cached
+from bc_pipeline.quality.hashing import hash_with_cache
 
 
 def noop_evaluation_seconds(repeats: int) -> float:

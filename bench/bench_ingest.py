@@ -34,13 +34,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from _common import table
 
 # Only the light module at the top: "spawn" workers import this script again as their __main__
 # (the pipeline's step processes run as ``python -m dagster``, whose __main__ workers skip), so
 # heavy imports here would count in the workers' start-up and not in the pipeline's.
-from bc_pipeline.lib import chunks
+from bc_pipeline.core import chunks
 
 
 def _status_kb(field: str) -> int:
@@ -78,8 +77,8 @@ def ingest_child(path: str, workers: int) -> None:
     """(c) in this (child) process: ingest, then colour statistics; print seconds and peak memories as JSON."""
     import pandas as pd
 
-    from bc_pipeline.lib import outliers
-    from bc_pipeline.lib.loaders import load_source
+    from bc_pipeline.ingest.loaders import load_source
+    from bc_pipeline.quality import outliers
 
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident size
     baseline = _status_kb("VmRSS")
@@ -105,7 +104,7 @@ def ingest_child(path: str, workers: int) -> None:
 
 def folder_ingest(root: Path, tmp: Path, limit: int | None, repeat: int, workers: int) -> tuple[list[list[str]], object, bool]:
     """(a): table rows, the result of the run at all cores, and whether both runs agree."""
-    from bc_pipeline.lib.loaders import load_source
+    from bc_pipeline.ingest.loaders import load_source
 
     if limit or repeat > 1:  # every k-th file, or each file ``repeat`` times, as links in a folder of the same layout
         source = tmp / "subset"
@@ -138,7 +137,7 @@ def folder_ingest(root: Path, tmp: Path, limit: int | None, repeat: int, workers
 def colour_scaling(loaded, workers: int) -> tuple[list[list[str]], bool]:
     import pandas as pd
 
-    from bc_pipeline.lib import outliers
+    from bc_pipeline.quality import outliers
 
     manifest = loaded.manifest
     groups = pd.DataFrame({"index": np.arange(len(manifest)), "image_id": manifest["image_id"],

@@ -39,7 +39,7 @@ PUBLISHED_EFFECTIVE_TFLOPS = 170.0
 def training_rate(model, pool, batch_size: int, steps: int, repeats: int) -> float:
     import keras
 
-    from bc_pipeline.worker.data import feed, training_batches
+    from bc_pipeline.training.worker.data import feed, training_batches
 
     made = training_batches(pool, num_classes=8, batch_size=batch_size, seed=0)
     cached = [made[i] for i in range(steps)]
@@ -72,16 +72,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-steps", type=int, default=40, help="training steps timed (32 px; 96 px: a quarter)")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args(argv)
-    from bc_pipeline.worker.backend import configure_device, select_backend
+    from bc_pipeline.training.worker.backend import configure_device, select_backend
 
     backend = os.environ.get("KERAS_BACKEND", "tensorflow")
     select_backend(backend)
     device = configure_device(backend)
     import keras
 
-    from bc_pipeline.lib.zoo import build_model, model_spec, set_trainable
-    from bc_pipeline.worker.backend import use_jit
-    from bc_pipeline.worker.training import TrainingSettings, _training_pool, make_loss, make_optimizer
+    from bc_pipeline.models.zoo import build_model, model_spec, set_trainable
+    from bc_pipeline.training.worker.backend import use_jit
+    from bc_pipeline.training.worker.fit import TrainingSettings, _training_pool, make_loss, make_optimizer
 
     pbc96 = load_pbc96()
     if pbc96 is None:

@@ -2,7 +2,7 @@
 
 Each backend (``--backends``, default TensorFlow and JAX, those installed) runs in its own
 subprocess, since Keras picks its backend once per process. For each model of the zoo
-(``lib.zoo.REGISTRY``, weights ``none``), built and compiled as the training worker does (Adam,
+(``models.zoo.REGISTRY``, weights ``none``), built and compiled as the training worker does (Adam,
 categorical cross-entropy, all layers trainable, XLA as ``jit_compile=auto`` chooses: on for JAX,
 off for TensorFlow), on random uint8 96x96 images:
   - build + first step: the seconds until the first training step returns (graph tracing);
@@ -35,14 +35,14 @@ EPOCH_IMAGES = 11_500  # pbc96's training split after cleaning
 def measure(name: str, image_size: int, batch_size: int, steps: int) -> dict[str, float]:
     import keras
 
-    from bc_pipeline.lib.zoo import build_model, model_spec, set_trainable
-    from bc_pipeline.worker.training import make_loss, make_optimizer
+    from bc_pipeline.models.zoo import build_model, model_spec, set_trainable
+    from bc_pipeline.training.worker.fit import make_loss, make_optimizer
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(batch_size, 96, 96, 3)).astype(np.float32)
     labels = keras.utils.to_categorical(rng.integers(0, 8, batch_size), 8)
 
-    from bc_pipeline.worker.backend import configure_device, use_jit
+    from bc_pipeline.training.worker.backend import configure_device, use_jit
 
     jit = use_jit("auto", configure_device(keras.backend.backend()))
 
@@ -82,7 +82,7 @@ def run_backend(backend: str, args: argparse.Namespace) -> list[dict]:
 
 
 def main() -> None:
-    from bc_pipeline.lib.zoo import REGISTRY
+    from bc_pipeline.models.zoo import REGISTRY
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--image-size", type=int, default=32)

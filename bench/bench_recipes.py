@@ -43,7 +43,7 @@ def run_recipe(recipe: str, source: str, results: Path) -> dict:
         env.update(BC_SOURCE="folder", BC_SOURCE_PATH=str(shared_datasets_dir() / "pbc96"))
     else:
         env.update(BC_SOURCE="bloodmnist")
-        subprocess.run([sys.executable, "-m", "bc_pipeline.lib.bloodmnist"], env=env, cwd=ROOT, check=True)
+        subprocess.run([sys.executable, "-m", "bc_pipeline.ingest.bloodmnist"], env=env, cwd=ROOT, check=True)
     began = time.perf_counter()
     with open(folder / "run.log", "w") as log:
         code = subprocess.run([sys.executable, "-m", "bc_pipeline.run", "--recipe", recipe], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode

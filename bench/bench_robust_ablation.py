@@ -34,7 +34,7 @@ DEFAULT_VARIANTS = ["augmix,categorical,light", "augmix,categorical,illumination
 
 def load_subset(per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """``per_class`` random cells of each pbc96 class folder, as (uint8 (N, 96, 96, 3), labels)."""
-    from bc_pipeline.lib.loaders import read_labelled_files, sample_class_files
+    from bc_pipeline.ingest.loaders import read_labelled_files, sample_class_files
 
     root = Path(shared_datasets_dir()) / "pbc96"
     if not root.is_dir():
@@ -53,10 +53,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=11)
     args = parser.parse_args(argv)
 
-    from bc_pipeline.lib.augmentation import make_augmenter
-    from bc_pipeline.lib.corruptions import CORRUPTIONS, SEVERITIES, corrupt_images, seen_in_training
-    from bc_pipeline.lib.zoo import model_spec
-    from bc_pipeline.worker.training import RunOptions, TrainingData, TrainingSettings, predict_proba, train_classifier
+    from bc_pipeline.augmentation.presets import make_augmenter
+    from bc_pipeline.evaluation.imagenet_c import CORRUPTIONS, SEVERITIES, corrupt_images, seen_in_training
+    from bc_pipeline.models.inference import predict_proba
+    from bc_pipeline.models.zoo import model_spec
+    from bc_pipeline.training.worker.fit import RunOptions, TrainingData, TrainingSettings, train_classifier
 
     x, y = load_subset(args.per_class, args.seed)
     order = np.random.default_rng(0).permutation(len(y))

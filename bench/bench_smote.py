@@ -31,10 +31,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-from bc_pipeline.lib.balancing import target_counts
-from bc_pipeline.defs.resources import shared_datasets_dir
 from _common import table
+
+from bc_pipeline.defs.resources import shared_datasets_dir
+from bc_pipeline.preparation.balancing import target_counts
 
 NUM_CLASSES = 8
 NEIGHBORS = 5
@@ -87,7 +87,7 @@ def peak_bytes() -> int:
 
 
 def run_per_class(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    from bc_pipeline.lib.balancing import balance
+    from bc_pipeline.preparation.balancing import balance
 
     result = balance(images, labels, num_classes=NUM_CLASSES, strategy="smote", smote_neighbors=NEIGHBORS,
                      seed=0, log=lambda _: None)  # fmt: skip
@@ -113,7 +113,7 @@ def child(variant: str, data: Path, trace: bool) -> int:
     import imblearn  # noqa: F401  (imported before the baseline, as its memory is not SMOTE's)
     import sklearn.neighbors  # noqa: F401
 
-    import bc_pipeline.lib.balancing  # noqa: F401
+    import bc_pipeline.preparation.balancing  # noqa: F401
 
     images = np.load(data / "images.npy")
     labels = np.load(data / "labels.npy")
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     if not root.is_dir():
         print(f"error: {root} not found (set BC_SHARED_DATASETS)", file=sys.stderr)
         return 1
-    from bc_pipeline.lib.loaders import load_folder
+    from bc_pipeline.ingest.loaders import load_folder
 
     start = time.perf_counter()
     loaded = load_folder(root)

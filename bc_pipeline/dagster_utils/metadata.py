@@ -6,8 +6,8 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from bc_pipeline.lib.plots import markdown_image
-from bc_pipeline.lib.storage import save_bytes
+from bc_pipeline.core.plots import markdown_image
+from bc_pipeline.core.storage import save_bytes
 
 _TYPES = {"i": "int", "u": "int", "f": "float", "b": "bool"}
 

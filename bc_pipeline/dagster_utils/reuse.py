@@ -1,7 +1,7 @@
 """Reuse a random stage's stored sample when nothing it is computed from has changed.
 
 The augmentation stages draw random samples, and keras-cv does not reproduce them from a seed (see
-``lib.augmentation.make_augmenter``), so a rerun with identical inputs would store a new sample
+``augmentation.presets.make_augmenter``), so a rerun with identical inputs would store a new sample
 under a new data version, and every model downstream would retrain for nothing. Automation reruns
 such a stage whenever something upstream is requested on the same tick, before anyone can know
 the upstream output came out identical. So before drawing, the stage asks: are the inputs' content,
@@ -21,7 +21,7 @@ from typing import Any
 
 import dagster as dg
 
-from bc_pipeline.lib.storage import fingerprint
+from bc_pipeline.core.storage import fingerprint
 
 REUSE_KEY = "reuse_key"
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import dagster as dg
 
-from bc_pipeline.lib.processes import process_alive
+from bc_pipeline.core.processes import process_alive
 
 PID_TAG = "bc/pid"
 HOST_TAG = "bc/host"

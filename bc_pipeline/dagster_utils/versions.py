@@ -27,7 +27,7 @@ from typing import Any
 import dagster as dg
 import pydantic
 
-from bc_pipeline.lib.storage import fingerprint
+from bc_pipeline.core.storage import fingerprint
 
 # Field metadata keys that become pydantic Field arguments.
 _FIELD_ARGUMENTS = ("description", "ge", "gt", "le", "lt")

@@ -9,9 +9,9 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
+from bc_pipeline.core.artifacts import ImageSet, ShardSet
 from bc_pipeline.dagster_utils import metadata as md
-from bc_pipeline.lib.artifacts import ImageSet, ShardSet
-from bc_pipeline.lib.splits import groups_crossing_splits, ids_crossing_splits, proportion_gaps, proportion_violations
+from bc_pipeline.preparation.splits import groups_crossing_splits, ids_crossing_splits, proportion_gaps, proportion_violations
 
 
 @dg.asset_check(asset="data_splits", blocking=True, description="No image id appears in two splits.")

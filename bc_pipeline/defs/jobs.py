@@ -7,8 +7,8 @@ once per model.
 
 import dagster as dg
 
-from bc_pipeline.lib.recipes import load_recipe, recipe_names
 from bc_pipeline.dagster_utils.partitions import model_partitions
+from bc_pipeline.recipes import load_recipe, recipe_names
 
 observe_raw_source_job = dg.define_asset_job(
     "observe_raw_source",

@@ -19,7 +19,7 @@ its only default. The variables:
   ``../shared/datasets`` beside the project root).
 
 The training worker runs in its own process or container and reads only ``BC_WORKER_DATA_DIR``
-(``worker/spec.py``): where the data directory is mounted there.
+(``training/spec.py``): where the data directory is mounted there.
 """
 
 from __future__ import annotations
@@ -33,12 +33,12 @@ from typing import Any, Literal, TypeVar
 
 import dagster as dg
 
-from bc_pipeline.lib.artifacts import PartitionedArtifacts, read_artifact, write_artifact
-from bc_pipeline.lib.bloodmnist import BLOODMNIST_FILENAME, fetch_bloodmnist
-from bc_pipeline.lib.classes import CLASS_NAMES
-from bc_pipeline.lib.chunks import every_tenth
-from bc_pipeline.lib.loaders import LoadedImages, load_source
-from bc_pipeline.lib.processes import fresh_folder
+from bc_pipeline.core.artifacts import PartitionedArtifacts, read_artifact, write_artifact
+from bc_pipeline.core.chunks import every_tenth
+from bc_pipeline.core.classes import CLASS_NAMES
+from bc_pipeline.core.processes import fresh_folder
+from bc_pipeline.ingest.bloodmnist import BLOODMNIST_FILENAME, fetch_bloodmnist
+from bc_pipeline.ingest.loaders import LoadedImages, load_source
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -187,7 +187,7 @@ class TrainingWorker(dg.ConfigurableResource):
 
     def run(self, context: dg.AssetExecutionContext, spec_path: Path, data_root: Path) -> list[dict]:
         """Run the worker on ``spec_path`` to completion; the custom messages it sent (epochs, summary)."""
-        from bc_pipeline.lib import launch
+        from bc_pipeline.dagster_utils import launch
 
         # The backend and device travel in the spec; the environment only re-roots its paths in a container.
         if self.launcher == "subprocess":
@@ -225,7 +225,7 @@ ALL_PARTITIONS = {"all_partitions": True}
 
 
 class ArtifactIOManager(dg.ConfigurableIOManager):
-    """Stores every asset's value under ``base_dir`` in the formats of lib.artifacts (atomic writes).
+    """Stores every asset's value under ``base_dir`` in the formats of core.artifacts (atomic writes).
 
     A partitioned asset keeps one artifact per partition: ``<asset>/<partition>``. An input marked
     :data:`ALL_PARTITIONS` gets a lazy mapping from partition key to value, holding only the

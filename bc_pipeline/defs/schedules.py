@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 import dagster as dg
 
 from bc_pipeline.defs import jobs
-from bc_pipeline.lib.zoo import CUSTOM_CNN
+from bc_pipeline.models.zoo import CUSTOM_CNN
 
 NIGHTLY_EVALUATION_CRON = "0 2 * * *"  # 02:00 every day
 WEEKLY_RETRAIN_CRON = "0 3 * * 0"  # 03:00 every Sunday

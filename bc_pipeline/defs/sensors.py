@@ -11,8 +11,8 @@ from pathlib import Path
 import dagster as dg
 
 from bc_pipeline.defs.assets.ingest import observation_metadata
-from bc_pipeline.lib.source_version import changed_entries, folder_stamps, snapshot, stamp_digest
 from bc_pipeline.defs.resources import ImageSource, PipelineStorage
+from bc_pipeline.ingest.source_version import changed_entries, folder_stamps, snapshot, stamp_digest
 
 SOURCE_KEY = dg.AssetKey("raw_image_source")
 

@@ -1,7 +1,7 @@
 """Stage 2b: outliers (not blood-cell images) and corrupted images (cell + template blends).
 
 Order in the graph: colour statistics -> corruption report -> outlier report. Corrupted images are
-found by the exact algebra of a blend, whatever their colours (:mod:`bc_pipeline.lib.corruption`);
+found by the exact algebra of a blend, whatever their colours (:mod:`bc_pipeline.quality.blends`);
 only images that no blend explains can be called "not a blood-cell image at all", and copies of a
 recovered template are among them.
 """
@@ -13,12 +13,13 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from bc_pipeline.dagster_utils.versions import config_from_dataclass, to_dataclass, versioned, with_config
+from bc_pipeline.core import chunks
+from bc_pipeline.core.artifacts import ImageSet
+from bc_pipeline.core.plots import decomposition_examples, score_histogram, template_grid
 from bc_pipeline.dagster_utils import metadata as md
-from bc_pipeline.lib import chunks, corruption, outliers
-from bc_pipeline.lib.artifacts import ImageSet
-from bc_pipeline.lib.plots import decomposition_examples, score_histogram, template_grid
+from bc_pipeline.dagster_utils.versions import config_from_dataclass, to_dataclass, versioned, with_config
 from bc_pipeline.defs.resources import PipelineStorage
+from bc_pipeline.quality import blends, outliers
 
 
 @dg.asset(
@@ -45,10 +46,10 @@ def image_colour_stats(
     return versioned(stats, metadata=metadata)
 
 
-# The thresholds a user may set (lib/corruption.py's comments say why each default holds); the rest
+# The thresholds a user may set (quality/blends.py's comments say why each default holds); the rest
 # of CorruptionSettings is internal (search block sizes, shortlists).
 CorruptionConfig = config_from_dataclass(
-    corruption.CorruptionSettings, name="CorruptionConfig",
+    blends.CorruptionSettings, name="CorruptionConfig",
     exclude=("coarse_side", "shortlist", "missing_bases_gap", "whitening_ridge", "block"),
 )  # fmt: skip
 
@@ -70,7 +71,7 @@ def corruption_report(
     start = time.perf_counter()
     distinct = outliers.distinct_rows(image_colour_stats)
     context.log.info(f"searching {len(distinct)} distinct images for blends of shared templates")
-    result = corruption.find_corruptions(raw_images.images, distinct, settings=to_dataclass(config, corruption.CorruptionSettings))
+    result = blends.find_corruptions(raw_images.images, distinct, settings=to_dataclass(config, blends.CorruptionSettings))
     report = outliers.expand_to_copies(result.report, image_colour_stats)
     seconds = time.perf_counter() - start
     kinds = result.report["kind"].value_counts().to_dict()
@@ -103,8 +104,8 @@ def noise_templates(
     corruption_report: pd.DataFrame,
     storage: PipelineStorage,
 ) -> dg.Output[np.ndarray]:
-    templates = corruption.templates_from_report(raw_images.images, corruption_report)
-    summary = corruption.template_summary(corruption_report)
+    templates = blends.templates_from_report(raw_images.images, corruption_report)
+    summary = blends.template_summary(corruption_report)
     folder = storage.report_dir("noise_templates")
     metadata: dict = {"templates": len(templates), "per_template": md.table(summary.round(4))}
     if len(templates):

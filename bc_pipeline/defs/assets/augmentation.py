@@ -9,23 +9,23 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, field_validator
 
+from bc_pipeline.augmentation.presets import IMAGE_PRESETS, PRESETS, check_image_preset, perturb_splits, write_augmented_copies
+from bc_pipeline.core.artifacts import ImageSet, ShardSet, read_artifact
+from bc_pipeline.core.plots import image_rows
+from bc_pipeline.core.storage import fingerprint
 from bc_pipeline.dagster_utils import metadata as md
 from bc_pipeline.dagster_utils.reuse import REUSE_KEY, reuse_key, unchanged_stored_output
 from bc_pipeline.dagster_utils.versions import versioned, with_config
 from bc_pipeline.defs.resources import PipelineStorage
-from bc_pipeline.lib.artifacts import ImageSet, ShardSet, read_artifact
-from bc_pipeline.lib.augmentation import IMAGE_PRESETS, PRESETS, check_image_preset, perturb_splits, write_augmented_copies
-from bc_pipeline.lib.plots import image_rows
-from bc_pipeline.lib.splits import split_arrays, split_rows
-from bc_pipeline.lib.storage import fingerprint
+from bc_pipeline.preparation.splits import split_arrays, split_rows
 
-ImagePreset = Literal[IMAGE_PRESETS]  # type: ignore[valid-type]  # the presets of lib.augmentation, listed once there
+ImagePreset = Literal[IMAGE_PRESETS]  # type: ignore[valid-type]  # the presets of augmentation.presets, listed once there
 
 
 class AugmentConfig(dg.Config):
     """Which preset makes the stored training copies, and how many copies."""
 
-    policy: ImagePreset = Field(default="light", description="Augmentation preset (see lib/augmentation.py).")
+    policy: ImagePreset = Field(default="light", description="Augmentation preset (see augmentation/presets.py).")
     mix: list[str] = Field(
         default=[], description="Presets taken in turn, copy k by mix[k % len(mix)], for more variety per epoch "
         "(empty: every copy by policy).",

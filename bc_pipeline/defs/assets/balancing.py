@@ -7,15 +7,15 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from bc_pipeline.dagster_utils.versions import versioned, with_config
+from bc_pipeline.core.artifacts import ImageSet
+from bc_pipeline.core.plots import image_rows
 from bc_pipeline.dagster_utils import metadata as md
-from bc_pipeline.lib.artifacts import ImageSet
-from bc_pipeline.lib.balancing import STRATEGIES, balance
-from bc_pipeline.lib.plots import image_rows
-from bc_pipeline.lib.splits import split_arrays, split_rows
+from bc_pipeline.dagster_utils.versions import versioned, with_config
 from bc_pipeline.defs.resources import PipelineStorage
+from bc_pipeline.preparation.balancing import STRATEGIES, balance
+from bc_pipeline.preparation.splits import split_arrays, split_rows
 
-Strategy = Literal[STRATEGIES]  # type: ignore[valid-type]  # listed once, in lib.balancing
+Strategy = Literal[STRATEGIES]  # type: ignore[valid-type]  # listed once, in preparation.balancing
 
 
 class BalanceConfig(dg.Config):

@@ -1,7 +1,7 @@
 """Stage 5a: the honest robustness benchmark set, the test split under the ImageNet-C corruptions.
 
 Made once and stored like the other evaluation sets, so every model is scored on the same images;
-no training path reads it (see lib/corruptions.py).
+no training path reads it (see evaluation/imagenet_c.py).
 """
 
 import os
@@ -11,13 +11,13 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, field_validator
 
+from bc_pipeline.core.artifacts import ImageSet
+from bc_pipeline.core.plots import image_rows
 from bc_pipeline.dagster_utils import metadata as md
 from bc_pipeline.dagster_utils.versions import versioned, with_config
-from bc_pipeline.lib.splits import split_arrays, split_rows
-from bc_pipeline.lib.artifacts import ImageSet
-from bc_pipeline.lib.corruptions import CORRUPTIONS, SEVERITIES, build_corrupted_set, check_corruptions, subsample
-from bc_pipeline.lib.plots import image_rows
 from bc_pipeline.defs.resources import PipelineStorage
+from bc_pipeline.evaluation.imagenet_c import CORRUPTIONS, SEVERITIES, build_corrupted_set, check_corruptions, subsample
+from bc_pipeline.preparation.splits import split_arrays, split_rows
 
 
 class CorruptionSuiteConfig(dg.Config):

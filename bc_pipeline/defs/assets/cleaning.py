@@ -4,11 +4,11 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
+from bc_pipeline.core.artifacts import ImageSet
 from bc_pipeline.dagster_utils import metadata as md
 from bc_pipeline.dagster_utils.versions import versioned
-from bc_pipeline.lib.artifacts import ImageSet
-from bc_pipeline.lib.cleaning import removal_counts, select_clean
-from bc_pipeline.lib.corruption import COPY
+from bc_pipeline.quality.blends import COPY
+from bc_pipeline.quality.cleaning import removal_counts, select_clean
 
 
 def flagged_images(outlier_report: pd.DataFrame, corruption_report: pd.DataFrame) -> pd.DataFrame:

@@ -7,15 +7,15 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from bc_pipeline.dagster_utils.versions import versioned, with_config
+from bc_pipeline.core.artifacts import ImageSet
+from bc_pipeline.core.chunks import every_tenth
+from bc_pipeline.core.plots import group_examples
+from bc_pipeline.core.storage import save_parquet
 from bc_pipeline.dagster_utils import metadata as md
-from bc_pipeline.lib.artifacts import ImageSet
-from bc_pipeline.lib.chunks import every_tenth
-from bc_pipeline.lib.dedup import NearPairs, duplicate_counts, find_duplicates_cached, summarize_groups
-from bc_pipeline.lib.hashing import HASH_ALGORITHM_VERSION, hash_hex, hash_with_cache
-from bc_pipeline.lib.plots import group_examples
-from bc_pipeline.lib.storage import save_parquet
+from bc_pipeline.dagster_utils.versions import versioned, with_config
 from bc_pipeline.defs.resources import PipelineStorage
+from bc_pipeline.quality.dedup import NearPairs, duplicate_counts, find_duplicates_cached, summarize_groups
+from bc_pipeline.quality.hashing import HASH_ALGORITHM_VERSION, hash_hex, hash_with_cache
 
 
 @dg.asset(

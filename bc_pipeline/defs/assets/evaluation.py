@@ -2,7 +2,7 @@
 
 - ``evaluation_report`` (per model): clean and robust accuracy with and without test-time
   augmentation, P/R/F1, confusion matrix, training curves and Grad-CAM examples
-  (``lib.model_evaluation`` computes them and writes the files; the asset wires and records).
+  (``evaluation.evaluate`` computes them and writes the files; the asset wires and records).
 - ``model_leaderboard``: every evaluated model in one table, and accuracy against cost.
 - ``submission_package``: the chosen model as the course platform took it (``model.py``).
 """
@@ -11,17 +11,17 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
+from bc_pipeline.core.artifacts import ImageSet, PartitionedArtifacts, TrainedModel
+from bc_pipeline.core.plots import markdown_image
+from bc_pipeline.core.storage import save_bytes, save_parquet
 from bc_pipeline.dagster_utils import automation
 from bc_pipeline.dagster_utils import metadata as md
 from bc_pipeline.dagster_utils.partitions import model_partitions
 from bc_pipeline.dagster_utils.versions import config_from_dataclass, to_dataclass, versioned, with_config
 from bc_pipeline.defs.resources import ALL_PARTITIONS, PipelineStorage
-from bc_pipeline.lib.artifacts import ImageSet, PartitionedArtifacts, TrainedModel
-from bc_pipeline.lib.leaderboard import RANK_COLUMNS, leaderboard_figure, leaderboard_markdown, leaderboard_table
-from bc_pipeline.lib.model_evaluation import TIMINGS, EvaluationSettings, evaluate_model, write_evaluation
-from bc_pipeline.lib.plots import markdown_image
-from bc_pipeline.lib.splits import split_arrays
-from bc_pipeline.lib.storage import save_bytes, save_parquet
+from bc_pipeline.evaluation.evaluate import TIMINGS, EvaluationSettings, evaluate_model, write_evaluation
+from bc_pipeline.evaluation.leaderboard import RANK_COLUMNS, leaderboard_figure, leaderboard_markdown, leaderboard_table
+from bc_pipeline.preparation.splits import split_arrays
 
 EvaluationConfig = config_from_dataclass(EvaluationSettings, name="EvaluationConfig")
 
@@ -133,8 +133,8 @@ def submission_package(
     trained_model: PartitionedArtifacts,
     storage: PipelineStorage,
 ) -> dg.Output[dict]:
-    from bc_pipeline.lib.submission import write_submission
-    from bc_pipeline.worker.training import weights_fingerprint
+    from bc_pipeline.evaluation.submission import write_submission
+    from bc_pipeline.models.inference import weights_fingerprint
 
     name = config.model or str(model_leaderboard.iloc[0]["model"])
     if name not in trained_model:

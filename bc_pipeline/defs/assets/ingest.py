@@ -2,14 +2,14 @@
 
 import dagster as dg
 
+from bc_pipeline.core.artifacts import ImageSet
+from bc_pipeline.core.plots import class_sample_grid
 from bc_pipeline.dagster_utils import metadata as md
 from bc_pipeline.dagster_utils.versions import versioned
-from bc_pipeline.lib.artifacts import ImageSet
-from bc_pipeline.lib.bloodmnist import FetchError
-from bc_pipeline.lib.loaders import ImageSourceError
-from bc_pipeline.lib.plots import class_sample_grid
-from bc_pipeline.lib.source_version import SourceSnapshot, snapshot
 from bc_pipeline.defs.resources import ImageSource, PipelineStorage
+from bc_pipeline.ingest.bloodmnist import FetchError
+from bc_pipeline.ingest.loaders import ImageSourceError
+from bc_pipeline.ingest.source_version import SourceSnapshot, snapshot
 
 
 def observation_metadata(seen: SourceSnapshot) -> dict[str, dg.MetadataValue]:

@@ -2,13 +2,12 @@
 
 import dagster as dg
 import pandas as pd
-
 from pydantic import Field, model_validator
 
-from bc_pipeline.dagster_utils.versions import versioned, with_config
+from bc_pipeline.core.artifacts import ImageSet
 from bc_pipeline.dagster_utils import metadata as md
-from bc_pipeline.lib.artifacts import ImageSet
-from bc_pipeline.lib.splits import SPLITS, make_split_table, proportion_gaps
+from bc_pipeline.dagster_utils.versions import versioned, with_config
+from bc_pipeline.preparation.splits import SPLITS, make_split_table, proportion_gaps
 
 
 class SplitConfig(dg.Config):

@@ -1,4 +1,4 @@
-"""Stage 4: train each model of the zoo (one partition per model) in the Pipes training worker (bc_pipeline.worker)."""
+"""Stage 4: train each model of the zoo (one partition per model) in the Pipes training worker (bc_pipeline.training.worker)."""
 
 import dataclasses
 
@@ -7,22 +7,22 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
+from bc_pipeline.core.artifacts import ImageSet, ModelFolder, ShardSet, read_model_folder, training_metadata
 from bc_pipeline.dagster_utils import automation
 from bc_pipeline.dagster_utils import metadata as md
+from bc_pipeline.dagster_utils.launch import TRAINING_STEP_K8S_CONFIG, describe_failure
 from bc_pipeline.dagster_utils.partitions import model_partitions
 from bc_pipeline.dagster_utils.versions import config_from_dataclass, overrides_of, to_dataclass, versioned, with_config
 from bc_pipeline.defs.resources import PipelineStorage, TrainingWorker
-from bc_pipeline.lib.artifacts import ImageSet, ModelFolder, ShardSet, read_model_folder, training_metadata
-from bc_pipeline.lib.balancing import class_weight_of
-from bc_pipeline.lib.launch import TRAINING_STEP_K8S_CONFIG, describe_failure
-from bc_pipeline.lib.splits import split_arrays, split_rows
-from bc_pipeline.lib.training_job import Placement, TrainingInputs, prepare_job
-from bc_pipeline.lib.zoo import ENSEMBLE, ModelSpec, WeightsUnavailableError, model_spec
-from bc_pipeline.worker.report import EPOCH
-from bc_pipeline.worker.settings import Phase, TrainingSettings
-from bc_pipeline.worker.spec import FAILURE_FILE
+from bc_pipeline.models.zoo import ENSEMBLE, ModelSpec, WeightsUnavailableError, model_spec
+from bc_pipeline.preparation.balancing import class_weight_of
+from bc_pipeline.preparation.splits import split_arrays, split_rows
+from bc_pipeline.training.job import Placement, TrainingInputs, prepare_job
+from bc_pipeline.training.settings import Phase, TrainingSettings
+from bc_pipeline.training.spec import FAILURE_FILE
+from bc_pipeline.training.worker.report import EPOCH
 
-# Fields of a zoo entry (lib.zoo.ModelSpec) a run may override for every model it trains.
+# Fields of a zoo entry (models.zoo.ModelSpec) a run may override for every model it trains.
 MODEL_OVERRIDES = ("image_size", "weights", "head", "dropout", "frozen_layers")
 
 PhaseConfig = config_from_dataclass(Phase, name="PhaseConfig")
@@ -45,8 +45,8 @@ class _TrainingRun(overrides_of(ModelSpec, MODEL_OVERRIDES, name="ModelOverrides
 
 TrainingConfig = config_from_dataclass(
     TrainingSettings, name="TrainingConfig", base=_TrainingRun, nested={"phases": PhaseConfig},
-    doc="Training settings for every model partition of the run (worker.settings.TrainingSettings, the one "
-    "schema), plus overrides of the partition's zoo entry (lib.zoo.REGISTRY) for this run.",
+    doc="Training settings for every model partition of the run (training.settings.TrainingSettings, the one "
+    "schema), plus overrides of the partition's zoo entry (models.zoo.REGISTRY) for this run.",
 )  # fmt: skip
 
 
@@ -112,13 +112,13 @@ def trained_model(
 def _ensemble(
     context: dg.AssetExecutionContext, config: TrainingConfig, images: ImageSet, splits: pd.DataFrame, storage: PipelineStorage  # type: ignore[valid-type]
 ) -> dg.Output[ModelFolder]:
-    """The 'ensemble' partition: the stored member models averaged (lib.ensemble), no training.
+    """The 'ensemble' partition: the stored member models averaged (training.ensemble), no training.
 
     The members are read from their stored partitions: retrain a member, then rematerialize this
     partition to refresh it.
     """
-    from bc_pipeline.lib.ensemble import EnsembleError, assemble_ensemble
-    from bc_pipeline.worker.run import write_model_folder
+    from bc_pipeline.training.ensemble import EnsembleError, assemble_ensemble
+    from bc_pipeline.training.worker.run import write_model_folder
 
     val_x, val_y = split_arrays(images, splits, "val")
     try:

@@ -1,0 +1,623 @@
+"""Corrupted images: clean cells blended pixel by pixel with a few fixed templates.
+
+Model: ``A = a * B + (1 - a) * C`` stored as integers, with ``A`` the corrupted image, ``B`` a
+clean base cell, ``C`` the template and ``a`` the cell's share (fixed per template or not). One
+image alone cannot be decomposed (any ``A`` is ``C = A`` with ``a = 0``), but blends of one
+template share ``C``, and in files built like the course's the bases also occur clean. Then four
+images of the file are tied by one *exact* linear relation: for two blends of one template,
+
+    A_2 = a_2 B_2 + (1 - a_2)/(1 - a_1) (A_1 - a_1 B_1)     (up to rounding and an offset),
+
+which real images that are not blends of each other miss by orders of magnitude (see
+:mod:`bc_pipeline.quality.blend_algebra` for the rounding-noise model every test here is judged by).
+Nothing in it depends on colour, on what the template shows or on the weights, which is why it
+holds on files built with any pictures; colour statistics only serve the outlier stage.
+
+The search, on the distinct images only (all searches run on coarse copies, decorrelated by a
+whitening fitted to the file, see :func:`_whitening`):
+
+1. *Neighbours*: each image's two most correlated other images.
+2. *Seeds*: quadruples that pass the exact relation, proposed two ways, because which neighbour a
+   blend has depends on the template's share:
+
+   - a cell-dominated blend (``a`` high) has its own base as nearest neighbour, so what is left
+     after removing that neighbour is ``(1 - a) C`` up to scale: blends of one template leave
+     parallel residuals, and each image is paired with the two whose residuals are most parallel;
+   - a template-dominated blend (``a`` low) has siblings (or a copy of the template) as nearest
+     neighbours, and the difference of two siblings is ``a (B_1 - B_2)``: the images most
+     correlated with it, and with its negative, are the two bases.
+
+   Every proposal is tested on the coarse copies, the survivors exactly at full size.
+3. *Templates*: seeds are grouped by the template they imply (:func:`_seed_clusters`), and each
+   group's template is the least-squares point nearest to all its blends' lines
+   (:func:`blend_algebra.fit_members`). With ``C`` known, any blend is found on its own:
+   ``A - C`` is parallel to ``B - C`` for its base, so each image's likeliest bases are its most
+   parallel images around ``C`` (:func:`_search`), tested exactly; the candidates are tested again
+   against the template refitted on everything found. This is what finds every member, however
+   few seeds there were.
+4. *Verification* (:func:`_verify`): every member is refitted against the template estimated from
+   the *other* members (leave one out) and kept only if its residual is what rounding alone
+   leaves; a template needs ``min_blends`` distinct blends. Copies of the template are members
+   with ``a = 0``.
+5. *Blends whose base is not in the file* pass no exact test. Those of a found template that sit
+   far closer to it than any cell does are added (:func:`_closer_than_any_cell`): template-dominated
+   blends, yes; cell-dominated ones look like cells and are not found. A template none of whose
+   bases is in the file is not found at all. Both limits are measured in ``bench/bench_anomalies.py``.
+
+Averaging over all members cancels what is left of the rounding, so the recovered template is
+much cleaner than any single ``(A - a B) / (1 - a)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from bc_pipeline.quality import blend_algebra as ba
+from bc_pipeline.quality.blend_algebra import estimate_template, psnr
+
+__all__ = ["CorruptionResult", "CorruptionSettings", "estimate_template", "find_corruptions", "psnr",
+           "templates_from_report"]  # fmt: skip
+
+REPORT_COLUMNS = ["index", "kind", "base_index", "weight", "template", "residual_rms", "expected_rms", "score", "reason"]
+SUMMARY_COLUMNS = ["template", "members", "blends", "copies", "no_base", "weight_min", "weight_median", "weight_max",
+                   "median_score"]  # fmt: skip
+BLEND, COPY, NO_BASE = "blend", "template copy", "blend, base not in file"
+
+
+@dataclass(frozen=True)
+class CorruptionSettings:
+    #: A residual passes when it is at most this many times what rounding alone leaves. Rounding
+    #: noise is a sum over thousands of values, so its RMS scatters by well under 1 %: 3x is a wide
+    #: margin for a true blend, and still far below the several grey levels between real images.
+    residual_factor: float = field(default=3.0, metadata={"gt": 1, "description": "A fit passes at most this many times the residual rounding leaves."})
+    #: The template's part of a blend (what its base alone cannot explain) must stand this many
+    #: times above the rounding noise, or ``a`` is so close to 1 that the "blend" is the cell.
+    template_snr: float = field(default=4.0, metadata={"gt": 0, "description": "A blend's template part must stand this many times above rounding."})
+    min_weight: float = field(default=0.02, metadata={"gt": 0, "lt": 1, "description": "Below this cell share: a copy of the template."})
+    max_weight: float = field(default=0.98, metadata={"gt": 0, "lt": 1, "description": "Above this cell share: the cell itself."})
+    #: Distinct blends a template needs. Copies of the template do not count: with a copy of ``C``
+    #: in the file, every blend is also "a blend of the copy with its cell as template", a false
+    #: template that only one blend shares.
+    min_blends: int = field(default=2, metadata={"ge": 2, "description": "Distinct blends a template needs."})
+    coarse_side: int = 8  # side of the coarse copies used for search and the cheap tests
+    shortlist: int = 2  # bases tried on each side of a sibling difference
+    #: Also flag images of a found template whose base is not in the file (see _closer_than_any_cell).
+    missing_bases: bool = field(default=True, metadata={"description": "Also flag blends of a found template whose base is not in the file."})
+    missing_bases_gap: float = 1.5  # ... only where no image lies between their reach and this many times it
+    whitening_ridge: float = 0.01  # see _whitening
+    block: int = 2048  # rows per block of the all-pairs searches (memory: block x N floats)
+
+
+@dataclass(frozen=True)
+class CorruptionResult:
+    report: pd.DataFrame  # one row per flagged distinct image (REPORT_COLUMNS); indices are the caller's
+    templates: np.ndarray  # (K, H, W, 3) float64 in 0..255
+    template_summary: pd.DataFrame  # SUMMARY_COLUMNS: members by kind, spread of the cell share
+
+
+# --------------------------------------------------------------------------------------------
+# Coarse copies and all-pairs search
+
+
+def _downsample(images: np.ndarray, side: int) -> np.ndarray:
+    """(N, side*side*3) float32 box-downsampled copies of (N, S, S, 3) images (uint8 or float)."""
+    n, size = len(images), images.shape[1]
+    out = np.empty((n, side * side * 3), dtype=np.float32)
+    for start in range(0, n, 1024):
+        batch = np.asarray(images[start : start + 1024])
+        m = len(batch)
+        if size % side == 0:
+            f = size // side
+            # Sum rows, then columns; integer sums of uint8 are exact and several times faster.
+            dtype = (np.uint16, np.uint32) if batch.dtype == np.uint8 else (np.float64, np.float64)
+            rows = batch.reshape(m, side, f, size * 3).sum(axis=2, dtype=dtype[0])
+            small = rows.reshape(m, side, side, f, 3).sum(axis=3, dtype=dtype[1]) / np.float32(f * f)
+        else:  # PIL's box filter per channel, in float
+            batch = batch.astype(np.float32)
+            small = np.stack([
+                np.stack([np.asarray(Image.fromarray(image[..., c], mode="F").resize((side, side), Image.Resampling.BOX))
+                          for c in range(3)], axis=-1)
+                for image in batch
+            ])  # fmt: skip
+        out[start : start + m] = small.reshape(m, -1)
+    return out
+
+
+def _whitening(coarse: np.ndarray, ridge: float) -> np.ndarray:
+    """(d, d) map that decorrelates the (mean-removed) coarse images of this file.
+
+    Cells are alike (pale background, one stained blob in the middle), so in raw pixels a cell's
+    near-twins correlate almost as well with any image containing it as the cell itself does, and
+    searches for a blend's base drown in look-alikes. Whitened, images share little but what they
+    really have in common, and the exact linear relations of blends survive any linear map.
+    ``ridge`` (a share of the largest variance) keeps directions of almost no variance, where
+    only rounding lives, from being blown up.
+    """
+    centred = coarse - coarse.mean(axis=1, keepdims=True)
+    covariance = np.cov(centred.T.astype(np.float64)) if len(centred) > 1 else np.eye(coarse.shape[1])
+    values, vectors = np.linalg.eigh(covariance)
+    values = np.maximum(values, 0.0)
+    return (vectors / np.sqrt(values + ridge * max(values.max(), 1e-9))).astype(np.float32)
+
+
+def _top_matches(
+    queries: np.ndarray, keys: np.ndarray, k: int, exclude: np.ndarray, block: int, lowest: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per query row, the ``k`` key rows of highest and the ``lowest`` of lowest dot product.
+
+    ``exclude[i]`` lists key rows never to return for query ``i`` (-1: none). Returns index arrays
+    (m, k) and (m, lowest), best first. Repeated arg-max beats a partial sort for a few columns.
+    """
+    top = np.empty((len(queries), k), dtype=np.int64)
+    bottom = np.empty((len(queries), lowest), dtype=np.int64)
+    for start in range(0, len(queries), block):
+        scores = queries[start : start + block] @ keys.T
+        rows = np.arange(len(scores))
+        stop = start + len(scores)
+        masked = [(rows[column >= 0], column[column >= 0]) for column in exclude[start:stop].T]
+        for r, c in masked:
+            scores[r, c] = np.inf
+        for j in range(lowest):
+            bottom[start:stop, j] = found = scores.argmin(axis=1)
+            scores[rows, found] = np.inf
+            masked.append((rows, found))
+        for r, c in masked:
+            scores[r, c] = -np.inf
+        for j in range(k):
+            top[start:stop, j] = found = scores.argmax(axis=1)
+            scores[rows, found] = -np.inf
+    return top, bottom
+
+
+class _Images:
+    """The distinct images: full-size rows on demand, coarse copies and their unit vectors."""
+
+    def __init__(self, images: np.ndarray, rows: np.ndarray, settings: CorruptionSettings):
+        self.images, self.rows = images, rows
+        self.shape = images.shape[1:]
+        self.coarse = _downsample(_Gather(images, rows), settings.coarse_side)
+        self.whiten = _whitening(self.coarse, settings.whitening_ridge)
+        self.unit = self.white_unit(self.coarse)
+        self.full_noise = ba.QUANTISATION_RMS
+        self.coarse_noise = ba.noise_rms((self.shape[0] / settings.coarse_side) ** 2)
+        self.coarse_scale = self.coarse_noise / self.full_noise  # what averaging does to random errors
+        self.side = settings.coarse_side
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def full(self, positions: np.ndarray) -> np.ndarray:
+        positions = np.asarray(positions, dtype=np.int64)
+        return np.asarray(self.images[self.rows[positions]], np.float64).reshape(len(positions), int(np.prod(self.shape)))
+
+    def white_unit(self, coarse: np.ndarray) -> np.ndarray:
+        """Unit vectors of mean-removed, whitened coarse rows: the space every search runs in."""
+        centred = coarse - coarse.mean(axis=1, keepdims=True)
+        white = centred.astype(np.float32) @ self.whiten
+        return (white / np.maximum(np.linalg.norm(white, axis=1, keepdims=True), 1e-9)).astype(np.float32)
+
+    def coarse_of(self, flat: np.ndarray) -> np.ndarray:
+        """Coarse copy of full-size flat float images (templates)."""
+        return _downsample(np.asarray(flat, np.float32).reshape(-1, *self.shape), self.side).astype(np.float64)
+
+
+class _Gather:
+    """``images[rows]`` read lazily in slices, so no copy of all distinct images is made."""
+
+    def __init__(self, images: np.ndarray, rows: np.ndarray):
+        self.images, self.rows = images, rows
+        self.shape = (len(rows), *images.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, item: slice) -> np.ndarray:
+        return np.asarray(self.images[np.sort(self.rows[item])])[np.argsort(np.argsort(self.rows[item]))]
+
+
+# --------------------------------------------------------------------------------------------
+# Seeds: quadruples tied by the exact blend relation
+
+
+@dataclass(frozen=True)
+class _Seeds:
+    """Passing quadruples (positions into the distinct images) and the first blend's weight."""
+
+    x1: np.ndarray
+    b1: np.ndarray
+    x2: np.ndarray
+    b2: np.ndarray
+    copy2: np.ndarray  # x2 is the template itself (its weight is ~0)
+    a1: np.ndarray
+
+
+def _proposals(data: _Images, settings: CorruptionSettings) -> tuple[np.ndarray, ...]:
+    """Candidate quadruples (x1, b1, x2, b2) from both neighbour patterns (module docstring, step 2)."""
+    self_ = np.arange(len(data))[:, None]
+    nearest = _top_matches(data.unit, data.unit, 2, self_, settings.block)[0]
+    top1 = nearest[:, 0]
+    # Cell-dominated blends: residuals after the nearest neighbour are parallel within a template.
+    x = data.coarse - data.coarse.mean(axis=1, keepdims=True)
+    y = x[top1]
+    scale = (x * y).sum(axis=1) / np.maximum((y * y).sum(axis=1), 1e-9)
+    residual = data.white_unit(x - scale[:, None] * y)
+    partners = _top_matches(residual, residual, 2, np.concatenate([self_, top1[:, None]], axis=1), settings.block)[0]
+    h1 = [(self_[:, 0], top1, p, top1[p]) for p in partners.T]
+    # Template-dominated blends: the nearest neighbours are siblings; a difference is a(B1 - B2).
+    # Two neighbours each, so that a pair whose bases are both in the file turns up even where
+    # some bases are not.
+    k = settings.shortlist
+    h2 = []
+    for neighbour in nearest.T:
+        difference = data.white_unit(data.coarse - data.coarse[neighbour])
+        exclude = np.concatenate([self_, neighbour[:, None]], axis=1)
+        positive, negative = _top_matches(difference, data.unit, k, exclude, settings.block, lowest=k)
+        h2 += [(self_[:, 0], positive[:, i], neighbour, negative[:, j]) for i in range(k) for j in range(k)]
+    return tuple(np.concatenate(parts) for parts in zip(*(h1 + h2)))
+
+
+def _quadruple_test(
+    x1: np.ndarray, b1: np.ndarray, x2: np.ndarray, b2: np.ndarray, noise: float, settings: CorruptionSettings
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows passing ``x2 = a2 b2 + beta (x1 - a1 b1) + t`` exactly; whether x2 is the template; a1.
+
+    Inputs are (m, d) arrays of one resolution with rounding noise ``noise`` per value.
+    """
+    coef, residual = ba.affine_fit(x2, [b2, x1, b1])
+    a2, beta, gamma = coef[:, 0], coef[:, 1], coef[:, 2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a1 = np.where(beta > 0, -gamma / beta, np.nan)
+    copy = np.abs(a2) < settings.min_weight
+    expected = noise * np.sqrt(1.0 + beta**2)
+    ok = (beta > 0) & (a1 >= settings.min_weight) & (a1 <= settings.max_weight)
+    ok &= copy | ((a2 >= settings.min_weight) & (a2 <= settings.max_weight))
+    ok &= residual <= settings.residual_factor * expected
+    # Both blends must carry a real template part (else "a ~ 1": the image is its base).
+    rows = np.flatnonzero(ok)
+    floor = settings.template_snr * noise
+    ok[rows] = ba.scale_fit(x1[rows], b1[rows]) >= floor
+    rows = rows[ok[rows] & ~copy[rows]]
+    ok[rows] = ba.scale_fit(x2[rows], b2[rows]) >= floor
+    return ok, copy, a1
+
+
+def _find_seeds(data: _Images, settings: CorruptionSettings) -> _Seeds:
+    x1, b1, x2, b2 = _proposals(data, settings)
+    distinct = (x1 != b1) & (x1 != x2) & (x1 != b2) & (b1 != x2) & (b1 != b2) & (x2 != b2)
+    x1, b1, x2, b2 = (v[distinct] for v in (x1, b1, x2, b2))
+    keep = np.zeros(len(x1), bool)
+    for start in range(0, len(x1), 8192):
+        part = slice(start, start + 8192)
+        c = [data.coarse[v[part]] for v in (x1, b1, x2, b2)]
+        keep[part], _, _ = _quadruple_test(c[0], c[1], c[2], c[3], data.coarse_noise, settings)
+    x1, b1, x2, b2 = (v[keep] for v in (x1, b1, x2, b2))
+    passed, copy, a1 = np.zeros(len(x1), bool), np.zeros(len(x1), bool), np.zeros(len(x1))
+    for start in range(0, len(x1), 64):
+        part = slice(start, start + 64)
+        f = [data.full(v[part]) for v in (x1, b1, x2, b2)]
+        passed[part], copy[part], a1[part] = _quadruple_test(f[0], f[1], f[2], f[3], data.full_noise, settings)
+    return _Seeds(x1[passed], b1[passed], x2[passed], b2[passed], copy[passed], a1[passed])
+
+
+def _seed_clusters(data: _Images, seeds: _Seeds, settings: CorruptionSettings) -> list[dict[int, int]]:
+    """Seeds grouped by the template they imply: per group, blend position -> base (-1: a copy).
+
+    Grouping by the template, not by shared images, matters: where a copy of the template is in
+    the file, ``A = a B + (1 - a) C`` is also a blend of the copy with the *cell* as "template"
+    (weight ``1 - a``). Such a false template is one cell, shared by no other blend, while the
+    true one is shared by all blends of ``C``; groups are returned largest first.
+    """
+    if len(seeds.x1) == 0:
+        return []
+    a1 = seeds.a1[:, None]
+    implied = (data.coarse[seeds.x1] - a1 * data.coarse[seeds.b1]) / (1.0 - a1)
+    implied -= implied.mean(axis=1, keepdims=True)
+    # Each implied template carries x1's rounding, amplified by 1 / (1 - a1).
+    error = data.coarse_noise / (1.0 - seeds.a1)
+    groups: list[list[int]] = []
+    representatives: list[int] = []
+    for i in np.argsort(error):
+        for group, r in zip(groups, representatives):
+            rms = np.sqrt(np.mean((implied[i] - implied[r]) ** 2))
+            if rms <= settings.residual_factor * np.hypot(error[i], error[r]):
+                group.append(int(i))
+                break
+        else:
+            groups.append([int(i)])
+            representatives.append(int(i))
+    clusters = []
+    for group in groups:
+        members: dict[int, int] = {}
+        for i in group:
+            members.setdefault(int(seeds.x1[i]), int(seeds.b1[i]))
+            members.setdefault(int(seeds.x2[i]), -1 if seeds.copy2[i] else int(seeds.b2[i]))
+        clusters.append(members)
+    return sorted(clusters, key=lambda m: sum(b >= 0 for b in m.values()), reverse=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Templates: fit, scan for every member, verify
+
+
+@dataclass
+class _Template:
+    blends: np.ndarray  # positions of member blends
+    bases: np.ndarray  # their bases
+    copies: np.ndarray  # positions of copies of the template
+    template: np.ndarray  # flat float64, full size
+    noise: float  # RMS error of the template estimate from rounding
+
+    def members(self) -> np.ndarray:
+        return np.concatenate([self.blends, self.copies])
+
+    def arrays(self, data: _Images) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(positions, is_copy, member images, base images) at full size; a copy's base row is itself."""
+        positions = self.members()
+        is_copy = np.concatenate([np.zeros(len(self.blends), bool), np.ones(len(self.copies), bool)])
+        return positions, is_copy, data.full(positions), data.full(np.concatenate([self.bases, self.copies]))
+
+
+def _fit(data: _Images, blends: np.ndarray, bases: np.ndarray, copies: np.ndarray) -> _Template:
+    fit = _Template(blends, bases, copies, np.zeros(0), 0.0)
+    _, is_copy, a_images, b_images = fit.arrays(data)
+    template, weights, _ = ba.fit_members(a_images, b_images, is_copy)
+    return _Template(blends, bases, copies, template, ba.template_noise(weights, data.full_noise))
+
+
+@dataclass(frozen=True)
+class _Candidates:
+    """What one search around a template proposes: possible copies, and (blend, base) pairs."""
+
+    copies: np.ndarray
+    blends: np.ndarray
+    bases: np.ndarray
+
+
+def _search(data: _Images, fit: _Template, taken: np.ndarray, settings: CorruptionSettings) -> _Candidates:
+    """Around ``fit.template``: images that may be copies of it, and each other image's likeliest bases.
+
+    A blend satisfies ``A - C = a (B - C) + t``: around the template, a blend points exactly the
+    way its base does, so the base is the image most parallel to it (two kept per image). The
+    direction is hardly changed by a small error in ``C``, so one search serves the refitted
+    template too.
+    """
+    coarse_template = data.coarse_of(fit.template)[0]
+    around = data.coarse - coarse_template
+    free = np.flatnonzero(~taken)
+    centred = around[free] - around[free].mean(axis=1, keepdims=True)
+    copy_limit = 2 * settings.residual_factor * np.hypot(data.coarse_noise, data.coarse_scale * fit.noise)
+    copies = free[np.sqrt((centred**2).mean(axis=1)) <= copy_limit + 1.0]
+    candidates = np.setdiff1d(free, copies)
+    unit = data.white_unit(around)
+    keys = unit.copy()
+    keys[taken] = 0.0
+    keys[copies] = 0.0
+    best = _top_matches(unit[candidates], keys, 2, candidates[:, None], settings.block)[0]
+    return _Candidates(copies, np.repeat(candidates, 2), best.reshape(-1))
+
+
+def _members(data: _Images, fit: _Template, found: _Candidates, settings: CorruptionSettings) -> _Template:
+    """The candidates that are copies of ``fit.template`` or blends of it with their base, exactly."""
+    copy_residual = ba.affine_fit(data.full(found.copies), [np.repeat(fit.template[None], len(found.copies), axis=0)])[1]
+    copies = found.copies[copy_residual <= settings.residual_factor * np.hypot(data.full_noise, fit.noise)]
+    x, b = found.blends, found.bases
+    coarse_template = data.coarse_of(fit.template)[0]
+    weight, _, residual = ba.blend_fit(data.coarse[x], data.coarse[b], coarse_template.astype(np.float32))
+    expected = ba.expected_residual(weight, data.coarse_noise, data.coarse_scale * fit.noise)
+    # A lenient first cut on the coarse copies; the exact test at full size decides.
+    plausible = (residual <= 2 * settings.residual_factor * expected)
+    plausible &= (weight >= settings.min_weight) & (weight <= settings.max_weight)
+    x, b = x[plausible], b[plausible]
+    ok = np.zeros(len(x), bool)
+    for start in range(0, len(x), 256):
+        part = slice(start, start + 256)
+        ok[part] = _blend_test(data.full(x[part]), data.full(b[part]), fit.template, fit.noise, data.full_noise, settings)
+    x, b = x[ok], b[ok]
+    x, first = np.unique(x, return_index=True)
+    return _Template(x, b[first], copies, fit.template, fit.noise)
+
+
+def _blend_test(
+    blends: np.ndarray, bases: np.ndarray, template: np.ndarray, template_noise, noise: float,
+    settings: CorruptionSettings,
+) -> np.ndarray:  # fmt: skip
+    """Rows where ``A = a B + (1 - a) C + t`` holds to within rounding, with a real template part."""
+    weight, _, residual = ba.blend_fit(blends, bases, template)
+    expected = ba.expected_residual(weight, noise, template_noise)
+    ok = (weight >= settings.min_weight) & (weight <= settings.max_weight)
+    ok &= residual <= settings.residual_factor * expected
+    ok &= ba.scale_fit(blends, bases) >= settings.template_snr * noise
+    return ok
+
+
+def _verify(data: _Images, fit: _Template, settings: CorruptionSettings) -> tuple[_Template, pd.DataFrame] | None:
+    """Keep the members that fit a template estimated without them; None if too few remain."""
+    for _ in range(4):
+        if len(fit.blends) < settings.min_blends:
+            return None
+        positions, is_copy, a_images, b_images = fit.arrays(data)
+        b_images[is_copy] = 0.0
+        template, weights, offsets = ba.fit_members(a_images, b_images, is_copy)
+        held_out, rest = ba.leave_one_out_templates(a_images, b_images, weights, offsets)
+        held_noise = data.full_noise / np.sqrt(rest)
+        weight, _, residual = ba.blend_fit(a_images, b_images, held_out)
+        weight = np.where(is_copy, 0.0, weight)
+        _, copy_residual = ba.affine_fit(a_images, [held_out])
+        residual = np.where(is_copy, copy_residual, residual)
+        expected = ba.expected_residual(weight, data.full_noise, held_noise)
+        ok = residual <= settings.residual_factor * expected
+        ok &= is_copy | ((weight >= settings.min_weight) & (weight <= settings.max_weight))
+        ok &= is_copy | (ba.scale_fit(a_images, b_images) >= settings.template_snr * data.full_noise)
+        if ok.all():
+            variance = a_images.var(axis=1)
+            table = pd.DataFrame({
+                "position": positions,
+                "kind": np.where(is_copy, COPY, BLEND),
+                "base": np.where(is_copy, -1, np.concatenate([fit.bases, fit.copies])),
+                "weight": weight,
+                "residual_rms": residual,
+                "expected_rms": expected,
+                "score": 1.0 - residual**2 / np.maximum(variance, 1e-9),
+            })  # fmt: skip
+            final = _Template(fit.blends, fit.bases, fit.copies, template, ba.template_noise(weights, data.full_noise))
+            return final, table
+        keep_blends, keep_copies = ok[: len(fit.blends)], ok[len(fit.blends) :]
+        fit = _Template(fit.blends[keep_blends], fit.bases[keep_blends], fit.copies[keep_copies], fit.template, fit.noise)
+    return None
+
+
+def find_corruptions(
+    images: np.ndarray, distinct: np.ndarray, *, settings: CorruptionSettings = CorruptionSettings()
+) -> CorruptionResult:
+    """Find blends of a shared template with another image of the file, and copies of the templates.
+
+    ``distinct`` are the rows of ``images`` to examine (one per exact-duplicate group). Returns
+    one report row per corrupted distinct image, with row indices into ``images``.
+    """
+    distinct = np.asarray(distinct, dtype=np.int64)
+    shape = images.shape[1:]
+    if len(distinct) < 4:
+        return _empty(shape)
+    data = _Images(images, distinct, settings)
+    taken = np.zeros(len(data), bool)
+    found: list[tuple[_Template, pd.DataFrame]] = []
+    for cluster in _seed_clusters(data, _find_seeds(data, settings), settings):
+        positions = np.array(list(cluster))
+        bases = np.array([cluster[p] for p in positions])
+        if taken[positions[bases >= 0]].mean() > 0.5:
+            continue  # a template already found through another seed
+        fit = _fit(data, positions[bases >= 0], bases[bases >= 0], positions[bases < 0])
+        found_here = _search(data, fit, taken, settings)
+        for _ in range(2):  # the second pass tests the same candidates against the refitted template
+            fit = _members(data, fit, found_here, settings)
+            if len(fit.blends) == 0:
+                break
+            fit = _fit(data, fit.blends, fit.bases, fit.copies)
+        verified = _verify(data, fit, settings)
+        if verified is None:
+            continue
+        fit, table = verified
+        taken[fit.members()] = True
+        found.append((fit, table))
+    if not found:
+        return _empty(shape)
+    if settings.missing_bases:
+        found = _closer_than_any_cell(data, found, taken, settings)
+    return _result(data, found)
+
+
+def _closer_than_any_cell(
+    data: _Images, found: list[tuple[_Template, pd.DataFrame]], taken: np.ndarray, settings: CorruptionSettings
+) -> list[tuple[_Template, pd.DataFrame]]:
+    """Add blends of a found template whose base is not in the file, where that can be told at all.
+
+    No exact test exists without the base, but the geometry remains: ``A - C = a (B - C)``, so a
+    blend is ``a`` times as far from its template as its base, and cells are all about equally
+    far from a picture that is not a cell. Relative to the median distance of the images not
+    flagged, the exact members of the template sit at about ``a``. Unflagged images within the
+    members' reach (1.25 times the farthest member, for weights that vary) are added, but only
+    where no image at all lies between that reach and 1.5 times it (``missing_bases_gap``): the
+    blends must stand apart from every cell. Cells are many and their distances continuous, so a
+    cell inside the reach would have others just beyond it, and the gap would not be empty. So template-dominated blends
+    (low ``a``) are found; cell-dominated ones, which sit among the cells, are not: that is the
+    documented limit.
+    """
+    out = []
+    for fit, table in found:
+        coarse_template = data.coarse_of(fit.template)[0]
+        deviation = data.coarse - coarse_template
+        deviation -= deviation.mean(axis=1, keepdims=True)
+        distance = np.sqrt((deviation**2).mean(axis=1))
+        rest = ~taken
+        if rest.sum() < 100:  # too few images to say what a cell's distance is
+            out.append((fit, table))
+            continue
+        relative = distance / np.median(distance[rest])
+        exact = table["kind"] == BLEND
+        member_relative = relative[table.loc[exact, "position"].to_numpy()]
+        scale = float(np.median(member_relative / table.loc[exact, "weight"].to_numpy()))
+        reach = 1.25 * member_relative.max()
+        beyond = relative[rest & (relative > reach)]
+        # Only where nothing lies in the gap between the members' reach and what cells reach.
+        if len(beyond) < 100 or beyond.min() < reach * settings.missing_bases_gap:
+            out.append((fit, table))
+            continue
+        extra = np.flatnonzero(rest & (relative <= reach))
+        taken[extra] = True
+        rows = pd.DataFrame({"position": extra, "kind": NO_BASE, "base": -1, "weight": relative[extra] / scale,
+                             "residual_rms": np.nan, "expected_rms": np.nan, "score": np.nan})  # fmt: skip
+        out.append((fit, pd.concat([table, rows], ignore_index=True) if len(rows) else table))
+    return out
+
+
+def _result(data: _Images, found: list[tuple[_Template, pd.DataFrame]]) -> CorruptionResult:
+    tables = [table.assign(template=template_id) for template_id, (_, table) in enumerate(found)]
+    report = pd.concat(tables, ignore_index=True)
+    report["index"] = data.rows[report["position"].to_numpy()]
+    base = report["base"].to_numpy()
+    report["base_index"] = np.where(base >= 0, data.rows[np.maximum(base, 0)], -1)
+    report["reason"] = describe(report)
+    report = report[REPORT_COLUMNS].sort_values("index").reset_index(drop=True)
+    templates = np.stack([np.clip(fit.template, 0.0, 255.0).reshape(data.shape) for fit, _ in found])
+    return CorruptionResult(report=report, templates=templates, template_summary=template_summary(report))
+
+
+def describe(report: pd.DataFrame) -> list[str]:
+    """Why each row of a corruption report was flagged, in words."""
+    reasons = []
+    for row in report.itertuples():
+        if row.kind == BLEND:
+            reasons.append(f"blend of image {row.base_index} (cell share {row.weight:.3f}) with template {row.template}: "
+                           f"residual {row.residual_rms:.2f} grey levels, rounding alone leaves {row.expected_rms:.2f}")  # fmt: skip
+        elif row.kind == COPY:
+            reasons.append(f"copy of template {row.template}: residual {row.residual_rms:.2f} grey levels, "
+                           f"rounding alone leaves {row.expected_rms:.2f}")  # fmt: skip
+        else:
+            reasons.append(f"blend of template {row.template} with a cell not in the file (cell share about "
+                           f"{row.weight:.2f}): closer to the template than any cell of the file")  # fmt: skip
+    return reasons
+
+
+def template_summary(report: pd.DataFrame) -> pd.DataFrame:
+    """Per template: distinct members by kind and the spread of the cell share of its exact blends."""
+    distinct = report.drop_duplicates("representative") if "representative" in report else report
+    rows = []
+    for template, group in distinct.groupby("template", sort=True):
+        blends = group[group["kind"] == BLEND]
+        weights = blends["weight"]
+        rows.append((int(template), len(group), len(blends), int((group["kind"] == COPY).sum()),
+                     int((group["kind"] == NO_BASE).sum()), float(weights.min()), float(weights.median()),
+                     float(weights.max()), float(blends["score"].median())))  # fmt: skip
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+def _empty(shape: tuple[int, ...]) -> CorruptionResult:
+    types = {"index": "int64", "kind": "object", "base_index": "int64", "template": "int64", "reason": "object"}
+    report = pd.DataFrame({c: pd.Series(dtype=types.get(c, "float64")) for c in REPORT_COLUMNS})
+    return CorruptionResult(report=report, templates=np.zeros((0, *shape)), template_summary=template_summary(report))
+
+
+def templates_from_report(images: np.ndarray, report: pd.DataFrame) -> np.ndarray:
+    """Recover each template from the report's decompositions (distinct images only).
+
+    This is the "average the per-image estimates C = (A - a B) / (1 - a)" step, done as the
+    weighted least-squares fit of :func:`bc_pipeline.quality.blend_algebra.fit_members`, with the
+    copies of the template as members of weight 0.
+    """
+    if report.empty:
+        return np.zeros((0, *images.shape[1:]))
+    distinct = report.drop_duplicates("representative") if "representative" in report else report
+    distinct = distinct[distinct["kind"].isin([BLEND, COPY])]  # a blend without its base says nothing exact
+    templates = []
+    for _, rows in distinct.groupby("template", sort=True):
+        is_copy = (rows["kind"] == COPY).to_numpy()
+        a_images = np.asarray(images[rows["index"].to_numpy()], np.float64).reshape(len(rows), -1)
+        base_rows = np.where(is_copy, rows["index"].to_numpy(), rows["base_index"].to_numpy())
+        b_images = np.asarray(images[base_rows], np.float64).reshape(len(rows), -1)
+        template, _, _ = ba.fit_members(a_images, b_images, is_copy)
+        templates.append(np.clip(template, 0.0, 255.0).reshape(images.shape[1:]))
+    return np.stack(templates)
