@@ -72,6 +72,16 @@ def pbc_subset_arrays(pbc_subset_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     return loaded.images, loaded.manifest["label"].to_numpy()
 
 
+def training_facts(spec, *, epochs_run: int = 1, train_seconds: float = 1.0, **changes):  # noqa: ANN001, ANN201
+    """The facts a worker records for a training of ``spec`` on the CPU, for records made in tests."""
+    from bc_pipeline.training.model_folder import TrainingFacts
+    from bc_pipeline.training.settings import Phase
+
+    facts = {"spec": spec, "phases": (Phase(),), "device": "cpu", "backend": "tensorflow", "keras_version": "3",
+             "dtype_policy": "float32", "train_seconds": train_seconds, "epochs_run": epochs_run, "best_epoch": epochs_run}  # fmt: skip
+    return TrainingFacts(**{**facts, **changes})
+
+
 def tick_sensor(sensor, instance, cursor: str | None, resources: dict):
     """One sensor tick as the daemon runs it: (result, next cursor), its asset events recorded."""
     import dagster as dg

@@ -20,6 +20,7 @@ from bc_pipeline.defs.checks import class_proportions_match, no_group_in_two_spl
 from bc_pipeline.defs.resources import ImageSource
 from bc_pipeline.preparation.splits import split_arrays
 from bc_pipeline.quality.hashing import hash_hex
+from bc_pipeline.training.model_folder import load_trained_model, read_record
 from bc_pipeline_tests.conftest import pbc96_files
 
 TRAIN_CONFIG = {
@@ -118,7 +119,7 @@ def test_model_and_report_are_written_and_consistent(full_run):
     result, data_dir = full_run
     from bc_pipeline.models.inference import weights_fingerprint
 
-    trained = read_artifact(data_dir / "assets" / "trained_model" / "custom_cnn")
+    trained = load_trained_model(data_dir / "assets" / "trained_model" / "custom_cnn")
     assert 1 <= len(trained.history) <= 2
     model_file = data_dir / "assets" / "trained_model" / "custom_cnn" / "model.keras"
     assert model_file.stat().st_size > 1_000_000
@@ -168,7 +169,7 @@ def test_corruption_benchmark_and_calibration_are_scored_and_reported(full_run):
     from bc_pipeline.models.inference import predict_proba
 
     result, data_dir = full_run
-    trained = read_artifact(data_dir / "assets" / "trained_model" / "custom_cnn")
+    trained = load_trained_model(data_dir / "assets" / "trained_model" / "custom_cnn")
     benchmark = result.output_for_node("corruption_benchmark_set")
     splits = result.output_for_node("data_splits")
     test_rows = set(splits.loc[splits["split"] == "test", "index"])
@@ -191,7 +192,7 @@ def test_corruption_benchmark_and_calibration_are_scored_and_reported(full_run):
     assert report["corruption_accuracy_unseen"] == pytest.approx(cells.loc[cells["corruption"] == "zoom_blur", "accuracy"].mean())
 
     # The worker fitted the temperature on the validation split and saved it with the model.
-    temperature = trained.info["temperature"]
+    temperature = trained.record.temperature
     assert report["temperature"] == temperature and report["calibration"]["fitted_by"].startswith("the training worker")
     test_x, test_y = split_arrays(result.output_for_node("clean_images"), splits, "test")
     proba = predict_proba(trained.model, test_x)
@@ -219,7 +220,7 @@ def test_tta_scores_average_the_views_of_the_test_split(full_run):
     from bc_pipeline.preparation.splits import split_arrays
 
     result, _ = full_run
-    model = read_artifact(full_run[1] / "assets" / "trained_model" / "custom_cnn").model
+    model = load_trained_model(full_run[1] / "assets" / "trained_model" / "custom_cnn").model
     report = result.output_for_node("evaluation_report")
     test_x, test_y = split_arrays(result.output_for_node("clean_images"), result.output_for_node("data_splits"), "test")
     mean = np.mean([predict_proba(model, tta_view(test_x, view)) for view in TTA_VIEWS], axis=0)
@@ -255,7 +256,7 @@ def test_a_second_model_partition_joins_the_leaderboard_and_the_best_is_packaged
     assert packaged == board.iloc[0]["model"]
     info = json.loads((data_dir / "submission" / "info.json").read_text())
     assert info["model"] == packaged
-    assert info["temperature"] == read_artifact(data_dir / "assets" / "trained_model" / packaged).info["temperature"]
+    assert info["temperature"] == read_record(data_dir / "assets" / "trained_model" / packaged).temperature
 
     # The ensemble partition averages the two trained models and is evaluated and ranked like them.
     third = _materialize(
@@ -263,8 +264,8 @@ def test_a_second_model_partition_joins_the_leaderboard_and_the_best_is_packaged
         run_config={"ops": {"evaluation_report": {"config": {"tta": True, "tta_views": ["identity", "flip_lr"], "gradcam_per_class": 1}}}},
     )  # fmt: skip
     assert third.success
-    ensemble = read_artifact(data_dir / "assets" / "trained_model" / "ensemble")
-    assert ensemble.info["members"] == ["custom_cnn", "mobilenetv3small"] and ensemble.info["temperature"] > 0
+    ensemble = read_record(data_dir / "assets" / "trained_model" / "ensemble")
+    assert ensemble.ensemble.members == ("custom_cnn", "mobilenetv3small") and ensemble.temperature > 0
     board = third.output_for_node("model_leaderboard").set_index("model")
     assert set(board.index) == {"custom_cnn", "mobilenetv3small", "ensemble"}
     assert board.loc["custom_cnn", "mce"] == pytest.approx(1.0), "custom_cnn is the default mCE baseline"

@@ -13,7 +13,7 @@ from bc_pipeline.augmentation.presets import (
     augment_images,
     check_image_preset,
 )
-from bc_pipeline.training.worker.data import ImagePool, evaluation_batches, mix_batch, training_batches
+from bc_pipeline.training.worker.data import BatchRecipe, ImagePool, evaluation_batches, mix_batch, training_batches
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +244,7 @@ def test_unknown_batch_mixer_raises():
 
 def _batches(images, labels, **kwargs) -> list[tuple[np.ndarray, np.ndarray]]:
     """One pass over the pool: len(images) / 8 batches of the endless training PyDataset."""
-    data = training_batches(ImagePool([(images, labels)]), num_classes=8, batch_size=8, seed=0, **kwargs)
+    data = training_batches(ImagePool([(images, labels)]), BatchRecipe(num_classes=8, batch_size=8, seed=0, **kwargs))
     return [data[i] for i in range(len(images) // 8)]
 
 
@@ -355,8 +355,8 @@ def test_the_pool_reads_memory_mapped_shards_and_each_batch_depends_only_on_its_
     got, got_labels = pool.gather(rows)
     np.testing.assert_array_equal(got, images[np.sort(rows)])
     np.testing.assert_array_equal(got_labels, labels[np.sort(rows)])
-    one = training_batches(pool, num_classes=8, batch_size=8, seed=3, batch_augment="mixup+cutmix")
-    other = training_batches(pool, num_classes=8, batch_size=8, seed=3, batch_augment="mixup+cutmix")
+    recipe = BatchRecipe(num_classes=8, batch_size=8, seed=3, batch_augment="mixup+cutmix")
+    one, other = training_batches(pool, recipe), training_batches(pool, recipe)
     for index in (5, 0, 11):  # any order, as Keras' worker threads ask
         np.testing.assert_array_equal(one[index][0], other[index][0])
         np.testing.assert_array_equal(one[index][1], other[index][1])

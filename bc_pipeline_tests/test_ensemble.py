@@ -56,16 +56,24 @@ def test_members_are_chosen_from_what_is_trained():
 
 
 def test_assembled_from_stored_models_with_a_temperature(members, pbc_subset_arrays, tmp_path):
-    from bc_pipeline.core.artifacts import TrainedModel, write_artifact
     from bc_pipeline.models.inference import weights_fingerprint
+    from bc_pipeline.models.zoo import model_spec
+    from bc_pipeline.training.model_folder import ModelRecord, TrainedModel, read_record, write_model_folder
+    from bc_pipeline_tests.conftest import training_facts
 
     for name, model in members.items():
-        info = {"class_names": list(CLASS_NAMES), "weights_fingerprint": weights_fingerprint(model), "train_seconds": 10.0,
-                "augmentation_policies": ["light"] if name == "custom_cnn" else ["augmix"], "spec": {"image_size": 32}}  # fmt: skip
-        write_artifact(tmp_path / name, TrainedModel(model, pd.DataFrame({"epoch": [1]}), info))
+        record = ModelRecord(
+            model_name=name, class_names=CLASS_NAMES, weights_fingerprint=weights_fingerprint(model),
+            parameters=int(model.count_params()), image_size=32, temperature=1.0,
+            augmentation_policies=("light",) if name == "custom_cnn" else ("augmix",),
+            training=training_facts(model_spec(name, image_size=32), train_seconds=10.0),
+        )  # fmt: skip
+        write_model_folder(tmp_path / name, TrainedModel(model, pd.DataFrame({"epoch": [1]}), record))
     images, labels = pbc_subset_arrays
     result = assemble_ensemble(tmp_path, [], images[:64], labels[:64])
-    assert result.info["members"] == ["custom_cnn", "mobilenetv3small"]
-    assert result.info["augmentation_policies"] == ["augmix", "light"] and result.info["train_seconds"] == 20.0
-    assert 0.05 <= result.info["temperature"] <= 20 and result.info["class_names"] == list(CLASS_NAMES)
+    record = result.record
+    assert record.ensemble.members == ("custom_cnn", "mobilenetv3small") and record.training is None
+    assert record.augmentation_policies == ("augmix", "light") and record.train_seconds == 20.0
+    assert 0.05 <= record.temperature <= 20 and record.class_names == CLASS_NAMES
+    assert record.ensemble.member_fingerprints["custom_cnn"] == read_record(tmp_path / "custom_cnn").weights_fingerprint
     assert len(result.history) == 0

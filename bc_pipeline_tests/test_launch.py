@@ -57,16 +57,28 @@ def test_docker_kwargs_bind_the_data_directory(tmp_path):
 
 
 def test_failures_are_explained_with_what_to_do_next(tmp_path):
+    from bc_pipeline.models.zoo import model_spec
+    from bc_pipeline.training.job import JobFolders, TrainingJob
+    from bc_pipeline.training.settings import TrainingSettings
+    from bc_pipeline.training.spec import ArrayRef, WorkerSpec
+
+    spec = WorkerSpec(data_dir=str(tmp_path), model=model_spec("resnet50"), settings=TrainingSettings(), num_classes=8,
+                      train=ArrayRef("x", "y"), val=ArrayRef("x", "y"), output_dir="out")  # fmt: skip
+
+    def job(checkpoint_dir):  # noqa: ANN001, ANN202
+        return TrainingJob(spec, tmp_path / "spec.json", JobFolders(tmp_path, tmp_path / "out", tmp_path, checkpoint_dir))
+
     (tmp_path / "state.json").write_text(json.dumps({"epochs_done": 4}))
-    killed = launch.describe_failure("resnet50", RuntimeError(f"failed with code {-signal.SIGKILL}"),
-                                     failure_file=tmp_path / "none", checkpoint_dir=tmp_path, launcher="subprocess")  # fmt: skip
+    killed = job(tmp_path).explain_failure(RuntimeError(f"failed with code {-signal.SIGKILL}"), "subprocess")
     assert killed.startswith("the training worker of resnet50 was killed by SIGKILL (out of memory")
     assert f"checkpoint after epoch 4 is kept in {tmp_path}" in killed
-    (tmp_path / "failure.txt").write_text("ValueError: bad shard\n\nTraceback (most recent call last): ...")
-    crashed = launch.describe_failure("resnet50", RuntimeError("External execution process failed with code 1"),
-                                      failure_file=tmp_path / "failure.txt", checkpoint_dir=None, launcher="subprocess")  # fmt: skip
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "failure.txt").write_text("ValueError: bad shard\n\nTraceback (most recent call last): ...")
+    crashed = job(None).explain_failure(RuntimeError("External execution process failed with code 1"), "subprocess")
     assert "failed (subprocess: External execution process failed with code 1): ValueError: bad shard." in crashed
-    assert "Traceback" not in crashed and f"traceback is in {tmp_path / 'failure.txt'}" in crashed
+    assert "Traceback" not in crashed and f"traceback is in {tmp_path / 'out' / 'failure.txt'}" in crashed
+    cannot = job(tmp_path / "none").explain_failure(RuntimeError("failed with code 3"), "k8s")
+    assert cannot.startswith("the training worker of resnet50 could not start") and "no checkpoint" not in cannot
 
 
 def test_an_uninstalled_launcher_is_named_with_its_extra(monkeypatch):

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bc_pipeline.core.artifacts import ImageSet, TrainedModel
+from bc_pipeline.core.artifacts import ImageSet
 from bc_pipeline.core.classes import CLASS_NAMES
 from bc_pipeline.core.storage import fingerprint
 from bc_pipeline.evaluation.evaluate import (
@@ -23,7 +23,8 @@ from bc_pipeline.evaluation.evaluate import (
     write_evaluation,
 )
 from bc_pipeline.evaluation.interpret import TTA_VIEWS
-from bc_pipeline_tests.conftest import load_pbc96_arrays
+from bc_pipeline.training.model_folder import ModelRecord, TrainedModel
+from bc_pipeline_tests.conftest import load_pbc96_arrays, training_facts
 
 NAME = "tiny_cnn"
 PER_CLASS = 12  # 6 train, 2 val, 4 test images per class
@@ -54,12 +55,12 @@ def trained(data) -> TrainedModel:
     fit = model.fit(train_x.astype(np.float32), train_y, validation_data=(val_x.astype(np.float32), val_y),
                     epochs=2, batch_size=16, verbose=0)  # fmt: skip
     history = pd.DataFrame(fit.history).assign(epoch=lambda frame: np.arange(1, len(frame) + 1))
-    info = {
-        "class_names": list(CLASS_NAMES), "augmentation_policies": ["light"], "parameters": int(model.count_params()),
-        "epochs_run": 2, "train_seconds": 1.5, "spec": {"image_size": 32}, "device": "cpu",
-        "class_weight": {"0": 1.0},
-    }  # fmt: skip
-    return TrainedModel(model=model, history=history, info=info)
+    record = ModelRecord(
+        model_name=NAME, class_names=CLASS_NAMES, weights_fingerprint="w", parameters=int(model.count_params()),
+        image_size=32, augmentation_policies=("light",),
+        training=training_facts(model_spec("custom_cnn", image_size=32), epochs_run=2, train_seconds=1.5, class_weight={0: 1.0}),
+    )  # fmt: skip
+    return TrainedModel(model=model, history=history, record=record)
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +124,9 @@ def test_scores_equal_the_models_own_predictions(evaluated, trained, data, pertu
     confusion = np.array(summary["confusion_matrix"])
     assert confusion.sum() == 32 and np.trace(confusion) == round(summary["accuracy"] * 32)
     assert result.per_class["support"].tolist() == [4] * len(CLASS_NAMES)
-    assert "class_weight" not in summary["training"] and summary["training"]["epochs_run"] == 2
-    assert summary["parameters"] == trained.info["parameters"] and summary["image_size"] == 32
+    assert summary["training"]["version"] == 2 and summary["training"]["training"]["epochs_run"] == 2  # the model's record
+    assert summary["parameters"] == trained.record.parameters and summary["image_size"] == 32
+    assert (summary["epochs_run"], summary["train_seconds"], summary["device"]) == (2, 1.5, "cpu")
 
 
 def test_the_robustness_table_has_every_policy_plain_and_only_the_robust_one_with_tta(evaluated):

@@ -11,8 +11,9 @@ import time
 import dagster as dg
 
 from bc_pipeline.core.processes import fresh_folder, process_alive
-from bc_pipeline.dagster_utils.progress import RunProgress, key_figures
+from bc_pipeline.dagster_utils.progress import RunProgress, key_figures, record_worker_event
 from bc_pipeline.dagster_utils.runs import owner_tags, release_dead_runs, release_runs_of
+from bc_pipeline.training.events import WorkerEvent
 from bc_pipeline_tests.conftest import write_instance_home
 
 
@@ -69,16 +70,27 @@ def test_progress_prints_one_line_per_stage_with_its_key_figures(tmp_path):
     def broken() -> None:
         raise ValueError("images.npy is truncated: rematerialize raw_images")
 
+    epoch = {"epoch": 3, "phase": 1, "loss": 0.5, "accuracy": 0.8, "val_loss": 0.6, "val_accuracy": 0.75, "lr": 1e-3, "seconds": 2.0}
+
+    @dg.asset(deps=[counted])
+    def trained(context) -> None:  # noqa: ANN001 - Dagster reads a string annotation as no context type
+        record_worker_event(context, WorkerEvent("epoch", epoch))  # what the training asset relays
+        record_worker_event(context, WorkerEvent("finished", {"device": "cpu", "backend": "jax", "train_seconds": 9.0,
+                                                              "epochs_run": 3, "best_epoch": 2}))  # fmt: skip
+        context.log.info("epoch 9 (phase 1): a log line that merely reads like an epoch")
+
     lines: list[str] = []
     with dg.instance_for_test() as instance:
-        dg.materialize([counted, positive, broken], instance=instance, tags=owner_tags(), raise_on_error=False)
+        dg.materialize([counted, positive, broken, trained], instance=instance, tags=owner_tags(), raise_on_error=False)
         RunProgress(instance, os.getpid(), emit=lines.append).poll()
     text = "\n".join(lines)
+    assert f"trained {WorkerEvent('epoch', epoch).text()}" in text  # rebuilt from the event's metadata
+    assert "epoch 9" not in text and "finished:" not in text  # text is not parsed; the end line has the figures
     assert "counted done in" in text and "num_images=320, num_skipped=2" in text
     assert "check positive on counted did not pass" in text
     assert "broken FAILED" in text and "ValueError: images.npy is truncated: rematerialize raw_images" in text
     assert "DagsterExecutionStepExecutionError" not in text and "Traceback" not in text
-    assert lines[-1].endswith("failed (checks: 1 failed)") and len(lines) <= 6, lines
+    assert lines[-1].endswith("failed (checks: 1 failed)") and len(lines) <= 8, lines
     assert key_figures({"x": dg.MetadataValue.float(0.25)}) == "x=0.25"  # no known figure: the first number
 
 
@@ -112,3 +124,28 @@ def test_each_process_gets_its_own_staging_folder_and_dead_ones_are_cleaned(tmp_
     again = fresh_folder(root)
     assert mine != again and mine.parent == root and mine.name.startswith(f"{os.getpid()}-")
     assert sorted(p.name for p in root.iterdir()) == sorted([live.name, mine.name, again.name])
+
+
+def test_relayed_pipes_messages_reach_the_callback_as_they_arrive_and_dagster_still_gets_them():
+    from contextlib import contextmanager
+
+    from bc_pipeline.dagster_utils.progress import relaying
+
+    class Reader:  # a Pipes reader: hands every message to its handler while the process runs
+        @contextmanager
+        def read_messages(self, handler):
+            handler.handle_message({"method": "log", "params": {"message": "hello"}})
+            handler.handle_message({"method": "report_custom_message", "params": {"payload": {"bc_event": "epoch"}}})
+            yield {"path": "x"}
+
+    class Handler:
+        def __init__(self):
+            self.seen, self.opened = [], True
+
+        def handle_message(self, message):
+            self.seen.append(message["method"])
+
+    relayed, handler = [], Handler()
+    with relaying(Reader(), relayed.append).read_messages(handler) as params:
+        assert relayed == [{"bc_event": "epoch"}] and params == {"path": "x"}
+    assert handler.seen == ["log", "report_custom_message"]  # Dagster's own handler still gets every message

@@ -63,14 +63,14 @@ def test_kfold_chooses_the_count_and_the_final_model_trains_on_train_plus_valida
         TrainingData(train_x, train_y, val_x, val_y, num_classes=8, augmented=copy), model_spec("custom_cnn", image_size=32),
         settings, RunOptions(log=lines.append), groups=groups,
     )  # fmt: skip
-    chosen = result.info["epoch_selection"]
-    assert chosen["method"] == "2-fold cross-validation" and chosen["retrained_on_validation"] is True
-    assert len(chosen["folds"]) == 2 and sum(f["held_out"] for f in chosen["folds"]) == len(train_y)
-    counts = chosen["epochs_per_phase"]
-    assert counts == [int(np.round(np.median([f["epochs_to_best"][0] for f in chosen["folds"]]))) or 1]
-    assert len(result.history) == counts[0] and result.info["best_epoch"] == counts[0]
-    assert result.info["pool_images"] == len(train_y) + len(val_y) + len(train_y), "train + val originals + the copy"
-    assert 0.05 <= result.info["temperature"] <= 20 and result.info["temperature_source"] == "out-of-fold predictions"
+    chosen = result.facts.epoch_selection
+    assert chosen.method == "2-fold cross-validation" and chosen.retrained_on_validation is True
+    assert len(chosen.folds) == 2 and sum(f["held_out"] for f in chosen.folds) == len(train_y)
+    counts = chosen.epochs_per_phase
+    assert counts == (int(np.round(np.median([f["epochs_to_best"][0] for f in chosen.folds]))) or 1,)
+    assert len(result.history) == counts[0] and result.facts.best_epoch == counts[0]
+    assert result.facts.pool_images == len(train_y) + len(val_y) + len(train_y), "train + val originals + the copy"
+    assert 0.05 <= result.temperature <= 20 and result.temperature_source == "out-of-fold predictions"
     assert any(line.startswith("[fold 2]") for line in lines) and any("retraining on train + validation" in line for line in lines)
 
 
@@ -96,13 +96,13 @@ def test_the_consistency_loss_is_cross_entropy_for_identical_views_and_grows_wit
 @pytest.mark.slow
 def test_jsd_training_draws_three_aligned_views_and_learns(tmp_path):
     from bc_pipeline.models.zoo import model_spec
-    from bc_pipeline.training.worker.data import view_batches
+    from bc_pipeline.training.worker.data import BatchRecipe, view_batches
     from bc_pipeline.training.worker.fit import train_classifier
     from bc_pipeline_tests.conftest import load_pbc96_arrays
 
     images, labels = load_pbc96_arrays(per_class=10, seed=5)
     copies = [np.ascontiguousarray(images[:, ::-1]), np.ascontiguousarray(images[:, :, ::-1])]
-    batch_x, batch_y = view_batches(images, copies, labels, num_classes=8, batch_size=6, seed=0, augment=False)[0]
+    batch_x, batch_y = view_batches(images, copies, labels, BatchRecipe(num_classes=8, batch_size=6, seed=0, augment=False))[0]
     assert batch_x.shape[0] == 18 and np.array_equal(batch_y[:6], batch_y[6:12])
     clean = {bytes(x) for x in batch_x[:6]}
     flipped = {(bytes(np.ascontiguousarray(x[::-1])), bytes(np.ascontiguousarray(x[:, ::-1]))) for x in batch_x[6:18]}

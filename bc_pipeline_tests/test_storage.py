@@ -310,7 +310,8 @@ def test_a_damaged_single_file_artifact_is_explained_too(tmp_path: Path, suffix:
 def test_a_damaged_model_and_a_damaged_checkpoint(tmp_path: Path) -> None:
     import keras
 
-    from bc_pipeline.core.artifacts import ArtifactDamagedError
+    from bc_pipeline.core.artifacts import ArtifactDamagedError, ModelFolder
+    from bc_pipeline.training.model_folder import ModelRecordError, load_trained_model
     from bc_pipeline.training.worker.checkpoint import Checkpoint
 
     folder = tmp_path / "trained_model" / "custom_cnn"
@@ -318,17 +319,26 @@ def test_a_damaged_model_and_a_damaged_checkpoint(tmp_path: Path) -> None:
     keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]).save(folder / "model.keras")
     pd.DataFrame({"epoch": [1]}).to_parquet(folder / "history.parquet")
     (folder / "info.json").write_text("{}")
-    assert read_artifact(folder, what="trained_model[custom_cnn]").info == {}
+    assert read_artifact(folder, what="trained_model[custom_cnn]") == ModelFolder(folder)  # read without Keras
+    with pytest.raises(ModelRecordError, match=r"info.json: a version 1 model record .* it has no class_names.* materialize trained_model"):
+        load_trained_model(folder)
+    (folder / "info.json").write_text('{"class_names": ["a", "b"], "weights_fingerprint": "w", "parameters": 10}')
+    assert load_trained_model(folder).record.class_names == ("a", "b")
+    (folder / "info.json").write_text('{"class_names": ')
+    with pytest.raises(ArtifactDamagedError, match=r"info.json: not valid JSON .* materialize trained_model again"):
+        load_trained_model(folder)
+    (folder / "info.json").write_text('{"class_names": ["a", "b"], "weights_fingerprint": "w", "parameters": 10}')
     _truncate(folder / "model.keras")
     with pytest.raises(ArtifactDamagedError, match=r"model.keras cannot be read .* materialize trained_model again"):
-        read_artifact(folder, what="trained_model[custom_cnn]")
+        load_trained_model(folder)
 
     checkpoint = tmp_path / "checkpoints"
     checkpoint.mkdir()
     (checkpoint / "state.json").write_text('{"key": "k", "model": "epoch')  # cut while copying by hand
-    said: list[str] = []
+    said: list = []
     assert Checkpoint(checkpoint, key="k").load(said.append) is None  # trains from scratch
-    assert "it is damaged (JSONDecodeError" in said[0] and not checkpoint.exists()
+    assert said[0].kind == "discarded" and "it is damaged (JSONDecodeError" in said[0].values["reason"]
+    assert not checkpoint.exists()
 
 
 # --- a real kill -9 in the middle of a write ----------------------------------------------------

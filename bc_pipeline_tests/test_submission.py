@@ -17,7 +17,7 @@ import pytest
 
 from bc_pipeline.cli import main
 from bc_pipeline.core.classes import CLASS_NAMES
-from bc_pipeline.evaluation.predict import load_classifier, read_new_images
+from bc_pipeline.evaluation.predict import load_classifier, read_new_images, stored_temperature
 from bc_pipeline.evaluation.submission import MODEL_TEMPLATE, write_submission
 
 # Runs model.py where bc_pipeline cannot be imported, even though it is installed in this venv.
@@ -166,16 +166,17 @@ def test_write_submission_refuses_a_class_count_that_does_not_match(trained, tmp
 
 
 def test_load_classifier_reads_artifacts_submissions_and_bare_files(trained, submission, tmp_path):
-    from bc_pipeline.core.artifacts import TrainedModel, write_artifact
+    from bc_pipeline.training.model_folder import ModelRecord, TrainedModel, write_model_folder
 
     names = [f"cell_{i}" for i in range(8)]
-    info = {"class_names": names, "model_name": "x"}
-    artifact = write_artifact(tmp_path / "artifact", TrainedModel(trained, pd.DataFrame({"loss": [1.0]}), info))
+    record = ModelRecord(model_name="x", class_names=tuple(names), weights_fingerprint="w", parameters=1, image_size=32, temperature=1.5)
+    artifact = write_model_folder(tmp_path / "artifact", TrainedModel(trained, pd.DataFrame({"loss": [1.0]}), record))
     bare = tmp_path / "alone" / "net.keras"
     bare.parent.mkdir()
     bare.write_bytes((submission / "model.keras").read_bytes())
     assert load_classifier(artifact)[1] == names
     assert load_classifier(artifact / "model.keras")[1] == names
+    assert stored_temperature(artifact) == 1.5  # read from the model record
     model, loaded_names = load_classifier(submission)
     assert loaded_names == list(CLASS_NAMES) and model.output_shape == (None, 8)
     assert load_classifier(bare)[1] == [f"class_{i}" for i in range(8)]

@@ -180,28 +180,27 @@ def test_an_interrupted_training_resumes_after_its_last_saved_epoch(tmp_path, ph
     spec = model_spec("custom_cnn")
     checkpoints = tmp_path / "checkpoints"
 
-    def killed(line: str) -> None:  # the run dies while finishing epoch `interrupt_at`
-        if line.startswith(f"epoch {interrupt_at} "):
-            raise _Interrupted(line)
+    def killed(event) -> None:  # noqa: ANN001 - the run dies while finishing epoch `interrupt_at`
+        if event.kind == "epoch" and event.values["epoch"] == interrupt_at:
+            raise _Interrupted(event.text())
 
     with pytest.raises(_Interrupted):
-        train_classifier(data, spec, settings, RunOptions(checkpoint_dir=checkpoints, log=killed))
+        train_classifier(data, spec, settings, RunOptions(checkpoint_dir=checkpoints, events=killed))
     assert (checkpoints / "state.json").is_file()
-    lines: list[str] = []
-    result = train_classifier(data, spec, settings, RunOptions(checkpoint_dir=checkpoints, log=lines.append))
-    assert any(line.startswith(f"resuming from the checkpoint after epoch {interrupt_at - 1}") for line in lines)
-    trained = [int(line.split()[1]) for line in lines if line.startswith("epoch")]
-    assert trained == list(range(interrupt_at, 5))  # epochs 1..interrupt_at-1 are not run again
+    events: list = []
+    result = train_classifier(data, spec, settings, RunOptions(checkpoint_dir=checkpoints, events=events.append))
+    assert [e.values["epoch"] for e in events if e.kind == "resumed"] == [interrupt_at - 1]
+    assert [e.values["epoch"] for e in events if e.kind == "epoch"] == list(range(interrupt_at, 5))  # 1..interrupt_at-1 not run again
     assert list(result.history["epoch"]) == [1, 2, 3, 4]
-    assert result.info["resumed_from_epoch"] == interrupt_at - 1
+    assert result.facts.resumed_from_epoch == interrupt_at - 1
     assert not checkpoints.exists()  # cleared once training completed
-    # A checkpoint made with other settings is not resumed.
+    # A checkpoint made with other settings is not resumed; without an events callback, events are log lines.
     with pytest.raises(_Interrupted):
-        train_classifier(data, spec, settings, RunOptions(checkpoint_dir=checkpoints, log=killed))
+        train_classifier(data, spec, settings, RunOptions(checkpoint_dir=checkpoints, events=killed))
     other: list[str] = []
     train_classifier(data, spec, TrainingSettings(phases=phases, batch_size=32, seed=1, lr_schedule="constant"),
                      RunOptions(checkpoint_dir=checkpoints, log=other.append))  # fmt: skip
-    assert any("discarding the checkpoint" in line for line in other)
+    assert any("discarding the checkpoint" in line and "other data or settings" in line for line in other)
     assert [int(line.split()[1]) for line in other if line.startswith("epoch")][0] == 1
 
 

@@ -23,6 +23,7 @@ import pytest
 from bc_pipeline.core.artifacts import read_artifact
 from bc_pipeline.definitions import all_asset_checks, all_assets, build_resources
 from bc_pipeline.defs.resources import ImageSource, TrainingWorker
+from bc_pipeline.training.model_folder import load_trained_model, read_history, read_record
 from bc_pipeline.training.spec import FAILURE_FILE
 
 UPSTREAM = ["raw_images", "image_hashes", "duplicate_groups", "image_colour_stats", "corruption_report",
@@ -60,6 +61,14 @@ def _logs(instance, result) -> list[str]:
     return [entry.user_message for entry in instance.all_logs(result.run_id)]
 
 
+def _worker_events(instance, result) -> list:
+    """The worker's events as the run's event log holds them (engine events carrying their values)."""
+    from bc_pipeline.dagster_utils.progress import worker_event_of
+
+    entries = [entry.dagster_event for entry in instance.all_logs(result.run_id) if entry.dagster_event]
+    return [event for event in map(worker_event_of, entries) if event is not None]
+
+
 @pytest.mark.slow
 def test_the_worker_trains_on_jax_through_pipes_and_the_model_predicts_the_same_on_tensorflow(prepared, tmp_path):
     from bc_pipeline.models.inference import predict_proba
@@ -69,11 +78,13 @@ def test_the_worker_trains_on_jax_through_pipes_and_the_model_predicts_the_same_
     assert result.success, _failure(result)
     data_dir = prepared[0]
     folder = data_dir / "assets" / "trained_model" / "custom_cnn"
-    info = json.loads((folder / "info.json").read_text())
-    assert info["backend"] == "jax" and info["device"].startswith("CPU") and info["dtype_policy"] == "float32"
-    lines = _logs(instance, result)
-    assert any("worker ready" in line and "jax on CPU" in line for line in lines)  # streamed through Pipes
-    assert sum(line.startswith("epoch ") for line in lines) == info["epochs_run"] == 2
+    facts = read_record(folder).training
+    assert facts.backend == "jax" and facts.device.startswith("CPU") and facts.dtype_policy == "float32"
+    events = _worker_events(instance, result)  # streamed through Pipes, typed in the run's event log
+    assert [(e.values["backend"], e.values["device"][:3]) for e in events if e.kind == "ready"] == [("jax", "CPU")]
+    assert [e.values["epoch"] for e in events if e.kind == "epoch"] == list(range(1, facts.epochs_run + 1)) == [1, 2]
+    assert events[-1].kind == "finished" and events[-1].values["epochs_run"] == 2
+    assert any(line.startswith("epoch 2 (phase 1): loss ") for line in _logs(instance, result))  # readable in the UI
     (event,) = result.get_asset_materialization_events()
     assert event.materialization.metadata["epochs_streamed"].value == 2
     # Saved on JAX, loaded here on TensorFlow: the same probabilities as JAX computes.
@@ -87,7 +98,7 @@ def test_the_worker_trains_on_jax_through_pipes_and_the_model_predicts_the_same_
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     on_jax = np.load(tmp_path / "p.npy")
-    on_tf = predict_proba(read_artifact(folder).model, images)
+    on_tf = predict_proba(load_trained_model(folder).model, images)
     assert on_tf.std() > 0.01  # a model that has learnt something, not uniform outputs
     np.testing.assert_allclose(on_tf, on_jax, atol=1e-4)
 
@@ -95,8 +106,8 @@ def test_the_worker_trains_on_jax_through_pipes_and_the_model_predicts_the_same_
 def test_the_worker_imports_neither_dagster_nor_keras_cv_nor_tensorflow_on_jax(prepared):
     """Run by hand on a finished job's spec, the JAX worker leaves those packages unimported."""
     from bc_pipeline.models.zoo import model_spec
-    from bc_pipeline.training.job import Placement, TrainingInputs, prepare_job
-    from bc_pipeline.training.worker.fit import TrainingSettings
+    from bc_pipeline.training.job import JobFolders, Placement, TrainingInputs, prepare_job
+    from bc_pipeline.training.settings import TrainingSettings
 
     data_dir = prepared[0]
     assets = data_dir / "assets"
@@ -104,10 +115,9 @@ def test_the_worker_imports_neither_dagster_nor_keras_cv_nor_tensorflow_on_jax(p
     inputs = TrainingInputs(
         train=read_artifact(assets / "balanced_train_set"), shards=read_artifact(assets / "augmented_train_set"),
         images=read_artifact(assets / "clean_images"), val_rows=splits.loc[splits["split"] == "val", "index"].to_numpy(),
-        num_classes=8,
     )  # fmt: skip
     job = prepare_job(
-        data_dir / "probe_job", data_dir / "probe_output", data_root=data_dir, model=model_spec("custom_cnn"),
+        JobFolders(data_dir / "probe_job", data_dir / "probe_output", data_root=data_dir), model=model_spec("custom_cnn"),
         settings=TrainingSettings(epochs=1, batch_size=32), inputs=inputs, placement=Placement(backend="jax", device="cpu"),
     )  # fmt: skip
     assert not job.spec.train.images.startswith("/")  # named relative to the data directory, not copied
@@ -151,7 +161,7 @@ def test_a_killed_worker_fails_with_a_clear_message_and_the_next_run_resumes_fro
     assert again.success, _failure(again)
     (event,) = again.get_asset_materialization_events()
     assert event.materialization.metadata["resumed_from_epoch"].value == done
-    history = read_artifact(prepared[0] / "assets" / "trained_model" / "mobilenetv3small").history
+    history = read_history(prepared[0] / "assets" / "trained_model" / "mobilenetv3small")
     assert history["epoch"].tolist() == list(range(1, 7))
 
 

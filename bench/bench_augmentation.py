@@ -75,7 +75,7 @@ def check(name: str, images: np.ndarray, out: np.ndarray) -> str:
     return ""
 
 
-def main(argv: list[str] | None = None) -> int:
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2048, help="pbc96 images to augment (random sample)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per measurement (best is reported)")
@@ -83,19 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--presets", default=",".join(IMAGE_PRESETS), help="comma-separated image presets")
     parser.add_argument("--no-per-image", action="store_true", help="skip the per-image variant (b)")
     parser.add_argument("--no-mixers", action="store_true", help="skip mixup / cutmix")
-    args = parser.parse_args(argv)
-    presets = [p for p in args.presets.split(",") if p]
+    return parser.parse_args(argv)
 
-    pbc96 = load_pbc96()
-    if pbc96 is None:
-        return 1
-    loaded, load_s, root = pbc96
-    rng = np.random.default_rng(0)
-    pick = rng.choice(len(loaded.images), size=min(args.images, len(loaded.images)), replace=False)
-    images = np.ascontiguousarray(loaded.images[pick])
-    labels = loaded.manifest["label"].to_numpy()[pick]
-    n = len(images)
 
+def _announce(loaded_count: int, load_s: float, root: object, n: int, images: np.ndarray, repeats: int) -> None:
+    """Warm TensorFlow up and print what is measured, on what."""
     import keras
     import keras_cv
     import tensorflow as tf
@@ -104,19 +96,21 @@ def main(argv: list[str] | None = None) -> int:
     # layer building and tracing.
     for _ in tf.data.Dataset.from_tensor_slices(images[:BATCH]).batch(BATCH).map(lambda b: tf.cast(b, tf.float32) + 1):
         pass
-
-    print(f"pbc96: {len(loaded.images)} images loaded in {load_s:.1f} s from {root}; benchmarking a random {n}")
+    print(f"pbc96: {loaded_count} images loaded in {load_s:.1f} s from {root}; benchmarking a random {n}")
     print(
         f"python {platform.python_version()}, tensorflow {tf.__version__}, keras {keras.__version__}, "
         f"keras-cv {keras_cv.__version__}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}, "
-        f"best of {args.repeats}"
+        f"best of {repeats}"
     )
     print("  1st call: augment_images on 64 images, the first time this preset runs (layer building + tracing)")
     print("  batched: augment_images on all images; per-image: the preset mapped over single images")
     print("  cpu/wall: process CPU time (all threads) / wall time of the reported run")
     print()
 
-    rows, problems = [], []
+
+def _presets_table(images: np.ndarray, presets: list[str], args: argparse.Namespace) -> list[str]:
+    """(a) batched and (b) per-image rates of each preset, printed; the checks that failed."""
+    rows, problems, n = [], [], len(images)
     for preset in presets:
         first_s, _, _ = timed(lambda: augment_images(images[:BATCH], preset))
         wall_b, cpu_b, out = best_of(args.repeats, lambda: augment_images(images, preset))
@@ -129,7 +123,6 @@ def main(argv: list[str] | None = None) -> int:
             problems.append(check(f"{preset} per-image", images, out))
         rows.append((preset, first_s, n / wall_b, cpu_b / wall_b, n / wall_p, cpu_p / wall_p))
         print(f"  done: {preset}", file=sys.stderr, flush=True)
-
     print(f"image presets, {n} images of 96x96, batches of {BATCH}")
     table(
         ["preset", "1st call s", "batched img/s", "cpu/wall", "per-image img/s", "cpu/wall", "per-image/batched"],
@@ -140,29 +133,46 @@ def main(argv: list[str] | None = None) -> int:
         ],
     )
     print()
+    return [problem for problem in problems if problem]
 
+
+def _mixers_table(images: np.ndarray, labels: np.ndarray, repeats: int) -> None:
+    """The batch mixers' rates, printed."""
+    mix_rows = []
+    for name in MIXERS:
+        first_s, _, _ = timed(lambda: mixed_batches(images[: 2 * BATCH], labels[: 2 * BATCH], name))
+        wall, cpu, made = best_of(repeats, lambda: mixed_batches(images, labels, name))
+        mix_rows.append((name, first_s, made, made / wall, cpu / wall))
+        print(f"  done: {name}", file=sys.stderr, flush=True)
+    print(
+        f"batch mixers (training.worker.data.mix_batch), uint8 batches of {BATCH} with one-hot labels, every batch mixed, "
+        f"best of {repeats}"
+    )
+    table(
+        ["mixer", "1st call s", "images", "img/s", "cpu/wall"],
+        [
+            ["none (no mix)" if name == "none" else name, f"{first_s:.2f}", str(made), f"{rate:.0f}", f"{load:.2f}"]
+            for name, first_s, made, rate, load in mix_rows
+        ],
+    )
+    print()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _arguments(argv)
+    pbc96 = load_pbc96()
+    if pbc96 is None:
+        return 1
+    loaded, load_s, root = pbc96
+    rng = np.random.default_rng(0)
+    pick = rng.choice(len(loaded.images), size=min(args.images, len(loaded.images)), replace=False)
+    images = np.ascontiguousarray(loaded.images[pick])
+    labels = loaded.manifest["label"].to_numpy()[pick]
+    _announce(len(loaded.images), load_s, root, len(images), images, args.repeats)
+    problems = _presets_table(images, [p for p in args.presets.split(",") if p], args)
     if not args.no_mixers:
-        mix_rows = []
-        for name in MIXERS:
-            first_s, _, _ = timed(lambda: mixed_batches(images[: 2 * BATCH], labels[: 2 * BATCH], name))
-            wall, cpu, made = best_of(args.mixer_repeats, lambda: mixed_batches(images, labels, name))
-            mix_rows.append((name, first_s, made, made / wall, cpu / wall))
-            print(f"  done: {name}", file=sys.stderr, flush=True)
-        print(
-            f"batch mixers (training.worker.data.mix_batch), uint8 batches of {BATCH} with one-hot labels, every batch mixed, "
-            f"best of {args.mixer_repeats}"
-        )
-        table(
-            ["mixer", "1st call s", "images", "img/s", "cpu/wall"],
-            [
-                ["none (no mix)" if name == "none" else name, f"{first_s:.2f}", str(made), f"{rate:.0f}", f"{load:.2f}"]
-                for name, first_s, made, rate, load in mix_rows
-            ],
-        )
-        print()
-
+        _mixers_table(images, labels, args.mixer_repeats)
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
-    problems = [p for p in problems if p]
     for problem in problems:
         print(f"check failed: {problem}")
     return 1 if problems else 0

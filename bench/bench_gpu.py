@@ -95,7 +95,7 @@ def train_model(name: str, data, device, *, batch_size: int, steps: int, epochs:
 
     from bc_pipeline.models.zoo import build_model, model_spec, set_trainable
     from bc_pipeline.training.worker.backend import precision_policy, use_jit
-    from bc_pipeline.training.worker.data import ImagePool, evaluation_batches, training_batches
+    from bc_pipeline.training.worker.data import BatchRecipe, ImagePool, evaluation_batches, training_batches
     from bc_pipeline.training.worker.fit import make_loss, make_optimizer
     from bc_pipeline.training.worker.run import input_threads
 
@@ -107,7 +107,7 @@ def train_model(name: str, data, device, *, batch_size: int, steps: int, epochs:
     set_trainable(model, "all")
     model.compile(optimizer=make_optimizer("adam", 1e-3), loss=make_loss("categorical_crossentropy"),
                   metrics=["accuracy"], jit_compile=use_jit("auto", device))  # fmt: skip
-    batches = training_batches(ImagePool([(train_x, train_y)]), num_classes=8, batch_size=batch_size, seed=0,
+    batches = training_batches(ImagePool([(train_x, train_y)]), BatchRecipe(num_classes=8, batch_size=batch_size, seed=0),
                                workers=input_threads(0))  # fmt: skip
     val = evaluation_batches(val_x, val_y, num_classes=8, batch_size=batch_size)
 
@@ -147,14 +147,13 @@ def train_model(name: str, data, device, *, batch_size: int, steps: int, epochs:
 
 def input_rate(pool, *, batch_size: int, threads: int, batch_augment: str, batches: int) -> tuple[float, float]:
     """(images/s, CPU/wall) of the worker's batches, ``threads`` building them at once as Keras' enqueuer does."""
-    from bc_pipeline.training.worker.data import _Schedule, make_batch
+    from bc_pipeline.training.worker.data import BatchRecipe, _Schedule, make_batch
 
     schedule = _Schedule(len(pool), batch_size, 0)
+    recipe = BatchRecipe(num_classes=8, batch_size=batch_size, seed=0, batch_augment=batch_augment, batch_augment_probability=0.5)
 
     def one(index: int):
-        return make_batch(pool, schedule.rows(index), np.random.default_rng(index), num_classes=8, augment=True,
-                          templates=None, template_probability=0.0, template_max_weight=0.0,
-                          batch_augment=batch_augment, batch_augment_probability=0.5)  # fmt: skip
+        return make_batch(pool, schedule.rows(index), np.random.default_rng(index), recipe)
 
     with ThreadPoolExecutor(threads) as executor:
         list(executor.map(one, range(threads)))  # warm-up

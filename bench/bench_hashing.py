@@ -64,51 +64,62 @@ def mismatches(reference: tuple[list[str], list[str]], hashes: tuple[np.ndarray,
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def _mapped_rows(images: np.ndarray, n: int, cores: int, repeats: int) -> tuple[list, tuple, tuple, float]:
+    """(e): the same images from a memory-mapped .npy, 1 and ``cores`` workers; rows, both results, the ratio."""
+    with tempfile.TemporaryDirectory() as folder:
+        np.save(Path(folder) / "images.npy", images)
+        mapped = np.load(Path(folder) / "images.npy", mmap_mode="r")
+        t_e1, mapped_serial = best_of(repeats, lambda: compute_hashes(mapped, workers=1))
+        tracemalloc.start()
+        t_e2, mapped_pooled = best_of(repeats, lambda: compute_hashes(mapped, workers=cores))
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    ratio = t_e1 / t_e2
+    rows = [("(e) memory-mapped .npy, workers=1", n, t_e1, ""),
+            (f"(e) memory-mapped .npy, workers={cores}", n, t_e2,
+             f"{ratio:.2f}x workers=1; peak {peak / 1e6 / n * 1e5:.0f} MB per 100k images here")]  # fmt: skip
+    return rows, mapped_serial, mapped_pooled, ratio
+
+
+def _print_rows(rows: list, baseline_seconds: float) -> None:
+    width = max(len(r[0]) for r in rows)
+    print()
+    print(f"{'method':<{width}}  {'images':>7}  {'best s':>8}  {'images/s':>10}  {'vs (a)':>7}  note")
+    print(f"{'-' * width}  {'-' * 7}  {'-' * 8}  {'-' * 10}  {'-' * 7}  ----")
+    for name, count, seconds, note in rows:
+        print(f"{name:<{width}}  {count:>7}  {seconds:>8.3f}  {count / seconds:>10.0f}  {baseline_seconds / seconds:>6.1f}x  {note}")
+    print()
+
+
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=None, help="benchmark only the first N images")
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement (best is reported)")
     parser.add_argument("--new-fraction", type=float, default=0.01, help="share of new images for (d)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = _arguments(argv)
     pbc96 = load_pbc96()
     if pbc96 is None:
         return 1
     loaded, load_s, root = pbc96
-    images = loaded.images
-    ids = loaded.manifest["image_id"].astype(str).to_numpy()
+    images, ids = loaded.images, loaded.manifest["image_id"].astype(str).to_numpy()
     if args.limit is not None:
         images, ids = images[: args.limit], ids[: args.limit]
-    n = len(images)
-    cores = os.cpu_count() or 1
+    n, cores = len(images), os.cpu_count() or 1
     print(f"pbc96: {len(loaded.images)} images loaded in {load_s:.1f} s from {root}; benchmarking {n}")
-    print(
-        f"python {platform.python_version()}, numpy {np.__version__}, imagehash {imagehash.__version__}, "
-        f"{cores} cores, best of {args.repeats}"
-    )
+    print(f"python {platform.python_version()}, numpy {np.__version__}, imagehash {imagehash.__version__}, "
+          f"{cores} cores, best of {args.repeats}")  # fmt: skip
 
-    rows = []
     t_a, reference = best_of(args.repeats, lambda: imagehash_loop(images))
-    rows.append(("(a) imagehash per-image loop", n, t_a, ""))
-
     t_b, serial = best_of(args.repeats, lambda: compute_hashes(images, workers=1))
-    rows.append(("(b) compute_hashes(workers=1)", n, t_b, ""))
-
     t_c, pooled = best_of(args.repeats, lambda: compute_hashes(images))
-    rows.append((f"(c) compute_hashes(workers={cores})", n, t_c, ""))
-
-    with tempfile.TemporaryDirectory() as folder:
-        np.save(Path(folder) / "images.npy", images)
-        mapped = np.load(Path(folder) / "images.npy", mmap_mode="r")
-        t_e1, mapped_serial = best_of(args.repeats, lambda: compute_hashes(mapped, workers=1))
-        rows.append(("(e) memory-mapped .npy, workers=1", n, t_e1, ""))
-        tracemalloc.start()
-        t_e2, mapped_pooled = best_of(args.repeats, lambda: compute_hashes(mapped, workers=cores))
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-        ratio = t_e1 / t_e2
-        rows.append((f"(e) memory-mapped .npy, workers={cores}", n, t_e2,
-                     f"{ratio:.2f}x workers=1; peak {peak / 1e6 / n * 1e5:.0f} MB per 100k images here"))  # fmt: skip
+    rows = [("(a) imagehash per-image loop", n, t_a, ""), ("(b) compute_hashes(workers=1)", n, t_b, ""),
+            (f"(c) compute_hashes(workers={cores})", n, t_c, "")]  # fmt: skip
+    mapped_rows, mapped_serial, mapped_pooled, ratio = _mapped_rows(images, n, cores, args.repeats)
+    rows += mapped_rows
 
     # (d): a cache holding every image except a random 1%, as after a previous run on older data.
     rng = np.random.default_rng(0)
@@ -120,26 +131,16 @@ def main(argv: list[str] | None = None) -> int:
     t_d, (cached_hashes, _, hashed) = best_of(args.repeats, lambda: hash_with_cache(images, ids, cache))
     expected_new = len(set(ids[new]) - set(ids[old]))
     rows.append((f"(d) hash_with_cache, warm, {len(new)} new", n, t_d, f"hashed {hashed}"))
+    _print_rows(rows, t_a)
 
-    width = max(len(r[0]) for r in rows)
-    print()
-    print(f"{'method':<{width}}  {'images':>7}  {'best s':>8}  {'images/s':>10}  {'vs (a)':>7}  note")
-    print(f"{'-' * width}  {'-' * 7}  {'-' * 8}  {'-' * 10}  {'-' * 7}  ----")
-    for name, count, seconds, note in rows:
-        print(f"{name:<{width}}  {count:>7}  {seconds:>8.3f}  {count / seconds:>10.0f}  {t_a / seconds:>6.1f}x  {note}")
-    print()
-
-    bad_b = mismatches(reference, serial)
-    bad_c = mismatches(reference, pooled)
-    cached = (cached_hashes["phash"].to_numpy(), cached_hashes["dhash"].to_numpy())
-    bad_d = mismatches(reference, cached)
+    bad_b, bad_c = mismatches(reference, serial), mismatches(reference, pooled)
+    bad_d = mismatches(reference, (cached_hashes["phash"].to_numpy(), cached_hashes["dhash"].to_numpy()))
     bad_e = mismatches(reference, mapped_serial) + mismatches(reference, mapped_pooled)
     print(f"(b) equals (a) bit for bit: {bad_b == 0} ({bad_b} of {n} images differ)")
     print(f"(c) equals (a) bit for bit: {bad_c == 0} ({bad_c} of {n} images differ)")
     print(f"(d) equals (a) bit for bit: {bad_d == 0}; hashed {hashed} (expected {expected_new} new unique ids)")
     print(f"(e) equals (a) bit for bit: {bad_e == 0}; scaling 1 -> {cores} processes: {ratio:.2f}x (target 1.8x on 2)")
-    ok = bad_b == bad_c == bad_d == bad_e == 0 and hashed == expected_new
-    return 0 if ok else 1
+    return 0 if bad_b == bad_c == bad_d == bad_e == 0 and hashed == expected_new else 1
 
 
 if __name__ == "__main__":  # required: compute_hashes starts "spawn" worker processes

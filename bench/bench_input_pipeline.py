@@ -39,9 +39,9 @@ PUBLISHED_EFFECTIVE_TFLOPS = 170.0
 def training_rate(model, pool, batch_size: int, steps: int, repeats: int) -> float:
     import keras
 
-    from bc_pipeline.training.worker.data import feed, training_batches
+    from bc_pipeline.training.worker.data import BatchRecipe, feed, training_batches
 
-    made = training_batches(pool, num_classes=8, batch_size=batch_size, seed=0)
+    made = training_batches(pool, BatchRecipe(num_classes=8, batch_size=batch_size, seed=0))
     cached = [made[i] for i in range(steps)]
 
     class Cached(keras.utils.PyDataset):

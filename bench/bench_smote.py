@@ -180,7 +180,7 @@ def gib(value: float | None) -> str:
     return "-" if value is None else f"{value / GIB:.2f}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-class-only", action="store_true", help="run only the library's per-class SMOTE")
     parser.add_argument("--no-float64", action="store_true", help="skip the naive float64 variant")
@@ -190,36 +190,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child-timeout", type=float, default=1800, help="seconds before a variant is given up")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.child:
-        return child(args.child, args.data, not args.no_tracemalloc)
+    return parser.parse_args(argv)
 
-    root = shared_datasets_dir() / "pbc96"
-    if not root.is_dir():
-        print(f"error: {root} not found (set BC_SHARED_DATASETS)", file=sys.stderr)
-        return 1
-    from bc_pipeline.ingest.loaders import load_folder
 
-    start = time.perf_counter()
-    loaded = load_folder(root)
-    load_s = time.perf_counter() - start
-    images, labels = loaded.images, loaded.manifest["label"].to_numpy().astype(np.int64)
-    if args.limit is not None and args.limit < len(images):
-        pick = np.sort(np.random.default_rng(0).choice(len(images), size=args.limit, replace=False))
-        images, labels = images[pick], labels[pick]
-    n, features = len(images), int(np.prod(images.shape[1:]))
-    goal = target_counts(labels, NUM_CLASSES)
-    before = np.bincount(labels, minlength=NUM_CLASSES)
-
+def _announce(loaded_count: int, load_s: float, root: Path, labels: np.ndarray, features: int, repeats: int) -> None:
     import imblearn
     import sklearn
 
-    print(f"pbc96: {len(loaded.images)} images loaded in {load_s:.1f} s from {root}; SMOTE on {n}")
+    n, goal, before = len(labels), target_counts(labels, NUM_CLASSES), np.bincount(labels, minlength=NUM_CLASSES)
+    print(f"pbc96: {loaded_count} images loaded in {load_s:.1f} s from {root}; SMOTE on {n}")
     print(
         f"python {platform.python_version()}, numpy {np.__version__}, imbalanced-learn {imblearn.__version__}, "
         f"scikit-learn {sklearn.__version__}, {os.cpu_count()} cores, "
         f"{gib(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'))} GiB RAM "
-        f"({gib(mem_available_bytes())} GiB available), best of {args.repeats}"
+        f"({gib(mem_available_bytes())} GiB available), best of {repeats}"
     )
     print(f"class counts {before.tolist()} -> {goal.tolist()} ({int(goal.sum() - n)} synthetic), k={NEIGHBORS}")
     for name, itemsize in (("uint8", 1), ("float32", 4), ("float64", 8)):
@@ -229,43 +213,38 @@ def main(argv: list[str] | None = None) -> int:
         )
     print()
 
-    variants = list(VARIANTS)
-    if args.per_class_only:
-        variants = ["per-class"]
-    elif args.no_float64:
-        variants.remove("naive-float64")
-    results = {}
-    with tempfile.TemporaryDirectory(prefix="bench_smote_") as tmp:
-        np.save(Path(tmp) / "images.npy", images)
-        np.save(Path(tmp) / "labels.npy", labels)
-        for variant in variants:
-            runs = []
-            for _ in range(args.repeats):
-                if variant.startswith("naive"):
-                    # Input copy + the stacked resampled matrix + one class's float64 temporaries.
-                    itemsize = 8 if variant.endswith("64") else 4
-                    need = (n + goal.sum()) * features * itemsize + (goal - before).max() * features * 16
-                    available = mem_available_bytes()
-                    if available is not None and need > available:
-                        runs.append({"variant": variant, "error": f"not run: needs ~{gib(need)} GiB, "
-                                     f"{gib(available)} GiB available"})  # fmt: skip
-                        break
-                run = run_child(variant, Path(tmp), not args.no_tracemalloc, args.child_timeout)
-                runs.append(run)
-                done = f"{run['seconds']:.1f} s" if "seconds" in run else run.get("error")
-                print(f"  {variant}: {done}", file=sys.stderr, flush=True)
-                if "error" in run:
-                    break
-            good = [r for r in runs if "error" not in r]
-            if good:
-                best = min(good, key=lambda r: r["seconds"])
-                best["peak_bytes"] = max(r["peak_bytes"] for r in good)
-                if all("traced_peak_bytes" in r for r in good):
-                    best["traced_peak_bytes"] = max(r["traced_peak_bytes"] for r in good)
-                results[variant] = best
-            else:
-                results[variant] = runs[-1]
 
+def _runs_of(variant: str, data: Path, labels: np.ndarray, features: int, args: argparse.Namespace) -> dict:
+    """The best of ``args.repeats`` child runs of ``variant`` (peaks over all of them), or the failed run."""
+    n, goal, before = len(labels), target_counts(labels, NUM_CLASSES), np.bincount(labels, minlength=NUM_CLASSES)
+    runs = []
+    for _ in range(args.repeats):
+        if variant.startswith("naive"):
+            # Input copy + the stacked resampled matrix + one class's float64 temporaries.
+            itemsize = 8 if variant.endswith("64") else 4
+            need = (n + goal.sum()) * features * itemsize + (goal - before).max() * features * 16
+            available = mem_available_bytes()
+            if available is not None and need > available:
+                runs.append({"variant": variant, "error": f"not run: needs ~{gib(need)} GiB, {gib(available)} GiB available"})
+                break
+        run = run_child(variant, data, not args.no_tracemalloc, args.child_timeout)
+        runs.append(run)
+        done = f"{run['seconds']:.1f} s" if "seconds" in run else run.get("error")
+        print(f"  {variant}: {done}", file=sys.stderr, flush=True)
+        if "error" in run:
+            break
+    good = [r for r in runs if "error" not in r]
+    if not good:
+        return runs[-1]
+    best = min(good, key=lambda r: r["seconds"])
+    best["peak_bytes"] = max(r["peak_bytes"] for r in good)
+    if all("traced_peak_bytes" in r for r in good):
+        best["traced_peak_bytes"] = max(r["traced_peak_bytes"] for r in good)
+    return best
+
+
+def _report(results: dict, variants: list[str], goal: np.ndarray) -> list[str]:
+    """The results table, printed; the problems found."""
     rows, problems = [], []
     base = results.get("per-class")
     for variant in variants:
@@ -282,15 +261,40 @@ def main(argv: list[str] | None = None) -> int:
             VARIANTS[variant], f"{r['seconds']:.1f}", vs, gib(r["peak_bytes"]),
             gib(r.get("traced_peak_bytes")), gib(r["baseline_bytes"]), "ok" if ok else "WRONG",
         ])  # fmt: skip
-    table(
-        ["variant", "time s", "vs (a)", "peak RSS GiB", "tracemalloc GiB", "baseline GiB", "counts"],
-        rows,
-    )
+    table(["variant", "time s", "vs (a)", "peak RSS GiB", "tracemalloc GiB", "baseline GiB", "counts"], rows)
     print()
     print("peak RSS: the child's peak resident memory (VmHWM, reset once the uint8 images are loaded) minus")
     print("its resident memory at that point (baseline: interpreter, imports, uint8 images); ru_maxrss is not")
     print("used as Linux carries the parent's peak into the child. tracemalloc: peak of the allocations")
     print("Python and numpy report (not BLAS's or scikit-learn's native buffers).")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _arguments(argv)
+    if args.child:
+        return child(args.child, args.data, not args.no_tracemalloc)
+    root = shared_datasets_dir() / "pbc96"
+    if not root.is_dir():
+        print(f"error: {root} not found (set BC_SHARED_DATASETS)", file=sys.stderr)
+        return 1
+    from bc_pipeline.ingest.loaders import load_folder
+
+    start = time.perf_counter()
+    loaded = load_folder(root)
+    load_s = time.perf_counter() - start
+    images, labels = loaded.images, loaded.manifest["label"].to_numpy().astype(np.int64)
+    if args.limit is not None and args.limit < len(images):
+        pick = np.sort(np.random.default_rng(0).choice(len(images), size=args.limit, replace=False))
+        images, labels = images[pick], labels[pick]
+    features = int(np.prod(images.shape[1:]))
+    _announce(len(loaded.images), load_s, root, labels, features, args.repeats)
+    variants = ["per-class"] if args.per_class_only else [v for v in VARIANTS if not (args.no_float64 and v == "naive-float64")]
+    with tempfile.TemporaryDirectory(prefix="bench_smote_") as tmp:
+        np.save(Path(tmp) / "images.npy", images)
+        np.save(Path(tmp) / "labels.npy", labels)
+        results = {variant: _runs_of(variant, Path(tmp), labels, features, args) for variant in variants}
+    problems = _report(results, variants, target_counts(labels, NUM_CLASSES))
     for problem in problems:
         print(f"problem: {problem}")
     return 1 if problems else 0

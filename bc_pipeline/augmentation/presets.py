@@ -36,11 +36,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 
+from bc_pipeline.core.settings import declare
 from bc_pipeline.core.storage import fingerprint, save_npy
 
 VALUE_RANGE = (0, 255)
@@ -72,6 +73,9 @@ PRESETS: dict[str, Preset] = {
 }
 IMAGE_PRESETS: tuple[str, ...] = tuple(name for name, p in PRESETS.items() if p.level == "image")
 BATCH_PRESETS: tuple[str, ...] = tuple(name for name, p in PRESETS.items() if p.level == "batch")
+
+
+ImagePreset = Literal[IMAGE_PRESETS]  # type: ignore[valid-type]
 
 
 def check_image_preset(name: str) -> None:
@@ -412,6 +416,44 @@ def make_augmenter(preset: str, *, seed: int = 0, batch_size: int = 64) -> Calla
 def augment_images(images: np.ndarray, preset: str, *, seed: int = 0, batch_size: int = 64) -> np.ndarray:
     """Augment one array with ``preset`` (see :func:`make_augmenter`, which to prefer for many arrays)."""
     return make_augmenter(preset, seed=seed, batch_size=batch_size)(images)
+
+
+@dataclass(frozen=True)
+class AugmentSettings:
+    """Which presets make the stored training copies, and how many (the ``augmented_train_set`` asset's config)."""
+
+    policy: ImagePreset = declare("light", "Augmentation preset (see augmentation/presets.py).")
+    mix: tuple[str, ...] = declare(
+        (), "Presets taken in turn, copy k by mix[k % len(mix)], for more variety per epoch (empty: every copy by policy)."
+    )
+    copies: int = declare(1, "Augmented copies K of the balanced set; 0 stores none.", ge=0, le=64)
+    shard_size: int = declare(4096, "Images per .npy shard.", ge=64)
+    seed: int = declare(0)
+
+    def __post_init__(self) -> None:
+        for name in (self.policy, *self.mix):
+            check_image_preset(name)
+
+    def policies(self) -> list[str]:
+        """The preset of each stored copy, in order."""
+        return [self.mix[copy % len(self.mix)] if self.mix else self.policy for copy in range(self.copies)]
+
+
+@dataclass(frozen=True)
+class PerturbSettings:
+    """Which presets perturb the validation and test splits (the ``robustness_eval_sets`` asset's config)."""
+
+    policies: tuple[str, ...] = declare(
+        IMAGE_PRESETS, "Image presets (the training families) applied to the val and test splits; the headline robust "
+        "number is the corruption suite's, which no preset makes.",
+    )  # fmt: skip
+    seed: int = declare(1)
+
+    def __post_init__(self) -> None:
+        for name in self.policies:
+            check_image_preset(name)
+        if len(set(self.policies)) != len(self.policies):
+            raise ValueError(f"policies repeat a name: {list(self.policies)}")
 
 
 SHARD_COLUMNS = ["file", "labels_file", "copy", "part", "policy", "start", "count"]

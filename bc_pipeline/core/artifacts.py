@@ -50,15 +50,6 @@ class ImageSet:
 
 
 @dataclass
-class TrainedModel:
-    """A fitted Keras model, its per-epoch history and facts about the run (stored as a model folder)."""
-
-    model: Any
-    history: pd.DataFrame
-    info: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
 class ShardSet:
     """Image shards on disk: ``manifest`` has one row per shard (file, labels_file, copy, policy, count).
 
@@ -82,34 +73,14 @@ class ShardSet:
 
 @dataclass
 class ModelFolder:
-    """A trained model the worker wrote as files (model.keras, history.parquet, info.json).
+    """A trained model as the worker wrote it: a folder of files (model.keras, history.parquet, info.json).
 
-    Stored by moving the folder into place, so the Dagster process never loads Keras to save it;
-    read back as a :class:`TrainedModel`.
+    Stored by moving the folder into place and read back as a folder again, so neither storing nor
+    reading one loads Keras: :mod:`bc_pipeline.training.model_folder` knows what the files hold
+    and loads the model when a stage needs it.
     """
 
     directory: Path
-
-
-def read_model_folder(folder: Path) -> tuple[dict[str, Any], pd.DataFrame]:
-    """(info, history) of a model folder, without loading the model (no Keras)."""
-    folder = Path(folder)
-    for required in ("model.keras", "info.json", "history.parquet"):
-        if not (folder / required).is_file():
-            raise ArtifactNotFoundError(f"{folder}: {required} is missing; the training worker did not complete")
-    return json.loads((folder / "info.json").read_text()), pd.read_parquet(folder / "history.parquet")
-
-
-def training_metadata(spec: Any, info: dict[str, Any], history: pd.DataFrame) -> dict[str, Any]:
-    """The facts of a training run shown on the asset page (the history table is added by the asset)."""
-    best = history.loc[history["epoch"] == info["best_epoch"]].iloc[0]
-    keys = ("backend", "device", "dtype_policy", "parameters", "epochs_run", "best_epoch", "train_seconds",
-            "worker_seconds", "resumed_from_epoch", "pool_images", "augmented_shards", "augmentation_templates")  # fmt: skip
-    return {
-        "model": spec.name, "backbone": spec.backbone, "image_size": spec.image_size, "weights": spec.weights,
-        **{key: info.get(key) for key in keys}, "phases": len(info["phases"]),
-        "best_val_accuracy": round(float(best["val_accuracy"]), 4), "class_weighted": info.get("class_weight") is not None,
-    }  # fmt: skip
 
 
 class ArtifactNotFoundError(FileNotFoundError):
@@ -131,13 +102,6 @@ def write_artifact(base: Path, value: Any) -> Path:
                 table.to_parquet(tmp / f"{name}.parquet", engine="pyarrow", index=False)
             if value.class_names:
                 (tmp / "class_names.json").write_text(json.dumps(list(value.class_names)))
-        return base
-    if isinstance(value, TrainedModel):
-        with atomic_path(base) as tmp:
-            tmp.mkdir()
-            value.model.save(tmp / "model.keras")
-            value.history.to_parquet(tmp / "history.parquet", engine="pyarrow", index=False)
-            (tmp / "info.json").write_text(json.dumps(value.info, indent=2, default=str))
         return base
     if isinstance(value, ModelFolder):
         if not (Path(value.directory) / "model.keras").is_file():
@@ -178,16 +142,7 @@ def read_artifact(base: Path, *, what: str = "artifact") -> Any:
     if (base / "shards.parquet").is_file():
         return ShardSet(directory=base, manifest=read(base / "shards.parquet", pd.read_parquet))
     if (base / "model.keras").is_file():
-        import keras
-
-        return TrainedModel(
-            # compile=False: the pipeline only predicts with a stored model, and a model compiled
-            # for XLA on JAX would otherwise be XLA-compiled here too, where TensorFlow's XLA has no
-            # kernel for the antialiased resize every zoo model starts with.
-            model=read(base / "model.keras", lambda p: keras.saving.load_model(p, compile=False)),
-            history=read(base / "history.parquet", pd.read_parquet),
-            info=read(base / "info.json", _load_json),
-        )
+        return ModelFolder(base)
     for suffix, reader in ((".parquet", pd.read_parquet), (".npy", _load_npy), (".json", _load_json)):
         if base.with_suffix(suffix).is_file():
             return read(base.with_suffix(suffix), reader)

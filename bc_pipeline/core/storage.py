@@ -59,6 +59,20 @@ def write_atomic(path: Path, writer: Callable[[Path], None]) -> Path:
     return Path(path)
 
 
+def save_via_temp(path: Path, save: Callable[[Path], Any]) -> None:
+    """Save through a temporary sibling and rename it into place.
+
+    Keras picks the format from the suffix, so the temporary name keeps it (``.name.1a2b.keras``).
+    """
+    suffix = "".join(path.suffixes)
+    tmp = path.with_name(f".{path.name.removesuffix(suffix)}.{uuid.uuid4().hex[:8]}{suffix}")
+    try:
+        save(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def save_npy(path: Path, array: np.ndarray) -> Path:
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:

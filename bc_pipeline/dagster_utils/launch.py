@@ -1,5 +1,5 @@
-"""Where the training worker runs: its command line, the Kubernetes pod and Docker container around it,
-and what to tell the user when it fails. Plain data; the Dagster resource hands it to a Pipes client.
+"""Where the training worker runs: its command line, and the Kubernetes pod and Docker container around
+it. Plain data; the ``TrainingWorker`` resource hands it to a Pipes client.
 
 - ``subprocess``: a child process on this machine (its CPU or GPU), ``PipesSubprocessClient``;
 - ``docker``: a container of the worker image with the data directory bind-mounted and the GPUs
@@ -16,9 +16,6 @@ a subprocess.
 
 from __future__ import annotations
 
-import json
-import re
-import signal
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -115,46 +112,3 @@ def docker_container_kwargs(*, data_root: Path, mount: str, gpus: int) -> dict[s
 
         kwargs["device_requests"] = [DeviceRequest(count=gpus, capabilities=[["gpu"]])]
     return kwargs
-
-
-def describe_failure(
-    model: str, error: BaseException, *, failure_file: Path, checkpoint_dir: Path | None, launcher: str
-) -> str:
-    """One paragraph for the failed asset: what happened to the worker, why if known, what to do."""
-    text = str(error)
-    code = _exit_code(text)
-    if code is not None and code < 0:
-        name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else f"signal {-code}"
-        what = f"the training worker of {model} was killed by {name}"
-        if -code == signal.SIGKILL:
-            what += " (out of memory, or killed by hand or by the scheduler)"
-    elif code == 3:
-        what = f"the training worker of {model} could not start"
-    else:
-        what = f"the training worker of {model} failed ({launcher}: {text.strip().splitlines()[0] if text.strip() else type(error).__name__})"
-    recorded = failure_file.read_text().strip() if failure_file.is_file() else ""
-    reason = recorded.splitlines()[0] if recorded else ""
-    lines = [what + (f": {reason}" if reason else "") + "."]
-    if len(recorded.splitlines()) > 1:
-        lines.append(f"The worker's traceback is in {failure_file}.")
-    resume = checkpoint_state(checkpoint_dir)
-    if resume:
-        lines.append(f"Its checkpoint after epoch {resume['epochs_done']} is kept in {checkpoint_dir}: "
-                     "materialize trained_model again to resume from it.")  # fmt: skip
-    elif checkpoint_dir is not None and code != 3:
-        lines.append("No epoch had completed, so there is no checkpoint to resume from.")
-    return " ".join(lines)
-
-
-def checkpoint_state(checkpoint_dir: Path | None) -> dict[str, Any] | None:
-    if checkpoint_dir is None or not (Path(checkpoint_dir) / "state.json").is_file():
-        return None
-    try:
-        return json.loads((Path(checkpoint_dir) / "state.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _exit_code(text: str) -> int | None:
-    match = re.search(r"code (-?\d+)", text)
-    return int(match.group(1)) if match else None

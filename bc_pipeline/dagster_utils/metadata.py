@@ -9,6 +9,9 @@ import pandas as pd
 from bc_pipeline.core.plots import markdown_image
 from bc_pipeline.core.storage import save_bytes
 
+# Metadata keys more than one module reads or writes, named once.
+ARTIFACT_PATH = "artifact_path"  # where the IO manager stored an output (defs/resources.py writes it, reuse.py reads it)
+
 _TYPES = {"i": "int", "u": "int", "f": "float", "b": "bool"}
 
 

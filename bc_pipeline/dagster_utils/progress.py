@@ -1,21 +1,31 @@
-"""A few readable lines per run, read back from the instance's event log.
+"""Progress as structured events, from the training worker to the terminal, and a few readable lines per run.
 
 Why: Dagster's console logger prints every event at DEBUG (about 500 lines for ``make run``); the
 user wants to see which stage runs, what it produced, how training goes, and what failed. So
 ``bc_pipeline.run`` sends the full log to a file and prints what :class:`RunProgress` makes of the
 events it finds in the instance: one line per stage start and end with its key figure, one per
-epoch of a training, one per failed check, warnings and errors in full, one per run end.
+event of a training (ready, resumed, each epoch), one per failed check, warnings and errors in
+full, one per run end.
+
+A training's events travel typed end to end: the worker sends each
+:class:`~bc_pipeline.training.events.WorkerEvent` as a Pipes custom message; :func:`relaying` hands
+it to the asset the moment it arrives (Dagster itself returns custom messages only when the
+process ends), :func:`record_worker_event` puts it in the run's event log as an engine event whose
+metadata are the event's values, and :class:`RunProgress` rebuilds the event from that metadata.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
+from typing import Any
 
 import dagster as dg
 
 from bc_pipeline.dagster_utils.runs import owner_tags
+from bc_pipeline.training.events import EVENT_KEY, WorkerEvent
 
 # The figures a stage's end line shows: the first MAX_FIGURES of these its materialization records
 # (in this order), else its first number.
@@ -26,7 +36,7 @@ KEY_FIGURES = (
 )  # fmt: skip
 MAX_FIGURES = 3
 SLOW_STEP_SECONDS = 2.0  # a stage running longer than this gets a start line too
-_EPOCH_PREFIXES = ("epoch ", "worker ready", "resuming ", "discarding ")
+SHOWN_EVENTS = ("ready", "resumed", "discarded", "epoch")  # a training's events that get a line (its end line has its figures)
 _RUN_ENDS = {"PIPELINE_SUCCESS": "succeeded", "PIPELINE_FAILURE": "failed", "PIPELINE_CANCELED": "was canceled"}
 
 
@@ -91,14 +101,16 @@ class RunProgress:
         """The readable lines of one event log entry (most give none)."""
         event, step, at = entry.dagster_event, entry.step_key, entry.timestamp
         if event is None:  # a log message of a stage
-            message = entry.user_message.strip()
             if entry.level >= 30:
-                yield self._line(at, f"  {step or ''} {'ERROR' if entry.level >= 40 else 'warning'}: {message}")
-            elif step and message.startswith(_EPOCH_PREFIXES):
-                yield self._line(at, f"    {step} {message}")
+                level = "ERROR" if entry.level >= 40 else "warning"
+                yield self._line(at, f"  {step or ''} {level}: {entry.user_message.strip()}")
             return
         kind = event.event_type_value
-        if kind == "STEP_START":
+        if kind == "ENGINE_EVENT":
+            worker_event = worker_event_of(event)
+            if worker_event is not None and worker_event.kind in SHOWN_EVENTS:
+                yield self._line(at, f"    {step} {worker_event.text()}")
+        elif kind == "STEP_START":
             self._running[step] = at
         elif kind == "ASSET_MATERIALIZATION":
             self._figures[step] = key_figures(event.event_specific_data.materialization.metadata)
@@ -126,3 +138,55 @@ class RunProgress:
     @staticmethod
     def _line(at: float, text: str) -> str:
         return f"{datetime.fromtimestamp(at):%H:%M:%S} {text}"
+
+
+def record_worker_event(context: dg.AssetExecutionContext, event: WorkerEvent) -> None:
+    """``event`` in the run's event log: an engine event of the step, its line as message, its values as metadata.
+
+    An engine event, because it is the one kind of event a step can log with metadata that is
+    neither an asset event nor a check (Dagster's own Pipes handler logs the worker's exceptions so).
+    """
+    from dagster._core.events import DagsterEvent, EngineEventData
+
+    step = context.get_step_execution_context()
+    DagsterEvent.engine_event(step, event.text(), EngineEventData(metadata=event.to_message()))
+
+
+def worker_event_of(event: dg.DagsterEvent) -> WorkerEvent | None:
+    """The worker event an engine event carries (see :func:`record_worker_event`), else None."""
+    metadata = getattr(event.event_specific_data, "metadata", None) or {}
+    if EVENT_KEY not in metadata:
+        return None
+    return WorkerEvent.from_message({key: getattr(value, "value", value) for key, value in metadata.items()})
+
+
+def relaying(reader: dg.PipesMessageReader, on_message: Callable[[Any], None]) -> dg.PipesMessageReader:
+    """``reader``, each custom message of which also goes to ``on_message`` the moment it arrives.
+
+    Every Pipes reader hands each message to its handler; the handler is wrapped on the way in,
+    as Dagster's own composite reader wraps it for each of its children.
+    """
+    read_messages = reader.read_messages
+
+    @contextmanager
+    def relayed(handler: Any) -> Iterator[Any]:
+        with read_messages(_Relay(handler, on_message)) as params:
+            yield params
+
+    reader.read_messages = relayed  # type: ignore[method-assign]
+    return reader
+
+
+class _Relay:
+    """A Pipes message handler seen through, with custom messages passed on as they are handled."""
+
+    def __init__(self, handler: Any, on_message: Callable[[Any], None]) -> None:
+        self._handler, self._on_message = handler, on_message
+
+    def handle_message(self, message: dict[str, Any]) -> None:
+        self._handler.handle_message(message)
+        if message.get("method") == "report_custom_message":
+            self._on_message((message.get("params") or {}).get("payload"))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handler, name)

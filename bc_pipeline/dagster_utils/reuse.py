@@ -22,6 +22,7 @@ from typing import Any
 import dagster as dg
 
 from bc_pipeline.core.storage import fingerprint
+from bc_pipeline.dagster_utils.metadata import ARTIFACT_PATH
 
 REUSE_KEY = "reuse_key"
 
@@ -42,7 +43,7 @@ def unchanged_stored_output(context: dg.AssetExecutionContext, key: str) -> Path
     if event is None or event.asset_materialization is None:
         return None
     stored = event.asset_materialization.metadata
-    recorded, path = stored.get(REUSE_KEY), stored.get("artifact_path")
+    recorded, path = stored.get(REUSE_KEY), stored.get(ARTIFACT_PATH)
     if recorded is None or recorded.value != key or path is None:
         return None
     return Path(path.value) if Path(path.value).exists() else None

@@ -9,9 +9,10 @@ schemas derived from the library's settings so that each setting is declared onc
   does. Folding a short fingerprint of the defaults into ``code_version`` makes Dagster see it the
   same way: the stage and what depends on it are marked changed and rerun, and nothing upstream is.
   Contributors still bump the leading number by hand whenever a stage's logic changes its output.
-- :func:`config_from_dataclass`: a Dagster ``Config`` class whose fields, types, defaults, bounds
-  and descriptions are those of a frozen settings dataclass of ``lib/`` or ``worker/`` (bounds and
-  descriptions in each field's ``metadata``), so the library's schema is the only one.
+- :class:`SettingsConfig` and :func:`setting`: every stage's Dagster ``Config`` is a class whose
+  fields are declared one by one with their types, each taking its default, bounds and
+  description from the library's settings dataclass (in the field's ``metadata``), so the
+  library declares each setting once and an editor can follow any field to it.
 """
 
 from __future__ import annotations
@@ -19,10 +20,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import sys
-import typing
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import dagster as dg
 import pydantic
@@ -55,65 +54,50 @@ def with_config(code_version: str, config_class: type[dg.Config]) -> str:
     return f"{code_version}.cfg-{hashlib.blake2b(text.encode(), digest_size=4).hexdigest()}"
 
 
-def config_from_dataclass(
-    settings_class: type,
-    *,
-    name: str | None = None,
-    base: type[dg.Config] = dg.Config,
-    nested: Mapping[str, type[dg.Config]] | None = None,
-    exclude: tuple[str, ...] = (),
-    doc: str | None = None,
-) -> type[dg.Config]:
-    """A ``Config`` class mirroring ``settings_class``'s fields (see the module docstring).
+def setting(settings_class: type, name: str, **changes: Any) -> Any:
+    """The pydantic field of config field ``name``: the default, bounds and description that
+    ``settings_class`` (a frozen dataclass of the library) declares for its field of that name.
 
-    ``nested`` maps a field holding a tuple of settings dataclasses (``phases``) to the Config class
-    of one item: the field becomes a list of those. ``base`` adds fields and methods of the asset's
-    own (model overrides, say); ``exclude`` leaves fields out.
+    A tuple default becomes a list (a config's sequences are lists); ``changes`` adds to or
+    replaces the field's arguments. An unknown ``name`` fails when the module loads.
     """
-    nested = dict(nested or {})
-    hints = typing.get_type_hints(settings_class)
-    fields: dict[str, Any] = {}
-    for field in dataclasses.fields(settings_class):
-        if field.name in exclude:
-            continue
-        arguments = {key: field.metadata[key] for key in _FIELD_ARGUMENTS if key in field.metadata}
-        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
-        hint = hints[field.name]
-        if field.name in nested:
-            hint, default = list[nested[field.name]], []
-        elif typing.get_origin(hint) is tuple:  # a frozen dataclass's tuple is a config's list
-            hint, default = list[typing.get_args(hint)[0]], list(default)
-        fields[field.name] = (hint, pydantic.Field(default=default, **arguments))
-    module = sys._getframe(1).f_globals["__name__"]  # the defining module, for Dagster's messages and the docs
-    model = pydantic.create_model(name or settings_class.__name__ + "Config", __base__=base, __module__=module, **fields)
-    model.__doc__ = doc or f"Dagster config of :class:`{settings_class.__module__}.{settings_class.__name__}` (its fields' docs say why)."
-    return model
-
-
-def overrides_of(settings_class: type, names: tuple[str, ...], *, name: str) -> type[dg.Config]:
-    """A ``Config`` of optional overrides of some fields of ``settings_class`` (default ``None``: keep its value).
-
-    Types, bounds and descriptions are the dataclass's; each description is marked "Override:".
-    """
-    hints = typing.get_type_hints(settings_class)
     found = {field.name: field for field in dataclasses.fields(settings_class)}
-    fields: dict[str, Any] = {}
-    for key in names:
-        arguments = {k: found[key].metadata[k] for k in _FIELD_ARGUMENTS if k in found[key].metadata}
-        arguments["description"] = "Override: " + arguments.get("description", key)
-        # Dagster config has no optional Literal: an override of one is a string, checked where it is used.
-        hint = str if typing.get_origin(hints[key]) is typing.Literal else hints[key]
-        fields[key] = (hint | None, pydantic.Field(default=None, **arguments))
-    return pydantic.create_model(name, __base__=dg.Config, __module__=sys._getframe(1).f_globals["__name__"], **fields)
+    if name not in found:
+        raise KeyError(f"{settings_class.__name__} has no setting {name!r}")
+    field = found[name]
+    default = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
+    arguments = {key: field.metadata[key] for key in _FIELD_ARGUMENTS if key in field.metadata}
+    return pydantic.Field(default=list(default) if isinstance(default, tuple) else default, **{**arguments, **changes})
 
 
-def to_dataclass(config: dg.Config, settings_class: type, **nested: type) -> Any:
-    """The ``settings_class`` instance a config of :func:`config_from_dataclass` describes.
+def override(settings_class: type, name: str) -> Any:
+    """An optional config field that overrides ``settings_class``'s field ``name`` (default None: keep it)."""
+    found = {field.name: field for field in dataclasses.fields(settings_class)}
+    description = found[name].metadata.get("description", name)
+    bounds = {key: found[name].metadata[key] for key in ("ge", "gt", "le", "lt") if key in found[name].metadata}
+    return pydantic.Field(default=None, description=f"Override: {description}", **bounds)
 
-    ``nested`` names the item dataclass of each nested list field (``phases=Phase``).
+
+class SettingsConfig(dg.Config):
+    """A stage's Dagster config that mirrors a settings dataclass of the library, field by field.
+
+    Each field is declared here with its type and ``= setting(Settings, "name")``, so an editor
+    follows ``config.epochs`` to its declaration and on to the dataclass that holds its default,
+    bounds and description: the one place each setting is declared. :meth:`settings` returns that
+    dataclass. ``bc_pipeline_tests/test_configs.py`` checks that no dataclass field is missing.
     """
-    names = {field.name for field in dataclasses.fields(settings_class)}
-    values = {key: value for key, value in config.model_dump().items() if key in names}
-    for key, item_class in nested.items():
-        values[key] = tuple(item_class(**item) for item in values.get(key, ()))
-    return settings_class(**values)
+
+    settings_class: ClassVar[type]
+    internal: ClassVar[tuple[str, ...]] = ()  # dataclass fields a run cannot set (left at their defaults)
+
+    @pydantic.model_validator(mode="after")
+    def _library_accepts(self) -> SettingsConfig:
+        """The library's own checks (``__post_init__`` of the dataclass) run when the config is validated."""
+        self.settings()
+        return self
+
+    def settings(self) -> Any:
+        """The library's settings dataclass with this config's values (lists become tuples)."""
+        names = {field.name for field in dataclasses.fields(self.settings_class)}
+        values = {key: value for key, value in self.model_dump().items() if key in names}
+        return self.settings_class(**{key: tuple(v) if isinstance(v, list) else v for key, v in values.items()})

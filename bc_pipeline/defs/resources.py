@@ -37,6 +37,7 @@ from bc_pipeline.core.artifacts import PartitionedArtifacts, read_artifact, writ
 from bc_pipeline.core.chunks import every_tenth
 from bc_pipeline.core.classes import CLASS_NAMES
 from bc_pipeline.core.processes import fresh_folder
+from bc_pipeline.dagster_utils.metadata import ARTIFACT_PATH
 from bc_pipeline.ingest.bloodmnist import BLOODMNIST_FILENAME, fetch_bloodmnist
 from bc_pipeline.ingest.loaders import LoadedImages, load_source
 
@@ -185,30 +186,34 @@ class TrainingWorker(dg.ConfigurableResource):
     node_selector: dict[str, str] = {}
     env: dict[str, str] = {}
 
-    def run(self, context: dg.AssetExecutionContext, spec_path: Path, data_root: Path) -> list[dict]:
-        """Run the worker on ``spec_path`` to completion; the custom messages it sent (epochs, summary)."""
+    def run(self, context: dg.AssetExecutionContext, spec_path: Path, data_root: Path, on_message: Callable[[Any], None]) -> None:
+        """Run the worker on ``spec_path`` to completion; each custom message (a worker event) goes to
+        ``on_message`` as it arrives (``dagster_utils.progress.relaying``)."""
         from bc_pipeline.dagster_utils import launch
+        from bc_pipeline.dagster_utils.progress import relaying
 
         # The backend and device travel in the spec; the environment only re-roots its paths in a container.
         if self.launcher == "subprocess":
             command = launch.worker_command(self.python or sys.executable, str(spec_path))
-            invocation = dg.PipesSubprocessClient().run(command=command, context=context, env=dict(self.env))
-            return invocation.get_custom_messages()
+            client = dg.PipesSubprocessClient(message_reader=relaying(dg.PipesTempFileMessageReader(), on_message))
+            client.run(command=command, context=context, env=dict(self.env))
+            return
         env = {**self.env, "BC_WORKER_DATA_DIR": self.data_mount}
         command = launch.worker_command("python", launch.path_in_container(spec_path, data_root, self.data_mount))
         if self.launcher == "docker":
-            client = _import_client("docker", "dagster_docker", "PipesDockerClient")()
+            reader = relaying(_import_client("docker", "dagster_docker", "PipesDockerLogsMessageReader")(), on_message)
+            client = _import_client("docker", "dagster_docker", "PipesDockerClient")(message_reader=reader)
             kwargs = launch.docker_container_kwargs(data_root=data_root, mount=self.data_mount, gpus=self.gpus)
-            invocation = client.run(context=context, image=self.image, command=command, env=env, container_kwargs=kwargs)
-        else:
-            pod_spec = launch.k8s_pod_spec(gpus=self.gpus, volume_claim=self.data_volume_claim, mount=self.data_mount,
-                                           node_selector=self.node_selector)  # fmt: skip
-            client = _import_client("k8s", "dagster_k8s", "PipesK8sClient")()
-            invocation = client.run(
-                context=context, image=self.image, command=command, env=env, namespace=self.namespace or None,
-                base_pod_spec=pod_spec, base_pod_meta={"labels": {"app.kubernetes.io/name": "bc-pipeline-trainer"}},
-            )  # fmt: skip
-        return invocation.get_custom_messages()
+            client.run(context=context, image=self.image, command=command, env=env, container_kwargs=kwargs)
+            return
+        pod_spec = launch.k8s_pod_spec(gpus=self.gpus, volume_claim=self.data_volume_claim, mount=self.data_mount,
+                                       node_selector=self.node_selector)  # fmt: skip
+        reader = relaying(_import_client("k8s", "dagster_k8s", "PipesK8sPodLogsMessageReader")(), on_message)
+        client = _import_client("k8s", "dagster_k8s", "PipesK8sClient")(message_reader=reader)
+        client.run(
+            context=context, image=self.image, command=command, env=env, namespace=self.namespace or None,
+            base_pod_spec=pod_spec, base_pod_meta={"labels": {"app.kubernetes.io/name": "bc-pipeline-trainer"}},
+        )  # fmt: skip
 
 
 def _import_client(extra: str, module: str, name: str) -> type:
@@ -242,7 +247,7 @@ class ArtifactIOManager(dg.ConfigurableIOManager):
         if context.has_asset_partitions:
             base = base / context.asset_partition_key
         path = write_artifact(base, obj)
-        context.add_output_metadata({"artifact_path": dg.MetadataValue.path(str(path))})
+        context.add_output_metadata({ARTIFACT_PATH: dg.MetadataValue.path(str(path))})
 
     def load_input(self, context: dg.InputContext) -> Any:
         base, what = self._base(context.asset_key), context.asset_key.to_user_string()

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from bc_pipeline.core.artifacts import ImageSet, TrainedModel
+from bc_pipeline.core.artifacts import ImageSet
 from bc_pipeline.core.plots import (
     confusion_matrix_figure,
     corruption_heatmap,
@@ -31,20 +31,15 @@ from bc_pipeline.core.plots import (
     reliability_figure,
     training_curves_figure,
 )
+from bc_pipeline.core.settings import declare
 from bc_pipeline.core.storage import save_bytes, save_json, save_parquet
 from bc_pipeline.evaluation.imagenet_c import seen_in_training
 from bc_pipeline.evaluation.interpret import TTA_VIEWS, example_titles, grad_cam, gradcam_examples, predict_tta
-from bc_pipeline.evaluation.metrics import (
-    CorruptionResult,
-    Scored,
-    calibration_section,
-    corruption_section,
-    report_markdown,
-    score_corruptions,
-    score_predictor,
-)
+from bc_pipeline.evaluation.metrics import CorruptionResult, Scored, score_corruptions, score_predictor
+from bc_pipeline.evaluation.report import calibration_section, corruption_section, report_markdown
 from bc_pipeline.models.calibration import reliability, scale_probabilities, stored_or_fitted
 from bc_pipeline.models.inference import predict_proba
+from bc_pipeline.training.model_folder import ModelRecord, TrainedModel
 
 Split = tuple[np.ndarray, np.ndarray]  # (images uint8 (N, H, W, 3), labels (N,))
 
@@ -61,13 +56,14 @@ _GRADCAM_CAPTION = "Grad-CAM, correct and wrong predictions per class"
 class EvaluationSettings:
     """What an evaluation scores beyond the clean test split (the asset's config, minus Dagster)."""
 
-    robust_policy: str = field(default="strong", metadata={"description": "Perturbation whose test accuracy is 'robust accuracy'."})
-    tta: bool = field(default=True, metadata={"description": "Also score with test-time augmentation (flips, small rotations)."})
-    tta_views: tuple[str, ...] = field(default=TTA_VIEWS, metadata={
-        "description": "Views averaged by TTA: identity, flip_lr, flip_ud, rot90, rot180, rot270, transpose, "
-        "antitranspose (exact) or rotate+D / rotate-D."})  # fmt: skip
-    tta_all_policies: bool = field(default=False, metadata={"description": "TTA on every policy's perturbed copies, not just robust_policy."})
-    gradcam_per_class: int = field(default=1, metadata={"ge": 0, "le": 4, "description": "Correct and wrong Grad-CAM examples per class."})
+    robust_policy: str = declare("strong", "Perturbation whose test accuracy is 'robust accuracy'.")
+    tta: bool = declare(True, "Also score with test-time augmentation (flips, small rotations).")
+    tta_views: tuple[str, ...] = declare(
+        TTA_VIEWS, "Views averaged by TTA: identity, flip_lr, flip_ud, rot90, rot180, rot270, transpose, "
+        "antitranspose (exact) or rotate+D / rotate-D.",
+    )  # fmt: skip
+    tta_all_policies: bool = declare(False, "TTA on every policy's perturbed copies, not just robust_policy.")
+    gradcam_per_class: int = declare(1, "Correct and wrong Grad-CAM examples per class.", ge=0, le=4)
 
     def __post_init__(self) -> None:
         # A config hands the views over as a list; a tuple keeps the settings hashable and frozen.
@@ -136,16 +132,16 @@ def evaluate_model(
     with corruption, severity, family and label (either may be empty). ``log`` receives the same
     progress lines the asset logged. Nothing is written: see :func:`write_evaluation`.
     """
-    info, class_names = trained.info, trained.info["class_names"]
+    record, class_names = trained.record, list(trained.record.class_names)
     test_proba, val_proba, speed = _predict_clean(trained.model, test, val, name=name, log=log)
-    trained_presets = list(info.get("augmentation_policies", []))
+    trained_presets = list(record.augmentation_policies)
     corruption = _score_benchmark(trained.model, corruption_set, trained_presets, log)
-    calibration = stored_or_fitted(info, val_proba, val[1], test_proba, test[1])
+    calibration = stored_or_fitted(record.temperature, record.temperature_source, val_proba, val[1], test_proba, test[1])
     runs = _score_runs(trained.model, test, val, (test_proba, val_proba), perturbed, class_names, settings, log)
     robustness = pd.concat([run.robustness.assign(tta=kind == "tta") for kind, run in runs.items()], ignore_index=True)
     pngs = _figures(trained, name, test, runs["plain"], test_proba, calibration, corruption, settings)
     facts = {"trained_presets": trained_presets, "calibration": calibration, "images_per_second": speed}
-    summary = _summary(name, info, runs, robustness, corruption, facts, settings, test_images=len(test[1]))
+    summary = _summary(name, record, runs, robustness, corruption, facts, settings, test_images=len(test[1]))
     report = _report(name, runs, robustness, corruption, calibration, trained_presets, pngs, settings)
     plain = runs["plain"].evaluation
     return ModelEvaluation(summary, plain.per_class, robustness, corruption.table, pngs, report, speed)
@@ -226,7 +222,7 @@ def _figures(
     settings: EvaluationSettings,
 ) -> dict[str, bytes]:
     """The report's PNGs by name; the heatmap and Grad-CAM only when there is something to draw."""
-    class_names, temperature, test_y = trained.info["class_names"], float(calibration["temperature"]), test[1]
+    class_names, temperature, test_y = list(trained.record.class_names), float(calibration["temperature"]), test[1]
     pngs = {
         "confusion_matrix": confusion_matrix_figure(plain.evaluation.confusion, class_names),
         "training_curves": training_curves_figure(trained.history),
@@ -262,7 +258,7 @@ def _gradcam_png(
 
 def _summary(
     name: str,
-    info: dict[str, Any],
+    record: ModelRecord,
     runs: dict[str, Scored],
     robustness: pd.DataFrame,
     corruption: CorruptionResult,
@@ -294,24 +290,24 @@ def _summary(
         "weighted_tta": tta.weighted if tta else None,
         "test_images": int(test_images),
         "inference_images_per_second": round(facts["images_per_second"], 1),
-        **_training_facts(info),
+        **_training_facts(record),
         "per_class": evaluation.per_class.to_dict("records"),
         "per_class_tta": tta.per_class.to_dict("records") if tta else None,
         "robustness": robustness.to_dict("records"),
         "confusion_matrix": evaluation.confusion.tolist(),
-        "class_names": info["class_names"],
-        "training": {k: v for k, v in info.items() if k != "class_weight"},
+        "class_names": list(record.class_names),
+        "training": record.to_json(),
     }
 
 
-def _training_facts(info: dict[str, Any]) -> dict[str, Any]:
-    """The cost side of the leaderboard (size, training time, input size, device) from the model's info."""
+def _training_facts(record: ModelRecord) -> dict[str, Any]:
+    """The cost side of the leaderboard (size, training time, input size, device) from the model's record."""
     return {
-        "parameters": info.get("parameters"),
-        "train_seconds": info.get("train_seconds"),
-        "epochs_run": info.get("epochs_run"),
-        "image_size": (info.get("spec") or {}).get("image_size"),
-        "device": info.get("device"),
+        "parameters": record.parameters,
+        "train_seconds": record.train_seconds,
+        "epochs_run": record.epochs_run,
+        "image_size": record.image_size,
+        "device": record.device,
     }
 
 
@@ -327,14 +323,12 @@ def _report(
 ) -> str:
     """report.md: headline table, per-class scores, corruption benchmark, calibration, policy table,
     figures; it links the PNGs by the names :func:`write_evaluation` gives them."""
-    evaluation, tta = runs["plain"].evaluation, (runs["tta"] if "tta" in runs else None)
+    evaluation = runs["plain"].evaluation
     images = {**_REPORT_IMAGES, **({_GRADCAM_CAPTION: "gradcam.png"} if "gradcam" in pngs else {})}
     heatmap = "corruption_heatmap.png" if "corruption_heatmap" in pngs else None
     return report_markdown(
-        evaluation, title=f"bc_pipeline evaluation of {name} (test split)", images=images,
-        robust_accuracy=runs["plain"].robust_accuracy, robust_policy=settings.robust_policy, robustness=robustness,
-        tta=tta.evaluation if tta else None, robust_accuracy_tta=tta.robust_accuracy if tta else None,
-        trained_presets=trained_presets,
+        runs["plain"], runs.get("tta"), title=f"bc_pipeline evaluation of {name} (test split)", images=images,
+        robust_policy=settings.robust_policy, robustness=robustness, trained_presets=trained_presets,
         extra_sections=[
             *corruption_section(corruption, clean_accuracy=evaluation.accuracy, heatmap=heatmap),
             *calibration_section(calibration, diagram="reliability.png"),

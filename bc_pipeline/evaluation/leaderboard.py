@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from bc_pipeline.core.plots import _pyplot, figure_png
+from bc_pipeline.core.settings import declare
 
 # Columns a leaderboard can be ranked by (higher is better for all of them).
 RANK_COLUMNS = (
@@ -24,8 +26,20 @@ COLUMNS = [
 _DERIVED = ("weighted_f1", "mce", "relative_mce")
 
 
+@dataclass(frozen=True)
+class LeaderboardSettings:
+    """How the leaderboard ranks (the ``model_leaderboard`` asset's config)."""
+
+    rank_by: str = declare("accuracy", f"Column to rank by: one of {', '.join(RANK_COLUMNS)}.")
+    mce_baseline: str = declare("custom_cnn", "Model the mean corruption error (mCE) is relative to.")
+
+    def __post_init__(self) -> None:
+        if self.rank_by not in RANK_COLUMNS:
+            raise ValueError(f"rank_by must be one of {', '.join(RANK_COLUMNS)}, not {self.rank_by!r}")
+
+
 def leaderboard_table(
-    summaries: Mapping[str, Mapping[str, Any]], *, rank_by: str = "accuracy", mce_baseline: str | None = None
+    summaries: Mapping[str, Mapping[str, Any]], *, rank_by: str = LeaderboardSettings.rank_by, mce_baseline: str | None = None
 ) -> pd.DataFrame:
     """One row per model from its evaluation summary, best first by ``rank_by`` (ties: fewer parameters).
 

@@ -22,6 +22,7 @@ import pandas as pd
 from bc_pipeline.evaluation.submission import read_class_names
 from bc_pipeline.ingest.decode import read_image_file, to_rgb_square
 from bc_pipeline.ingest.loaders import ImageSourceError, _open_npz
+from bc_pipeline.training.model_folder import RECORD_FILE, read_record
 
 # Keys tried in order for the images of an .npz: the challenge layout, then common test-set names.
 NPZ_IMAGE_KEYS: tuple[str, ...] = ("images", "X", "x", "test_set", "data")
@@ -72,37 +73,31 @@ def load_classifier(path: str | Path) -> tuple[Any, list[str]]:
 
 
 def stored_class_names(folder: Path) -> list[str] | None:
-    """Class names from ``class_names.json`` or else ``info.json`` in ``folder``; None if neither has them."""
+    """Class names from ``class_names.json`` (a submission) or else the model record (a model folder); None if neither."""
     if (folder / "class_names.json").is_file():
         return read_class_names(folder / "class_names.json")
-    info_file = folder / "info.json"
-    if not info_file.is_file():
+    if not (folder / RECORD_FILE).is_file():
         return None
-    try:
-        info = json.loads(info_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{info_file}: not valid JSON ({error})") from None
-    names = info.get("class_names") if isinstance(info, dict) else None
-    if names is None:
-        return None
-    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
-        raise ValueError(f"{info_file}: 'class_names' is not a list of strings")
-    return names
+    return list(read_record(folder).class_names)
 
 
 def stored_temperature(folder: Path) -> float:
-    """The calibration temperature in ``folder``'s ``info.json`` (1.0, no scaling, when none is stored).
+    """The calibration temperature stored with the model (1.0, no scaling, when none is).
 
-    The training worker fits it on the validation split (models.calibration); a submission folder
-    carries it over from its model.
+    The training worker fits it on the validation split (models.calibration) and the model record
+    keeps it; a submission folder carries it over from its model in its ``info.json``.
     """
-    info_file = Path(folder) / "info.json"
+    folder = Path(folder)
+    if not (folder / "class_names.json").is_file():  # a model folder: its record
+        record = read_record(folder) if (folder / RECORD_FILE).is_file() else None
+        return float(record.temperature) if record and record.temperature else 1.0
+    info_file = folder / "info.json"
     if not info_file.is_file():
         return 1.0
     try:
         value = json.loads(info_file.read_text()).get("temperature", 1.0)
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return 1.0  # stored_class_names reports a broken info.json; the temperature only refines
+        return 1.0  # the temperature only refines the probabilities; the classes stand without it
     if not isinstance(value, (int, float)) or not 0 < value < 1e3:
         raise ValueError(f"{info_file}: 'temperature' must be a positive number, got {value!r}")
     return float(value)

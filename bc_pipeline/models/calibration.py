@@ -118,14 +118,15 @@ def calibration_summary(proba: np.ndarray, labels: np.ndarray, temperature: floa
 
 
 def stored_or_fitted(
-    info: dict, val_proba: np.ndarray, val_labels: np.ndarray, test_proba: np.ndarray, test_labels: np.ndarray
-) -> dict[str, float | str]:
-    """:func:`calibration_summary` on the test split with the model's stored temperature.
+    temperature: float | None, source: str, val_proba: np.ndarray, val_labels: np.ndarray, test_proba: np.ndarray,
+    test_labels: np.ndarray,
+) -> dict[str, float | str]:  # fmt: skip
+    """:func:`calibration_summary` on the test split with the model's stored ``temperature`` (fitted by ``source``).
 
-    A model trained before temperatures were stored gets one fitted here on the validation split;
-    ``fitted_by`` says which.
+    A model stored before temperatures were (``temperature`` None) gets one fitted here on the
+    validation split; ``fitted_by`` says which.
     """
-    stored = info.get("temperature")
-    temperature = float(stored) if stored else fit_temperature(val_proba, val_labels)
-    fitted_by = info.get("temperature_source", "the training worker, on the validation split") if stored else "the evaluation, on the validation split"
-    return {**calibration_summary(test_proba, test_labels, temperature), "fitted_by": fitted_by}
+    if temperature:
+        return {**calibration_summary(test_proba, test_labels, float(temperature)), "fitted_by": source}
+    fitted = fit_temperature(val_proba, val_labels)
+    return {**calibration_summary(test_proba, test_labels, fitted), "fitted_by": "the evaluation, on the validation split"}

@@ -24,11 +24,15 @@ so that combination is refused.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import pandas as pd
+
+from bc_pipeline.core.artifacts import ImageSet
+from bc_pipeline.core.settings import declare
 
 STRATEGIES: tuple[str, ...] = (
     "none",
@@ -44,6 +48,23 @@ DIHEDRAL: tuple[tuple[int, bool], ...] = tuple((turns, flip) for flip in (False,
 MAX_SHIFT = 8
 
 Log = Callable[[str], None]
+CLASS_COUNTS = "class_counts"  # the balanced set's side table: label, before, after, weight (training reads the weights)
+Strategy = Literal[STRATEGIES]  # type: ignore[valid-type]
+
+
+@dataclass(frozen=True)
+class BalanceSettings:
+    """How the training split is balanced (the ``balanced_train_set`` asset's config).
+
+    Validation and test always keep the natural class mix.
+    """
+
+    strategy: Strategy = declare(
+        "class_weights", "none | class_weights | oversample (geometric repeats) | smote | oversample/smote+class_weights."
+    )
+    target_ratio: float = declare(1.0, "Raise each minority class to this share of the majority count.", gt=0, le=1)
+    smote_neighbors: int = declare(5, "k of SMOTE's nearest neighbours within a class.", ge=1)
+    seed: int = declare(0)
 
 
 @dataclass
@@ -70,10 +91,15 @@ class Balanced:
             "label": self.labels, "origin": self.origin.astype(str), "transform": self.transform.astype(str),
         })  # fmt: skip
 
-    def named_counts(self, class_names: list[str]) -> pd.DataFrame:
+    def named_counts(self, class_names: Sequence[str]) -> pd.DataFrame:
         """``counts`` with each label's class name first: class, label, before, after, weight."""
         counts = self.counts.assign(**{"class": [class_names[i] for i in self.counts["label"]]})
         return counts[["class", "label", "before", "after", "weight"]]
+
+    def image_set(self, rows: np.ndarray, class_names: Sequence[str]) -> ImageSet:
+        """The balanced set as stored: images, :meth:`manifest`, and the named counts as its :data:`CLASS_COUNTS` table."""
+        tables = {CLASS_COUNTS: self.named_counts(class_names)}
+        return ImageSet(images=self.images, manifest=self.manifest(rows), tables=tables, class_names=tuple(class_names))
 
 
 def parse_strategy(strategy: str) -> tuple[str | None, bool]:
@@ -113,10 +139,10 @@ def balance(
     labels: np.ndarray,
     *,
     num_classes: int,
-    strategy: str = "class_weights",
-    target_ratio: float = 1.0,
-    smote_neighbors: int = 5,
-    seed: int = 0,
+    strategy: str = BalanceSettings.strategy,
+    target_ratio: float = BalanceSettings.target_ratio,
+    smote_neighbors: int = BalanceSettings.smote_neighbors,
+    seed: int = BalanceSettings.seed,
     log: Log = print,
 ) -> Balanced:
     """Balance uint8 images (N, H, W, 3) with integer labels according to ``strategy``."""
@@ -268,7 +294,8 @@ def smote(
     return np.concatenate(made), np.concatenate(made_labels)
 
 
-def class_weight_of(counts: pd.DataFrame) -> dict[int, float] | None:
-    """The loss weights of a balancing's ``class_counts`` table (label, weight); None when all are 1 (unweighted)."""
+def class_weight_of(balanced: ImageSet) -> dict[int, float] | None:
+    """The loss weights a balanced set was stored with (its :data:`CLASS_COUNTS` table); None when all are 1 (unweighted)."""
+    counts = balanced.tables[CLASS_COUNTS]
     weights = dict(zip(counts["label"].astype(int), counts["weight"].astype(float)))
     return None if all(w == 1.0 for w in weights.values()) else {c: w for c, w in weights.items() if w > 0}

@@ -12,11 +12,13 @@ differ from exact stratified proportions by less than one group.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from bc_pipeline.core.artifacts import ImageSet
+from bc_pipeline.core.settings import declare
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 SPLIT_COLUMNS = ["index", "image_id", "label", "near_group", "split"]
@@ -40,12 +42,29 @@ def _check_fractions(fractions: Sequence[float]) -> np.ndarray:
     return array
 
 
+@dataclass(frozen=True)
+class SplitSettings:
+    """Shares of the train, validation and test splits (summing to 1) and the seed that deals the groups."""
+
+    train: float = declare(0.8, gt=0, lt=1)
+    val: float = declare(0.1, gt=0, lt=1)
+    test: float = declare(0.1, gt=0, lt=1)
+    seed: int = declare(0)
+
+    def __post_init__(self) -> None:
+        _check_fractions(self.fractions)
+
+    @property
+    def fractions(self) -> tuple[float, float, float]:
+        return (self.train, self.val, self.test)
+
+
 def group_stratified_split(
     labels: np.ndarray,
     groups: np.ndarray,
     *,
-    fractions: Sequence[float] = (0.8, 0.1, 0.1),
-    seed: int = 0,
+    fractions: Sequence[float] = (SplitSettings.train, SplitSettings.val, SplitSettings.test),
+    seed: int = SplitSettings.seed,
 ) -> np.ndarray:
     """Split name ('train', 'val', 'test') for every image; each group lands in exactly one split."""
     fractions_arr = _check_fractions(fractions)
@@ -75,7 +94,8 @@ def group_stratified_split(
 
 
 def make_split_table(
-    manifest: pd.DataFrame, *, fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0
+    manifest: pd.DataFrame, *, fractions: Sequence[float] = (SplitSettings.train, SplitSettings.val, SplitSettings.test),
+    seed: int = SplitSettings.seed,
 ) -> pd.DataFrame:
     """Split table for a clean manifest (needs image_id, label, near_group); ``index`` is its row."""
     split = group_stratified_split(

@@ -22,7 +22,16 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from bc_pipeline.core.settings import declare
 from bc_pipeline.quality.hashing import hamming
+
+
+@dataclass(frozen=True)
+class DedupSettings:
+    """The duplicate search's one setting (the ``duplicate_groups`` asset's config)."""
+
+    threshold: int = declare(4, "Two images are near duplicates when phash and dhash each differ in at most this many bits.",
+                             ge=0, le=64)
 
 DUPLICATE_COLUMNS = [
     "index",
@@ -224,7 +233,7 @@ def find_duplicates(
     phash: np.ndarray,
     dhash: np.ndarray,
     *,
-    threshold: int = 4,
+    threshold: int = DedupSettings.threshold,
 ) -> pd.DataFrame:
     """One row per image: its exact group, near group, group sizes and whether each conflicts.
 
@@ -240,7 +249,7 @@ def find_duplicates_cached(
     phash: np.ndarray,
     dhash: np.ndarray,
     *,
-    threshold: int = 4,
+    threshold: int = DedupSettings.threshold,
     known: NearPairs | None,
 ) -> tuple[pd.DataFrame, NearPairs, int]:
     """:func:`find_duplicates` reusing the pairs of a previous run: (table, pairs to cache, images compared)."""

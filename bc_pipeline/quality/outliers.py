@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from bc_pipeline.core import chunks
+from bc_pipeline.core.settings import declare
 from bc_pipeline.quality import colour
 from bc_pipeline.quality.blends import (
     BLEND,
@@ -35,6 +36,19 @@ OUTLIER_ATYPICALITY = 4.0
 EXTREME_ATYPICALITY = 15.0
 #: A data set where fewer distinct images than this share look stain-tinted is not a smear data set.
 MIN_TINTED_SHARE = 0.4
+
+
+
+@dataclass(frozen=True)
+class OutlierSettings:
+    """When an image no blend explains is called an outlier (the ``outlier_report`` asset's config)."""
+
+    outlier_atypicality: float = declare(OUTLIER_ATYPICALITY, "Unexplained, untinted images beyond this robust z are outliers.", gt=0)
+    extreme_atypicality: float = declare(EXTREME_ATYPICALITY, "Unexplained images beyond this are outliers.", gt=0)
+    min_tinted_share: float = declare(
+        MIN_TINTED_SHARE, "Fail when fewer distinct images than this share show the stain tint (not a smear data set).", ge=0, le=1
+    )
+
 
 STATS_COLUMNS = ["index", "image_id", "representative", "tinted", "atypicality"]
 OUTLIER_COLUMNS = ["index", "image_id", "kind", "reason", "atypicality"]

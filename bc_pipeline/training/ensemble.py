@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from bc_pipeline.models.zoo import ENSEMBLE
+from bc_pipeline.training.model_folder import HISTORY_COLUMNS, EnsembleFacts, ModelRecord, TrainedModel, load_trained_model
 
 MEMBER_PREFIX = "member_"
 
@@ -63,40 +64,34 @@ def ensemble_members(model: Any) -> list[Any]:
     return [layer for layer in getattr(model, "layers", []) if layer.name.startswith(MEMBER_PREFIX)]
 
 
-def assemble_ensemble(model_dir: Path, requested: Sequence[str], val_images: np.ndarray, val_labels: np.ndarray) -> Any:
+def assemble_ensemble(model_dir: Path, requested: Sequence[str], val_images: np.ndarray, val_labels: np.ndarray) -> TrainedModel:
     """The ensemble of the stored trained models under ``model_dir`` (one folder per partition), calibrated.
 
-    Returns a :class:`bc_pipeline.training.worker.fit.TrainedModel` with no training history; its info
-    names the members, their weights' fingerprints and the temperature fitted on the validation split.
+    No training history; its record names the members, their weights' fingerprints and the
+    temperature fitted on the validation split.
     """
     import pandas as pd
 
-    from bc_pipeline.core.artifacts import TrainedModel, artifact_exists, read_artifact
+    from bc_pipeline.core.artifacts import artifact_exists
     from bc_pipeline.models.calibration import fit_temperature
     from bc_pipeline.models.inference import predict_proba, weights_fingerprint
     from bc_pipeline.models.zoo import REGISTRY
 
     model_dir = Path(model_dir)
     names = choose_members(requested, [name for name in REGISTRY if artifact_exists(model_dir / name)])
-    loaded = {name: read_artifact(model_dir / name, what=f"trained_model[{name}]") for name in names}
-    class_names = {tuple(m.info.get("class_names", ())) for m in loaded.values()}
+    loaded = {name: load_trained_model(model_dir / name) for name in names}
+    class_names = {m.record.class_names for m in loaded.values()}
     if len(class_names) != 1:
         raise EnsembleError(f"ensemble members were trained on different classes: {sorted(class_names)}")
     model = build_ensemble({name: m.model for name, m in loaded.items()})
     temperature = fit_temperature(predict_proba(model, val_images), np.asarray(val_labels))
-    info = {
-        "model_name": ENSEMBLE,
-        "members": names,
-        "member_fingerprints": {name: m.info.get("weights_fingerprint") for name, m in loaded.items()},
-        "class_names": list(class_names.pop()),
-        "parameters": int(model.count_params()),
-        "train_seconds": round(sum(float(m.info.get("train_seconds") or 0) for m in loaded.values()), 1),
-        "augmentation_policies": sorted({p for m in loaded.values() for p in m.info.get("augmentation_policies", [])}),
-        "spec": {"image_size": max(int((m.info.get("spec") or {}).get("image_size") or 0) for m in loaded.values())},
-        "device": "-", "epochs_run": 0, "best_epoch": None,
-        "temperature": round(temperature, 6),
-        "temperature_source": "the ensemble's validation predictions",
-        "weights_fingerprint": weights_fingerprint(model),
-    }  # fmt: skip
-    history = pd.DataFrame(columns=["epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy"])
-    return TrainedModel(model=model, history=history, info=info)
+    records = [m.record for m in loaded.values()]
+    record = ModelRecord(
+        model_name=ENSEMBLE, class_names=class_names.pop(), weights_fingerprint=weights_fingerprint(model),
+        parameters=int(model.count_params()), image_size=max(r.image_size for r in records), temperature=round(temperature, 6),
+        temperature_source="the ensemble's validation predictions",
+        augmentation_policies=tuple(sorted({p for r in records for p in r.augmentation_policies})),
+        ensemble=EnsembleFacts(members=tuple(names), member_fingerprints={n: m.record.weights_fingerprint for n, m in loaded.items()},
+                               train_seconds=round(sum(r.train_seconds or 0.0 for r in records), 1)),
+    )  # fmt: skip
+    return TrainedModel(model, pd.DataFrame(columns=HISTORY_COLUMNS), record)

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bc_pipeline.models.zoo import ModelSpec
-from bc_pipeline.training.settings import Phase, TrainingSettings
+from bc_pipeline.training.settings import TrainingSettings
 
-SPEC_VERSION = 1
+SPEC_VERSION = 2  # 2: class_names and augmentation_policies typed (version 1 carried an untyped 'info')
 DATA_DIR_ENV = "BC_WORKER_DATA_DIR"
-FAILURE_FILE = "failure.txt"
+FAILURE_FILE = "failure.txt"  # the worker leaves the reason it failed here, in its output folder
+EXIT_CANNOT_START = 3  # the worker's exit code when a backend, device or input is missing: retrying will not help
 
 
 class SpecError(ValueError):
@@ -55,7 +56,8 @@ class WorkerSpec:
     backend: str = "tensorflow"
     device: str = "auto"  # auto | gpu (fail without one) | cpu
     input_workers: int = 0  # threads building batches; 0: one per spare core, at most 8
-    info: dict[str, Any] = field(default_factory=dict)  # copied into the model's info.json
+    class_names: tuple[str, ...] = ()  # the labels' names, recorded in the model folder
+    augmentation_policies: tuple[str, ...] = ()  # presets of the stored copies trained on (the evaluation marks them)
     train_groups: str | None = None  # source image of each training row (k-fold keeps them together)
 
     def root(self) -> Path:
@@ -89,16 +91,15 @@ class WorkerSpec:
         if raw.get("version") != SPEC_VERSION:
             raise SpecError(f"{where}: spec version {raw.get('version')!r}, this worker reads version {SPEC_VERSION}")
         try:
-            settings = dict(raw["settings"])
-            settings["phases"] = tuple(Phase(**p) for p in settings.get("phases", ()))
             weights = raw.get("class_weight")
             return WorkerSpec(
-                data_dir=raw["data_dir"], model=ModelSpec(**raw["model"]), settings=TrainingSettings(**settings),
+                data_dir=raw["data_dir"], model=ModelSpec(**raw["model"]), settings=TrainingSettings.from_json(raw["settings"]),
                 num_classes=int(raw["num_classes"]), train=ArrayRef(**raw["train"]), val=ArrayRef(**raw["val"]),
                 output_dir=raw["output_dir"], augmented=tuple(ArrayRef(**a) for a in raw.get("augmented", ())),
                 templates=raw.get("templates"), class_weight=None if weights is None else {int(k): float(v) for k, v in weights.items()},
                 checkpoint_dir=raw.get("checkpoint_dir"), backend=raw.get("backend", "tensorflow"),
-                device=raw.get("device", "auto"), input_workers=int(raw.get("input_workers", 0)), info=raw.get("info", {}),
+                device=raw.get("device", "auto"), input_workers=int(raw.get("input_workers", 0)), class_names=tuple(raw.get("class_names", ())),
+                augmentation_policies=tuple(raw.get("augmentation_policies", ())),
                 train_groups=raw.get("train_groups"),
             )  # fmt: skip
         except (KeyError, TypeError) as error:

@@ -11,13 +11,12 @@ import time
 import dagster as dg
 import numpy as np
 import pandas as pd
-from pydantic import Field
 
 from bc_pipeline.core import chunks
 from bc_pipeline.core.artifacts import ImageSet
 from bc_pipeline.core.plots import decomposition_examples, score_histogram, template_grid
 from bc_pipeline.dagster_utils import metadata as md
-from bc_pipeline.dagster_utils.versions import config_from_dataclass, to_dataclass, versioned, with_config
+from bc_pipeline.dagster_utils.versions import SettingsConfig, setting, versioned, with_config
 from bc_pipeline.defs.resources import PipelineStorage
 from bc_pipeline.quality import blends, outliers
 
@@ -46,12 +45,18 @@ def image_colour_stats(
     return versioned(stats, metadata=metadata)
 
 
-# The thresholds a user may set (quality/blends.py's comments say why each default holds); the rest
-# of CorruptionSettings is internal (search block sizes, shortlists).
-CorruptionConfig = config_from_dataclass(
-    blends.CorruptionSettings, name="CorruptionConfig",
-    exclude=("coarse_side", "shortlist", "missing_bases_gap", "whitening_ridge", "block"),
-)  # fmt: skip
+class CorruptionConfig(SettingsConfig):
+    """The thresholds a user may set (quality.blends.CorruptionSettings, whose comments say why each default holds);
+    the rest of the settings is internal (search block sizes, shortlists)."""
+
+    settings_class = blends.CorruptionSettings
+    internal = ("coarse_side", "shortlist", "missing_bases_gap", "whitening_ridge", "block")
+    residual_factor: float = setting(blends.CorruptionSettings, "residual_factor")
+    template_snr: float = setting(blends.CorruptionSettings, "template_snr")
+    min_weight: float = setting(blends.CorruptionSettings, "min_weight")
+    max_weight: float = setting(blends.CorruptionSettings, "max_weight")
+    min_blends: int = setting(blends.CorruptionSettings, "min_blends")
+    missing_bases: bool = setting(blends.CorruptionSettings, "missing_bases")
 
 
 @dg.asset(
@@ -71,7 +76,7 @@ def corruption_report(
     start = time.perf_counter()
     distinct = outliers.distinct_rows(image_colour_stats)
     context.log.info(f"searching {len(distinct)} distinct images for blends of shared templates")
-    result = blends.find_corruptions(raw_images.images, distinct, settings=to_dataclass(config, blends.CorruptionSettings))
+    result = blends.find_corruptions(raw_images.images, distinct, settings=config.settings())
     report = outliers.expand_to_copies(result.report, image_colour_stats)
     seconds = time.perf_counter() - start
     kinds = result.report["kind"].value_counts().to_dict()
@@ -119,21 +124,13 @@ def noise_templates(
     return versioned(stored, metadata=metadata)
 
 
-class OutlierConfig(dg.Config):
-    outlier_atypicality: float = Field(
-        default=outliers.OUTLIER_ATYPICALITY,
-        gt=0,
-        description="Unexplained, untinted images beyond this robust z are outliers.",
-    )
-    extreme_atypicality: float = Field(
-        default=outliers.EXTREME_ATYPICALITY, gt=0, description="Unexplained images beyond this are outliers."
-    )
-    min_tinted_share: float = Field(
-        default=outliers.MIN_TINTED_SHARE,
-        ge=0,
-        le=1,
-        description="Fail when fewer distinct images than this share show the stain tint (not a smear data set).",
-    )
+class OutlierConfig(SettingsConfig):
+    """Outlier thresholds (quality.outliers.OutlierSettings)."""
+
+    settings_class = outliers.OutlierSettings
+    outlier_atypicality: float = setting(outliers.OutlierSettings, "outlier_atypicality")
+    extreme_atypicality: float = setting(outliers.OutlierSettings, "extreme_atypicality")
+    min_tinted_share: float = setting(outliers.OutlierSettings, "min_tinted_share")
 
 
 @dg.asset(

@@ -2,66 +2,46 @@
 
 import os
 import shutil
-from typing import Literal
 
 import dagster as dg
 import numpy as np
 import pandas as pd
-from pydantic import Field, field_validator
 
-from bc_pipeline.augmentation.presets import IMAGE_PRESETS, PRESETS, check_image_preset, perturb_splits, write_augmented_copies
+from bc_pipeline.augmentation.presets import (
+    PRESETS,
+    AugmentSettings,
+    ImagePreset,
+    PerturbSettings,
+    perturb_splits,
+    write_augmented_copies,
+)
 from bc_pipeline.core.artifacts import ImageSet, ShardSet, read_artifact
 from bc_pipeline.core.plots import image_rows
 from bc_pipeline.core.storage import fingerprint
 from bc_pipeline.dagster_utils import metadata as md
 from bc_pipeline.dagster_utils.reuse import REUSE_KEY, reuse_key, unchanged_stored_output
-from bc_pipeline.dagster_utils.versions import versioned, with_config
+from bc_pipeline.dagster_utils.versions import SettingsConfig, setting, versioned, with_config
 from bc_pipeline.defs.resources import PipelineStorage
 from bc_pipeline.preparation.splits import split_arrays, split_rows
 
-ImagePreset = Literal[IMAGE_PRESETS]  # type: ignore[valid-type]  # the presets of augmentation.presets, listed once there
+
+class AugmentConfig(SettingsConfig):
+    """Which preset makes the stored training copies, and how many (augmentation.presets.AugmentSettings)."""
+
+    settings_class = AugmentSettings
+    policy: ImagePreset = setting(AugmentSettings, "policy")
+    mix: list[str] = setting(AugmentSettings, "mix")
+    copies: int = setting(AugmentSettings, "copies")
+    shard_size: int = setting(AugmentSettings, "shard_size")
+    seed: int = setting(AugmentSettings, "seed")
 
 
-class AugmentConfig(dg.Config):
-    """Which preset makes the stored training copies, and how many copies."""
+class RobustnessConfig(SettingsConfig):
+    """Which presets perturb the validation and test splits (augmentation.presets.PerturbSettings)."""
 
-    policy: ImagePreset = Field(default="light", description="Augmentation preset (see augmentation/presets.py).")
-    mix: list[str] = Field(
-        default=[], description="Presets taken in turn, copy k by mix[k % len(mix)], for more variety per epoch "
-        "(empty: every copy by policy).",
-    )  # fmt: skip
-    copies: int = Field(default=1, ge=0, le=64, description="Augmented copies K of the balanced set; 0 stores none.")
-    shard_size: int = Field(default=4096, ge=64, description="Images per .npy shard.")
-    seed: int = 0
-
-    @field_validator("mix")
-    @classmethod
-    def _image_presets(cls, names: list[str]) -> list[str]:
-        for name in names:
-            check_image_preset(name)
-        return names
-
-    def policy_of(self, copy: int) -> str:
-        return self.mix[copy % len(self.mix)] if self.mix else self.policy
-
-
-class RobustnessConfig(dg.Config):
-    """Which presets perturb the validation and test splits for robust accuracy."""
-
-    policies: list[str] = Field(
-        default=list(IMAGE_PRESETS), description="Image presets (the training families) applied to the val and test splits; the "
-        "headline robust number is the corruption suite's, which no preset makes.",
-    )
-    seed: int = 1
-
-    @field_validator("policies")
-    @classmethod
-    def _known_image_presets(cls, policies: list[str]) -> list[str]:
-        for name in policies:
-            check_image_preset(name)
-        if len(set(policies)) != len(policies):
-            raise ValueError(f"policies repeat a name: {policies}")
-        return policies
+    settings_class = PerturbSettings
+    policies: list[str] = setting(PerturbSettings, "policies")
+    seed: int = setting(PerturbSettings, "seed")
 
 
 @dg.asset(
@@ -79,7 +59,7 @@ def augmented_train_set(
     staging = storage.staging_dir("augmented_train_set")
     images, labels = balanced_train_set.images, balanced_train_set.manifest["label"].to_numpy(np.int64)
     key = reuse_key(config, images, balanced_train_set.manifest)
-    policies = [config.policy_of(copy) for copy in range(config.copies)]
+    policies = config.settings().policies()
     stored = unchanged_stored_output(context, key)
     if stored is not None:
         context.log.info(f"balanced set, config and code unchanged: reusing the stored sample {stored}")

@@ -1,35 +1,28 @@
 """Stage 4a: the balanced training set (class weights, augmented oversampling or SMOTE)."""
 
-from typing import Literal
+from dataclasses import asdict
 
 import dagster as dg
 import numpy as np
 import pandas as pd
-from pydantic import Field
 
 from bc_pipeline.core.artifacts import ImageSet
 from bc_pipeline.core.plots import image_rows
 from bc_pipeline.dagster_utils import metadata as md
-from bc_pipeline.dagster_utils.versions import versioned, with_config
+from bc_pipeline.dagster_utils.versions import SettingsConfig, setting, versioned, with_config
 from bc_pipeline.defs.resources import PipelineStorage
-from bc_pipeline.preparation.balancing import STRATEGIES, balance
+from bc_pipeline.preparation.balancing import CLASS_COUNTS, BalanceSettings, Strategy, balance
 from bc_pipeline.preparation.splits import split_arrays, split_rows
 
-Strategy = Literal[STRATEGIES]  # type: ignore[valid-type]  # listed once, in preparation.balancing
 
+class BalanceConfig(SettingsConfig):
+    """How the training split is balanced (preparation.balancing.BalanceSettings). Validation and test keep the natural mix."""
 
-class BalanceConfig(dg.Config):
-    """How the training split is balanced. Validation and test always keep the natural class mix."""
-
-    strategy: Strategy = Field(
-        default="class_weights",
-        description="none | class_weights | oversample (geometric repeats) | smote | oversample/smote+class_weights.",
-    )
-    target_ratio: float = Field(
-        default=1.0, gt=0, le=1, description="Raise each minority class to this share of the majority count."
-    )
-    smote_neighbors: int = Field(default=5, ge=1, description="k of SMOTE's nearest neighbours within a class.")
-    seed: int = 0
+    settings_class = BalanceSettings
+    strategy: Strategy = setting(BalanceSettings, "strategy")
+    target_ratio: float = setting(BalanceSettings, "target_ratio")
+    smote_neighbors: int = setting(BalanceSettings, "smote_neighbors")
+    seed: int = setting(BalanceSettings, "seed")
 
 
 @dg.asset(
@@ -47,18 +40,15 @@ def balanced_train_set(
 ) -> dg.Output[ImageSet]:
     class_names = list(clean_images.class_names)
     images, labels = split_arrays(clean_images, data_splits, "train")
-    rows = split_rows(data_splits, "train")
-    result = balance(
-        images, labels, num_classes=len(class_names), strategy=config.strategy, target_ratio=config.target_ratio,
-        smote_neighbors=config.smote_neighbors, seed=config.seed, log=context.log.info,
-    )  # fmt: skip
-    manifest, counts = result.manifest(rows), result.named_counts(class_names)
+    result = balance(images, labels, num_classes=len(class_names), **asdict(config.settings()), log=context.log.info)
+    value = result.image_set(split_rows(data_splits, "train"), class_names)
+    manifest, counts = value.manifest, value.tables[CLASS_COUNTS]
     context.log.info(f"{config.strategy}: {len(labels)} -> {len(result.labels)} training images")
     metadata = {
         "strategy": config.strategy,
         "images_before": len(labels),
         "images_after": len(result.labels),
-        "class_counts": md.table(counts),
+        CLASS_COUNTS: md.table(counts),
         "class_weights": dg.MetadataValue.json(
             {class_names[c]: round(w, 4) for c, w in (result.class_weight or {}).items()}
         ),
@@ -68,7 +58,6 @@ def balanced_train_set(
         grid = _added_samples_grid(result.images, result.labels, added, class_names, seed=config.seed)
         folder = storage.report_dir("balanced_train_set")
         metadata.update(md.image(grid, folder / "added_samples.png", "added_samples"))
-    value = ImageSet(images=result.images, manifest=manifest, tables={"class_counts": counts}, class_names=clean_images.class_names)
     return versioned(value, result.images, manifest, counts, metadata=metadata)
 
 

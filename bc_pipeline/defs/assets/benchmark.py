@@ -9,34 +9,25 @@ import os
 import dagster as dg
 import numpy as np
 import pandas as pd
-from pydantic import Field, field_validator
 
 from bc_pipeline.core.artifacts import ImageSet
 from bc_pipeline.core.plots import image_rows
 from bc_pipeline.dagster_utils import metadata as md
-from bc_pipeline.dagster_utils.versions import versioned, with_config
+from bc_pipeline.dagster_utils.versions import SettingsConfig, setting, versioned, with_config
 from bc_pipeline.defs.resources import PipelineStorage
-from bc_pipeline.evaluation.imagenet_c import CORRUPTIONS, SEVERITIES, build_corrupted_set, check_corruptions, subsample
+from bc_pipeline.evaluation.imagenet_c import SuiteSettings, build_corrupted_set, subsample
 from bc_pipeline.preparation.splits import split_arrays, split_rows
 
 
-class CorruptionSuiteConfig(dg.Config):
-    """Which corruptions and severities, on how many test images."""
+class CorruptionSuiteConfig(SettingsConfig):
+    """Which corruptions and severities, on how many test images (evaluation.imagenet_c.SuiteSettings)."""
 
-    corruptions: list[str] = Field(default=list(CORRUPTIONS), description="ImageNet-C corruptions (default: all 15).")
-    severities: list[int] = Field(default=list(SEVERITIES), description="Severities 1-5.")
-    max_images: int = Field(
-        default=1000, ge=0, description="Test images, stratified by class (0: the whole split). 1,000 puts each "
-        "cell's accuracy within about 1.4 points (one standard error) at 75x the images in disk and prediction time.",
-    )  # fmt: skip
-    workers: int = Field(default=0, ge=0, description="Processes (0: one per core).")
-    seed: int = 2
-
-    @field_validator("corruptions")
-    @classmethod
-    def _known(cls, names: list[str]) -> list[str]:
-        check_corruptions(names, [])
-        return names
+    settings_class = SuiteSettings
+    corruptions: list[str] = setting(SuiteSettings, "corruptions")
+    severities: list[int] = setting(SuiteSettings, "severities")
+    max_images: int = setting(SuiteSettings, "max_images")
+    workers: int = setting(SuiteSettings, "workers")
+    seed: int = setting(SuiteSettings, "seed")
 
 
 @dg.asset(
@@ -52,7 +43,6 @@ def corruption_benchmark_set(
     data_splits: pd.DataFrame,
     storage: PipelineStorage,
 ) -> dg.Output[ImageSet]:
-    check_corruptions(config.corruptions, config.severities)
     images, labels = split_arrays(clean_images, data_splits, "test")
     chosen = subsample(labels, config.max_images, seed=config.seed)
     workers = config.workers or os.cpu_count() or 1

@@ -5,16 +5,15 @@ import time
 import dagster as dg
 import numpy as np
 import pandas as pd
-from pydantic import Field
 
 from bc_pipeline.core.artifacts import ImageSet
 from bc_pipeline.core.chunks import every_tenth
 from bc_pipeline.core.plots import group_examples
 from bc_pipeline.core.storage import save_parquet
 from bc_pipeline.dagster_utils import metadata as md
-from bc_pipeline.dagster_utils.versions import versioned, with_config
+from bc_pipeline.dagster_utils.versions import SettingsConfig, setting, versioned, with_config
 from bc_pipeline.defs.resources import PipelineStorage
-from bc_pipeline.quality.dedup import NearPairs, duplicate_counts, find_duplicates_cached, summarize_groups
+from bc_pipeline.quality.dedup import DedupSettings, NearPairs, duplicate_counts, find_duplicates_cached, summarize_groups
 from bc_pipeline.quality.hashing import HASH_ALGORITHM_VERSION, hash_hex, hash_with_cache
 
 
@@ -63,13 +62,11 @@ def _read_cache(path, context: dg.AssetExecutionContext, parse=lambda frame: fra
         return None
 
 
-class DuplicateConfig(dg.Config):
-    threshold: int = Field(
-        default=4,
-        ge=0,
-        le=64,
-        description="Two images are near duplicates when phash and dhash each differ in at most this many bits.",
-    )
+class DuplicateConfig(SettingsConfig):
+    """The near-duplicate threshold (quality.dedup.DedupSettings)."""
+
+    settings_class = DedupSettings
+    threshold: int = setting(DedupSettings, "threshold")
 
 
 @dg.asset(

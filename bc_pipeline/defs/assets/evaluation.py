@@ -11,19 +11,29 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
-from bc_pipeline.core.artifacts import ImageSet, PartitionedArtifacts, TrainedModel
+from bc_pipeline.core.artifacts import ImageSet, ModelFolder, PartitionedArtifacts
 from bc_pipeline.core.plots import markdown_image
 from bc_pipeline.core.storage import save_bytes, save_parquet
 from bc_pipeline.dagster_utils import automation
 from bc_pipeline.dagster_utils import metadata as md
 from bc_pipeline.dagster_utils.partitions import model_partitions
-from bc_pipeline.dagster_utils.versions import config_from_dataclass, to_dataclass, versioned, with_config
+from bc_pipeline.dagster_utils.versions import SettingsConfig, setting, versioned, with_config
 from bc_pipeline.defs.resources import ALL_PARTITIONS, PipelineStorage
 from bc_pipeline.evaluation.evaluate import TIMINGS, EvaluationSettings, evaluate_model, write_evaluation
-from bc_pipeline.evaluation.leaderboard import RANK_COLUMNS, leaderboard_figure, leaderboard_markdown, leaderboard_table
+from bc_pipeline.evaluation.leaderboard import LeaderboardSettings, leaderboard_figure, leaderboard_markdown, leaderboard_table
 from bc_pipeline.preparation.splits import split_arrays
+from bc_pipeline.training.model_folder import load_trained_model
 
-EvaluationConfig = config_from_dataclass(EvaluationSettings, name="EvaluationConfig")
+
+class EvaluationConfig(SettingsConfig):
+    """What an evaluation scores beyond the clean test split (evaluation.evaluate.EvaluationSettings)."""
+
+    settings_class = EvaluationSettings
+    robust_policy: str = setting(EvaluationSettings, "robust_policy")
+    tta: bool = setting(EvaluationSettings, "tta")
+    tta_views: list[str] = setting(EvaluationSettings, "tta_views")
+    tta_all_policies: bool = setting(EvaluationSettings, "tta_all_policies")
+    gradcam_per_class: int = setting(EvaluationSettings, "gradcam_per_class")
 
 
 @dg.asset(
@@ -39,17 +49,17 @@ def evaluation_report(
     config: EvaluationConfig,  # type: ignore[valid-type]
     clean_images: ImageSet,
     data_splits: pd.DataFrame,
-    trained_model: TrainedModel,
+    trained_model: ModelFolder,
     robustness_eval_sets: ImageSet,
     corruption_benchmark_set: ImageSet,
     storage: PipelineStorage,
 ) -> dg.Output[dict]:
     name = context.partition_key
     result = evaluate_model(
-        trained_model, name=name,
+        load_trained_model(trained_model), name=name,
         test=split_arrays(clean_images, data_splits, "test"), val=split_arrays(clean_images, data_splits, "val"),
         perturbed=robustness_eval_sets, corruption_set=corruption_benchmark_set,
-        settings=to_dataclass(config, EvaluationSettings), log=context.log.info,
+        settings=config.settings(), log=context.log.info,
     )  # fmt: skip
     paths = write_evaluation(result, storage.report_dir(f"evaluation_report/{name}"))
     metadata = {
@@ -69,9 +79,12 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
 
 
-class LeaderboardConfig(dg.Config):
-    rank_by: str = Field(default="accuracy", description=f"Column to rank by: one of {', '.join(RANK_COLUMNS)}.")
-    mce_baseline: str = Field(default="custom_cnn", description="Model the mean corruption error (mCE) is relative to.")
+class LeaderboardConfig(SettingsConfig):
+    """How the leaderboard ranks (evaluation.leaderboard.LeaderboardSettings)."""
+
+    settings_class = LeaderboardSettings
+    rank_by: str = setting(LeaderboardSettings, "rank_by")
+    mce_baseline: str = setting(LeaderboardSettings, "mce_baseline")
 
 
 @dg.asset(
@@ -90,8 +103,6 @@ def model_leaderboard(
 ) -> dg.Output[pd.DataFrame]:
     if not len(evaluation_report):
         raise dg.Failure(description="no model has been evaluated yet: materialize evaluation_report for a partition first")
-    if config.rank_by not in RANK_COLUMNS:
-        raise dg.Failure(description=f"rank_by must be one of {', '.join(RANK_COLUMNS)}, not {config.rank_by!r}")
     table = leaderboard_table(
         {name: evaluation_report[name] for name in evaluation_report}, rank_by=config.rank_by, mce_baseline=config.mce_baseline
     )
@@ -115,6 +126,8 @@ def model_leaderboard(
 
 
 class SubmissionConfig(dg.Config):
+    """Which model to package (the asset's own choice: no library setting behind it)."""
+
     model: str = Field(default="", description="Model partition to package; empty: the leaderboard's best.")
 
 
@@ -134,17 +147,16 @@ def submission_package(
     storage: PipelineStorage,
 ) -> dg.Output[dict]:
     from bc_pipeline.evaluation.submission import write_submission
-    from bc_pipeline.models.inference import weights_fingerprint
 
     name = config.model or str(model_leaderboard.iloc[0]["model"])
     if name not in trained_model:
         raise dg.Failure(description=f"model {name!r} has no trained model stored; trained: {', '.join(trained_model) or 'none'}")
-    chosen = trained_model[name]
+    chosen = load_trained_model(trained_model[name])
     row = model_leaderboard.loc[model_leaderboard["model"] == name]
     scores = row.iloc[0].to_dict() if len(row) else {}
     folder = storage.root / "submission"
-    info = {"model": name, "temperature": chosen.info.get("temperature", 1.0), **scores}
-    write_submission(chosen.model, chosen.info["class_names"], folder, info=info)
+    info = {"model": name, "temperature": chosen.record.temperature or 1.0, **scores}
+    write_submission(chosen.model, chosen.record.class_names, folder, info=info)
     context.log.info(f"packaged {name} in {folder}")
     summary = {"model": name, "folder": str(folder), "accuracy": scores.get("accuracy"), "robust_accuracy": scores.get("robust_accuracy")}
     metadata = {
@@ -154,4 +166,4 @@ def submission_package(
         "accuracy": _round(scores.get("accuracy")),
         "robust_accuracy": _round(scores.get("robust_accuracy")),
     }
-    return versioned(summary, name, weights_fingerprint(chosen.model), metadata=metadata)
+    return versioned(summary, name, chosen.record.weights_fingerprint, metadata=metadata)

@@ -2,25 +2,21 @@
 
 import dagster as dg
 import pandas as pd
-from pydantic import Field, model_validator
 
 from bc_pipeline.core.artifacts import ImageSet
 from bc_pipeline.dagster_utils import metadata as md
-from bc_pipeline.dagster_utils.versions import versioned, with_config
-from bc_pipeline.preparation.splits import SPLITS, make_split_table, proportion_gaps
+from bc_pipeline.dagster_utils.versions import SettingsConfig, setting, versioned, with_config
+from bc_pipeline.preparation.splits import SPLITS, SplitSettings, make_split_table, proportion_gaps
 
 
-class SplitConfig(dg.Config):
-    train: float = Field(default=0.8, gt=0, lt=1)
-    val: float = Field(default=0.1, gt=0, lt=1)
-    test: float = Field(default=0.1, gt=0, lt=1)
-    seed: int = 0
+class SplitConfig(SettingsConfig):
+    """Split shares and seed (preparation.splits.SplitSettings); the shares must sum to 1."""
 
-    @model_validator(mode="after")
-    def _fractions_sum_to_one(self) -> "SplitConfig":
-        if abs(self.train + self.val + self.test - 1.0) > 1e-6:
-            raise ValueError(f"train + val + test must be 1, got {self.train + self.val + self.test}")
-        return self
+    settings_class = SplitSettings
+    train: float = setting(SplitSettings, "train")
+    val: float = setting(SplitSettings, "val")
+    test: float = setting(SplitSettings, "test")
+    seed: int = setting(SplitSettings, "seed")
 
 
 @dg.asset(
@@ -32,9 +28,8 @@ class SplitConfig(dg.Config):
 def data_splits(
     context: dg.AssetExecutionContext, config: SplitConfig, clean_images: ImageSet
 ) -> dg.Output[pd.DataFrame]:
-    table = make_split_table(
-        clean_images.manifest, fractions=(config.train, config.val, config.test), seed=config.seed
-    )
+    settings = config.settings()
+    table = make_split_table(clean_images.manifest, fractions=settings.fractions, seed=settings.seed)
     per_class = pd.crosstab(table["label"], table["split"]).reindex(columns=list(SPLITS), fill_value=0)
     sizes = table["split"].value_counts().reindex(list(SPLITS), fill_value=0)
     context.log.info(f"split sizes: {sizes.to_dict()}")

@@ -1,60 +1,107 @@
-"""Stage 4: train each model of the zoo (one partition per model) in the Pipes training worker (bc_pipeline.training.worker)."""
+"""Stage 4: train each model of the zoo (one partition per model) in the Pipes training worker (bc_pipeline.training.worker).
 
-import dataclasses
+The asset prepares a job (``training.job``), launches the worker through the ``training_worker``
+resource, relays the worker's events into the run's log as they arrive, and returns the model
+folder with its figures. The ``ensemble`` partition averages stored models instead (``training.ensemble``).
+"""
 
 import dagster as dg
 import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from bc_pipeline.core.artifacts import ImageSet, ModelFolder, ShardSet, read_model_folder, training_metadata
+from bc_pipeline.core.artifacts import ImageSet, ModelFolder, ShardSet
 from bc_pipeline.dagster_utils import automation
 from bc_pipeline.dagster_utils import metadata as md
-from bc_pipeline.dagster_utils.launch import TRAINING_STEP_K8S_CONFIG, describe_failure
+from bc_pipeline.dagster_utils.launch import TRAINING_STEP_K8S_CONFIG
 from bc_pipeline.dagster_utils.partitions import model_partitions
-from bc_pipeline.dagster_utils.versions import config_from_dataclass, overrides_of, to_dataclass, versioned, with_config
+from bc_pipeline.dagster_utils.progress import record_worker_event
+from bc_pipeline.dagster_utils.versions import SettingsConfig, override, setting, versioned, with_config
 from bc_pipeline.defs.resources import PipelineStorage, TrainingWorker
 from bc_pipeline.models.zoo import ENSEMBLE, ModelSpec, WeightsUnavailableError, model_spec
 from bc_pipeline.preparation.balancing import class_weight_of
 from bc_pipeline.preparation.splits import split_arrays, split_rows
-from bc_pipeline.training.job import Placement, TrainingInputs, prepare_job
-from bc_pipeline.training.settings import Phase, TrainingSettings
-from bc_pipeline.training.spec import FAILURE_FILE
-from bc_pipeline.training.worker.report import EPOCH
+from bc_pipeline.training.events import WorkerEvent
+from bc_pipeline.training.job import JobFolders, Placement, TrainingInputs, TrainingJob, prepare_job
+from bc_pipeline.training.model_folder import record_metadata, write_model_folder
+from bc_pipeline.training.settings import (
+    BatchAugment,
+    ConsistencyLoss,
+    Loss,
+    LrSchedule,
+    Optimizer,
+    Phase,
+    Switch,
+    TrainingSettings,  # fmt: skip
+)
 
 # Fields of a zoo entry (models.zoo.ModelSpec) a run may override for every model it trains.
 MODEL_OVERRIDES = ("image_size", "weights", "head", "dropout", "frozen_layers")
 
-PhaseConfig = config_from_dataclass(Phase, name="PhaseConfig")
+
+class PhaseConfig(SettingsConfig):
+    """One phase of an explicit schedule (training.settings.Phase)."""
+
+    settings_class = Phase
+    trainable: str = setting(Phase, "trainable")
+    learning_rate: float = setting(Phase, "learning_rate")
+    epochs: int = setting(Phase, "epochs")
+    patience: int = setting(Phase, "patience")
+    restore_best: bool = setting(Phase, "restore_best")
 
 
-class _TrainingRun(overrides_of(ModelSpec, MODEL_OVERRIDES, name="ModelOverrides")):  # type: ignore[misc]
-    """What a run adds to the training settings: model overrides, resuming, the ensemble's members."""
+class TrainingConfig(SettingsConfig):
+    """Training settings for every model partition of the run (training.settings.TrainingSettings, the one
+    schema), overrides of the partition's zoo entry (models.zoo.REGISTRY), resuming, and the ensemble's members."""
 
+    settings_class = TrainingSettings
+    epochs: int = setting(TrainingSettings, "epochs")
+    batch_size: int = setting(TrainingSettings, "batch_size")
+    learning_rate: float = setting(TrainingSettings, "learning_rate")
+    patience: int = setting(TrainingSettings, "patience")
+    phases: list[PhaseConfig] = setting(TrainingSettings, "phases")
+    lr_schedule: LrSchedule = setting(TrainingSettings, "lr_schedule")
+    lr_decay: float = setting(TrainingSettings, "lr_decay")
+    cycle_epochs: int = setting(TrainingSettings, "cycle_epochs")
+    cycle_min_factor: float = setting(TrainingSettings, "cycle_min_factor")
+    optimizer: Optimizer = setting(TrainingSettings, "optimizer")
+    weight_decay: float = setting(TrainingSettings, "weight_decay")
+    loss: Loss = setting(TrainingSettings, "loss")
+    focal_gamma: float = setting(TrainingSettings, "focal_gamma")
+    focal_alpha: float = setting(TrainingSettings, "focal_alpha")
+    label_smoothing: float = setting(TrainingSettings, "label_smoothing")
+    augment: bool = setting(TrainingSettings, "augment")
+    seed: int = setting(TrainingSettings, "seed")
+    batch_augment: BatchAugment = setting(TrainingSettings, "batch_augment")
+    batch_augment_probability: float = setting(TrainingSettings, "batch_augment_probability")
+    include_original: bool = setting(TrainingSettings, "include_original")
+    template_augmentation: bool = setting(TrainingSettings, "template_augmentation")
+    template_probability: float = setting(TrainingSettings, "template_probability")
+    template_max_weight: float = setting(TrainingSettings, "template_max_weight")
+    mixed_precision: Switch = setting(TrainingSettings, "mixed_precision")
+    jit_compile: Switch = setting(TrainingSettings, "jit_compile")
+    cv_folds: int = setting(TrainingSettings, "cv_folds")
+    retrain_on_validation: bool = setting(TrainingSettings, "retrain_on_validation")
+    consistency_loss: ConsistencyLoss = setting(TrainingSettings, "consistency_loss")
+    consistency_weight: float = setting(TrainingSettings, "consistency_weight")
+    # Overrides of the partition's zoo entry (None: the registry's value). Dagster config has no
+    # optional Literal: ``head`` is a string here, checked by models.zoo.check_spec.
+    image_size: int | None = override(ModelSpec, "image_size")
+    weights: str | None = override(ModelSpec, "weights")
+    head: str | None = override(ModelSpec, "head")
+    dropout: float | None = override(ModelSpec, "dropout")
+    frozen_layers: int | None = override(ModelSpec, "frozen_layers")
     resume: bool = Field(default=True, description="Checkpoint every epoch and resume an interrupted training.")
     ensemble_members: list[str] = Field(
         default=[], description="The 'ensemble' partition: models whose probabilities it averages (empty: every trained model).",
     )
 
     def settings(self) -> TrainingSettings:
-        return to_dataclass(self, TrainingSettings, phases=Phase)
+        return TrainingSettings.from_json(self.model_dump(exclude={*MODEL_OVERRIDES, "resume", "ensemble_members"}))
 
     def spec(self, name: str) -> ModelSpec:
+        """The partition's zoo entry with this run's overrides (an unknown head or size is refused there)."""
         return model_spec(name, **{field: getattr(self, field) for field in MODEL_OVERRIDES})
-
-
-TrainingConfig = config_from_dataclass(
-    TrainingSettings, name="TrainingConfig", base=_TrainingRun, nested={"phases": PhaseConfig},
-    doc="Training settings for every model partition of the run (training.settings.TrainingSettings, the one "
-    "schema), plus overrides of the partition's zoo entry (models.zoo.REGISTRY) for this run.",
-)  # fmt: skip
-
-
-def _inputs(balanced: ImageSet, shards: ShardSet, images: ImageSet, splits: pd.DataFrame, templates: np.ndarray) -> TrainingInputs:
-    return TrainingInputs(
-        train=balanced, shards=shards, images=images, val_rows=split_rows(splits, "val"), templates=templates,
-        num_classes=len(balanced.class_names), class_weight=class_weight_of(balanced.tables["class_counts"]),
-    )  # fmt: skip
 
 
 @dg.asset(
@@ -70,7 +117,7 @@ def _inputs(balanced: ImageSet, shards: ShardSet, images: ImageSet, splits: pd.D
 )
 def trained_model(
     context: dg.AssetExecutionContext,
-    config: TrainingConfig,  # type: ignore[valid-type]
+    config: TrainingConfig,
     balanced_train_set: ImageSet,
     augmented_train_set: ShardSet,
     clean_images: ImageSet,
@@ -86,31 +133,45 @@ def trained_model(
         spec = config.spec(name)
     except (ValueError, KeyError, WeightsUnavailableError) as error:
         raise dg.Failure(description=str(error)) from None
-    job = prepare_job(
-        storage.cache_dir() / "training" / name, storage.staging_dir(f"trained_model/{name}"), data_root=storage.root,
-        model=spec, settings=config.settings(), inputs=_inputs(balanced_train_set, augmented_train_set, clean_images, data_splits, noise_templates),
-        placement=Placement(worker.keras_backend, worker.device, worker.input_workers),
-        checkpoint_dir=storage.cache_dir() / "checkpoints" / "trained_model" / name if config.resume else None,
-        info={"class_names": list(balanced_train_set.class_names), "settings": dataclasses.asdict(config.settings()),
-              "augmentation_policies": sorted(set(augmented_train_set.manifest.get("policy", [])))},
-    )  # fmt: skip
+    inputs = TrainingInputs(train=balanced_train_set, shards=augmented_train_set, images=clean_images, val_rows=split_rows(data_splits, "val"),
+                            templates=noise_templates, class_weight=class_weight_of(balanced_train_set))  # fmt: skip
+    job = prepare_job(_folders(storage, name, config.resume), model=spec, settings=config.settings(), inputs=inputs,
+                      placement=Placement(worker.keras_backend, worker.device, worker.input_workers))  # fmt: skip
     context.log.info(f"launching the {worker.keras_backend} training worker ({worker.launcher}) on {job.spec_path}")
+    epochs = _launch(context, worker, job, storage)
+    record, history = job.result()
+    metadata = {**record_metadata(record, history), "epochs_streamed": epochs, "history": md.table(history.round(4))}
+    return versioned(ModelFolder(job.output_dir), digest=record.weights_fingerprint, metadata=metadata)
+
+
+def _folders(storage: PipelineStorage, name: str, resume: bool) -> JobFolders:
+    cache = storage.cache_dir()
+    return JobFolders(job_dir=cache / "training" / name, output_dir=storage.staging_dir(f"trained_model/{name}"),
+                      data_root=storage.root, checkpoint_dir=cache / "checkpoints" / "trained_model" / name if resume else None)  # fmt: skip
+
+
+def _launch(context: dg.AssetExecutionContext, worker: TrainingWorker, job: TrainingJob, storage: PipelineStorage) -> int:
+    """Run the worker, its events recorded in the run's log as they arrive; how many epochs it reported."""
+    epochs = 0
+
+    def relay(message: object) -> None:
+        nonlocal epochs
+        event = WorkerEvent.from_message(message)
+        if event is not None:
+            record_worker_event(context, event)
+            epochs += event.kind == "epoch"
+
     try:
-        messages = worker.run(context, job.spec_path, storage.root)
+        worker.run(context, job.spec_path, storage.root, on_message=relay)
     except dg.Failure:
         raise
     except Exception as error:  # noqa: BLE001 - any launcher's error: explained, with what to do next
-        raise dg.Failure(description=describe_failure(
-            name, error, failure_file=job.output_dir / FAILURE_FILE, checkpoint_dir=job.checkpoint_dir, launcher=worker.launcher,
-        )) from None  # fmt: skip
-    info, history = read_model_folder(job.output_dir)
-    streamed = sum(1 for m in messages if isinstance(m, dict) and m.get("kind") == EPOCH)
-    metadata = {**training_metadata(spec, info, history), "epochs_streamed": streamed, "history": md.table(history.round(4))}
-    return versioned(ModelFolder(job.output_dir), digest=info["weights_fingerprint"], metadata=metadata)
+        raise dg.Failure(description=job.explain_failure(error, worker.launcher)) from None
+    return epochs
 
 
 def _ensemble(
-    context: dg.AssetExecutionContext, config: TrainingConfig, images: ImageSet, splits: pd.DataFrame, storage: PipelineStorage  # type: ignore[valid-type]
+    context: dg.AssetExecutionContext, config: TrainingConfig, images: ImageSet, splits: pd.DataFrame, storage: PipelineStorage
 ) -> dg.Output[ModelFolder]:
     """The 'ensemble' partition: the stored member models averaged (training.ensemble), no training.
 
@@ -118,15 +179,14 @@ def _ensemble(
     partition to refresh it.
     """
     from bc_pipeline.training.ensemble import EnsembleError, assemble_ensemble
-    from bc_pipeline.training.worker.run import write_model_folder
 
     val_x, val_y = split_arrays(images, splits, "val")
     try:
-        result = assemble_ensemble(storage.root / "assets" / "trained_model", config.ensemble_members, val_x, val_y)
+        trained = assemble_ensemble(storage.root / "assets" / "trained_model", config.ensemble_members, val_x, val_y)
     except EnsembleError as error:
         raise dg.Failure(description=str(error)) from None
-    folder = write_model_folder(storage.staging_dir(f"trained_model/{ENSEMBLE}"), result)
-    info = result.info
-    context.log.info(f"ensemble of {', '.join(info['members'])}: temperature {info['temperature']:.3f}")
-    metadata = {"members": ", ".join(info["members"]), "parameters": info["parameters"], "temperature": info["temperature"]}
-    return versioned(ModelFolder(folder), digest=info["weights_fingerprint"], metadata=metadata)
+    folder = write_model_folder(storage.staging_dir(f"trained_model/{ENSEMBLE}"), trained)
+    record = trained.record
+    context.log.info(f"ensemble of {', '.join(record.ensemble.members)}: temperature {record.temperature:.3f}")
+    metadata = {"members": ", ".join(record.ensemble.members), "parameters": record.parameters, "temperature": record.temperature}
+    return versioned(ModelFolder(folder), digest=record.weights_fingerprint, metadata=metadata)

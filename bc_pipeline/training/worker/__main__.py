@@ -9,10 +9,8 @@ from pathlib import Path
 
 from bc_pipeline.core.processes import exit_with_parent
 from bc_pipeline.models.zoo import WeightsUnavailableError
-from bc_pipeline.training.spec import FAILURE_FILE, SpecError, WorkerSpec
+from bc_pipeline.training.spec import EXIT_CANNOT_START, FAILURE_FILE, SpecError, WorkerSpec
 from bc_pipeline.training.worker.backend import WorkerStartError
-
-EXIT_CANNOT_START = 3  # a backend, device or input is missing: retrying will not help
 
 
 def main(argv: list[str] | None = None) -> int:

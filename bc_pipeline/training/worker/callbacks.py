@@ -9,18 +9,16 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import keras
 import numpy as np
 
+from bc_pipeline.training.events import Emit, WorkerEvent
 from bc_pipeline.training.worker.checkpoint import Checkpoint, TrainingState
 
 if TYPE_CHECKING:
     from bc_pipeline.training.settings import Phase, TrainingSettings
-
-Log = Callable[[str], None]
-
 
 def rate_callbacks(
     settings: TrainingSettings, phase: Phase, phase_start: int, steps_per_epoch: int
@@ -92,13 +90,9 @@ class PhaseMonitor(keras.callbacks.Callback):
     without improvement, history) lives in one object, ``state``, which the checkpoint saves.
     """
 
-    def __init__(
-        self, phase: int, patience: int, state: TrainingState, checkpoint: Checkpoint, log: Log,
-        progress: Callable[[dict[str, Any]], None] | None = None,
-    ) -> None:  # fmt: skip
+    def __init__(self, phase: int, patience: int, state: TrainingState, checkpoint: Checkpoint, emit: Emit) -> None:
         super().__init__()
-        self.phase, self.patience, self.state, self.checkpoint, self.log = phase, patience, state, checkpoint, log
-        self.progress = progress
+        self.phase, self.patience, self.state, self.checkpoint, self.emit = phase, patience, state, checkpoint, emit
         self.best_weights: list[np.ndarray] | None = None
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
@@ -115,14 +109,8 @@ class PhaseMonitor(keras.callbacks.Callback):
             self.checkpoint.save_best(self.model)
         if self.state.phase_stopped:
             self.model.stop_training = True
-        self.log(
-            f"epoch {epoch + 1} (phase {self.phase + 1}): loss {logs.get('loss', np.nan):.4f} "
-            f"acc {logs.get('accuracy', np.nan):.4f} | val_loss {val_loss:.4f} "
-            f"val_acc {logs.get('val_accuracy', np.nan):.4f} | lr {lr:.2e} | {seconds:.1f}s"
-        )
         self.checkpoint.save(self.model, self.state)
-        if self.progress is not None:
-            self.progress(row)
+        self.emit(WorkerEvent("epoch", row))
 
     def restore_best(self, model: keras.Model) -> None:
         """The phase's best weights: from memory, or from the checkpoint after a resume."""

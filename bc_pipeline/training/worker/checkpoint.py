@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
-import uuid
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from bc_pipeline.core.storage import save_json
-
-Log = Callable[[str], None]
+from bc_pipeline.core.storage import save_json, save_via_temp
+from bc_pipeline.training.events import Emit, WorkerEvent
 
 
 @dataclass
@@ -109,8 +105,8 @@ class Checkpoint:
         if self.directory is not None and (self.directory / "best.weights.h5").is_file():
             model.load_weights(self.directory / "best.weights.h5")
 
-    def load(self, log: Log) -> tuple[Any, TrainingState] | None:
-        """(model, state) from a matching checkpoint, or None to start from scratch."""
+    def load(self, emit: Emit) -> tuple[Any, TrainingState] | None:
+        """(model, state) from a matching checkpoint, or None to start from scratch (``emit`` hears which)."""
         if self.directory is None or not (self.directory / "state.json").is_file():
             return None
         import keras
@@ -118,35 +114,21 @@ class Checkpoint:
         try:
             saved = json.loads((self.directory / "state.json").read_text())
             if saved.get("key") != self.key:
-                log(f"discarding the checkpoint in {self.directory}: it was made with other data or settings")
+                emit(WorkerEvent("discarded", {"directory": str(self.directory), "reason": "it was made with other data or settings"}))
                 self.clear()
                 return None
             model = keras.saving.load_model(self.directory / saved["model"])
         except Exception as error:  # noqa: BLE001 - a damaged checkpoint costs its epochs, never the run
             first = (str(error).strip().splitlines() or [""])[0][:200]
-            log(f"discarding the checkpoint in {self.directory}: it is damaged ({type(error).__name__}: {first}); "
-                "training starts from scratch")  # fmt: skip
+            reason = f"it is damaged ({type(error).__name__}: {first}); training starts from scratch"
+            emit(WorkerEvent("discarded", {"directory": str(self.directory), "reason": reason}))
             self.clear()
             return None
         state = replace(TrainingState.from_json(saved), resumed_from_epoch=saved["epochs_done"],
                         seconds_before_resume=saved["elapsed"])  # fmt: skip
-        log(f"resuming from the checkpoint after epoch {saved['epochs_done']} (phase {min(saved['phase'] + 1, 99)})")
+        emit(WorkerEvent("resumed", {"epoch": saved["epochs_done"], "phase": min(saved["phase"] + 1, 99)}))
         return model, state
 
     def clear(self) -> None:
         if self.directory is not None:
             shutil.rmtree(self.directory, ignore_errors=True)
-
-
-def save_via_temp(path: Path, save: Callable[[Path], Any]) -> None:
-    """Save through a temporary sibling and rename it into place.
-
-    Keras picks the format from the suffix, so the temporary name keeps it (``.name.1a2b.keras``).
-    """
-    suffix = "".join(path.suffixes)
-    tmp = path.with_name(f".{path.name.removesuffix(suffix)}.{uuid.uuid4().hex[:8]}{suffix}")
-    try:
-        save(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

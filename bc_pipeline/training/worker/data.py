@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
+
+from bc_pipeline.training.settings import TrainingSettings
 
 BATCH_AUGMENTS = ("none", "mixup", "cutmix", "mixup+cutmix")
 MIXUP_ALPHA = 0.2  # keras-cv's MixUp default: most pairs stay close to one of the two images
@@ -222,66 +225,71 @@ class _Schedule:
         return rows
 
 
-def training_batches(
-    pool: ImagePool,
-    *,
-    num_classes: int,
-    batch_size: int,
-    seed: int,
-    augment: bool = True,
-    templates: np.ndarray | None = None,
-    template_probability: float = 0.0,
-    template_max_weight: float = 0.0,
-    batch_augment: str = "none",
-    batch_augment_probability: float = 0.5,
-    workers: int = 1,
-) -> object:
+@dataclass(frozen=True, eq=False)  # eq=False: templates are an array
+class BatchRecipe:
+    """How training batches are made: the input pipeline's settings as one value.
+
+    :meth:`from_settings` takes them from a run's :class:`TrainingSettings` (what the trainer does);
+    the defaults are that dataclass's own, so a recipe made by hand with only ``num_classes`` makes
+    the batches default settings make. ``templates`` None: no template superimposition.
+    """
+
+    num_classes: int
+    batch_size: int = TrainingSettings.batch_size
+    seed: int = TrainingSettings.seed
+    augment: bool = TrainingSettings.augment
+    templates: np.ndarray | None = None
+    template_probability: float = TrainingSettings.template_probability
+    template_max_weight: float = TrainingSettings.template_max_weight
+    batch_augment: str = TrainingSettings.batch_augment
+    batch_augment_probability: float = TrainingSettings.batch_augment_probability
+
+    def __post_init__(self) -> None:
+        if self.batch_augment not in BATCH_AUGMENTS:
+            raise ValueError(f"unknown batch augmentation {self.batch_augment!r}; use one of {', '.join(BATCH_AUGMENTS)}")
+
+    @classmethod
+    def from_settings(cls, settings: TrainingSettings, num_classes: int, templates: np.ndarray | None = None) -> BatchRecipe:
+        return cls(
+            num_classes=num_classes, batch_size=settings.batch_size, seed=settings.seed, augment=settings.augment,
+            templates=templates, template_probability=settings.template_probability,
+            template_max_weight=settings.template_max_weight, batch_augment=settings.batch_augment,
+            batch_augment_probability=settings.batch_augment_probability,
+        )  # fmt: skip
+
+
+def training_batches(pool: ImagePool, recipe: BatchRecipe, *, workers: int = 1) -> object:
     """An endless ``PyDataset`` of (uint8 images, one-hot float32 labels) batches from ``pool``.
 
     ``workers`` > 1 builds that many batches at once in threads: numpy releases the GIL in the
     copies and arithmetic that make up a batch. Give ``steps_per_epoch`` to ``fit``.
     """
-    if batch_augment not in BATCH_AUGMENTS:
-        raise ValueError(f"unknown batch augmentation {batch_augment!r}; use one of {', '.join(BATCH_AUGMENTS)}")
     base = _keras_py_dataset()
 
     class TrainingBatches(base):  # type: ignore[misc, valid-type]
         def __init__(self) -> None:
             super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=max(8, 2 * workers))
-            self.schedule = _Schedule(len(pool), batch_size, seed)
+            self.schedule = _Schedule(len(pool), recipe.batch_size, recipe.seed)
 
         @property
         def num_batches(self) -> None:
             return None  # endless: the epoch length is fit's steps_per_epoch
 
         def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-            return make_batch(
-                pool, self.schedule.rows(index), np.random.default_rng([seed, 1, index]), num_classes=num_classes,
-                augment=augment, templates=templates, template_probability=template_probability,
-                template_max_weight=template_max_weight, batch_augment=batch_augment,
-                batch_augment_probability=batch_augment_probability,
-            )  # fmt: skip
+            return make_batch(pool, self.schedule.rows(index), np.random.default_rng([recipe.seed, 1, index]), recipe)
 
     return TrainingBatches()
 
 
 def view_batches(
-    originals: np.ndarray,
-    copies: Sequence[np.ndarray],
-    labels: np.ndarray,
-    *,
-    num_classes: int,
-    batch_size: int,
-    seed: int,
-    augment: bool = True,
-    workers: int = 1,
+    originals: np.ndarray, copies: Sequence[np.ndarray], labels: np.ndarray, recipe: BatchRecipe, *, workers: int = 1
 ) -> object:
     """An endless ``PyDataset`` of ``[clean; view 1; view 2]`` batches for AugMix's consistency loss.
 
-    Batch ``i`` draws ``batch_size`` rows of the training set (a fresh permutation per pass, as
-    :func:`training_batches`), then the same rows of two different stored augmented copies, so the
-    three blocks show the same cells; labels are repeated three times. Flips and turns are drawn
-    per image and block.
+    Batch ``i`` draws ``recipe.batch_size`` rows of the training set (a fresh permutation per pass,
+    as :func:`training_batches`), then the same rows of two different stored augmented copies, so
+    the three blocks show the same cells; labels are repeated three times. Flips and turns (when
+    ``recipe.augment``) are drawn per image and block; the recipe's mixing and templates do not apply.
     """
     if len(copies) < 2:
         raise ValueError(f"the consistency loss needs at least 2 stored augmented copies, found {len(copies)}: "
@@ -292,7 +300,7 @@ def view_batches(
     class ViewBatches(base):  # type: ignore[misc, valid-type]
         def __init__(self) -> None:
             super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=max(8, 2 * workers))
-            self.schedule = _Schedule(len(labels), batch_size, seed)
+            self.schedule = _Schedule(len(labels), recipe.batch_size, recipe.seed)
 
         @property
         def num_batches(self) -> None:
@@ -300,39 +308,27 @@ def view_batches(
 
         def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
             rows = np.sort(self.schedule.rows(index))
-            rng = np.random.default_rng([seed, 2, index])
+            rng = np.random.default_rng([recipe.seed, 2, index])
             first, second = rng.choice(len(copies), size=2, replace=False)
             blocks = [np.take(source, rows, axis=0) for source in (originals, copies[first], copies[second])]
-            if augment:
+            if recipe.augment:
                 blocks = [flip_and_turn(block, rng) for block in blocks]
-            target = one_hot(labels[rows], num_classes)
+            target = one_hot(labels[rows], recipe.num_classes)
             return np.concatenate(blocks), np.concatenate([target] * 3)
 
     return ViewBatches()
 
 
-def make_batch(
-    pool: ImagePool,
-    rows: np.ndarray,
-    rng: np.random.Generator,
-    *,
-    num_classes: int,
-    augment: bool,
-    templates: np.ndarray | None,
-    template_probability: float,
-    template_max_weight: float,
-    batch_augment: str,
-    batch_augment_probability: float,
-) -> tuple[np.ndarray, np.ndarray]:
+def make_batch(pool: ImagePool, rows: np.ndarray, rng: np.random.Generator, recipe: BatchRecipe) -> tuple[np.ndarray, np.ndarray]:
     """One training batch: gather, flip/turn, overlay templates, then maybe MixUp or CutMix."""
     images, labels = pool.gather(rows)
-    labels = one_hot(labels, num_classes)
-    if augment:
+    labels = one_hot(labels, recipe.num_classes)
+    if recipe.augment:
         images = flip_and_turn(images, rng)
-    if templates is not None and len(templates):
-        images = blend_templates(images, templates, rng, template_probability, template_max_weight)
-    if batch_augment != "none" and rng.random() < batch_augment_probability:
-        images, labels = mix_batch(batch_augment, images, labels, rng)
+    if recipe.templates is not None and len(recipe.templates):
+        images = blend_templates(images, recipe.templates, rng, recipe.template_probability, recipe.template_max_weight)
+    if recipe.batch_augment != "none" and rng.random() < recipe.batch_augment_probability:
+        images, labels = mix_batch(recipe.batch_augment, images, labels, rng)
     return images, labels
 
 

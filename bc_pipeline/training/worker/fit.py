@@ -18,14 +18,23 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bc_pipeline.core.artifacts import TrainedModel
 from bc_pipeline.core.storage import fingerprint
 from bc_pipeline.models.inference import resize_like_model
 from bc_pipeline.models.zoo import ModelSpec, build_model, set_trainable
+from bc_pipeline.training.events import Emit, WorkerEvent
+from bc_pipeline.training.model_folder import TrainingFacts
 from bc_pipeline.training.settings import Phase, TrainingSettings
 from bc_pipeline.training.worker.backend import Device, configure_device, precision_policy, use_jit
 from bc_pipeline.training.worker.checkpoint import Checkpoint, TrainingState
-from bc_pipeline.training.worker.data import ImagePool, evaluation_batches, feed, select_rows, training_batches, view_batches
+from bc_pipeline.training.worker.data import (
+    BatchRecipe,
+    ImagePool,
+    evaluation_batches,
+    feed,
+    select_rows,
+    training_batches,
+    view_batches,
+)
 
 Log = Callable[[str], None]
 
@@ -110,22 +119,45 @@ class RunOptions:
     """How a training runs and reports, as opposed to what it learns (data, spec, settings).
 
     ``checkpoint_dir``: save the model, its optimizer and the schedule's progress after every epoch
-    and resume from there (None: no checkpoints). ``log`` gets each line of the run; ``progress``
-    each epoch's history row as it ends (the worker streams them to Dagster). ``device``: where to
-    train (default: the backend's GPU if it has one); ``input_workers`` threads build training
-    batches ahead of the model.
+    and resume from there (None: no checkpoints). ``log`` gets each free-text line of the run;
+    ``events`` each :class:`WorkerEvent` (resumed, every epoch's history row; the worker streams
+    them to Dagster), or, when None, ``log`` gets their lines. ``device``: where to train (default:
+    the backend's GPU if it has one); ``input_workers`` threads build training batches ahead of
+    the model.
     """
 
     checkpoint_dir: Path | None = None
     log: Log = print
-    progress: Callable[[dict[str, Any]], None] | None = None
+    events: Emit | None = None
     device: Device | None = None
     input_workers: int = 1
+
+    def emit(self, event: WorkerEvent) -> None:
+        """``event`` to ``events``, or its line to ``log``."""
+        if self.events is not None:
+            self.events(event)
+        else:
+            self.log(event.text())
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: a Keras model and a frame have no plain equality
+class Fitted:
+    """What one call of :func:`train_classifier` leaves: the model, its per-epoch history, the facts of the run.
+
+    ``temperature`` is set when epoch selection calibrated on held-out predictions already (a
+    retrain on validation leaves no held-out split); otherwise the worker calibrates afterwards.
+    """
+
+    model: Any
+    history: pd.DataFrame
+    facts: TrainingFacts
+    temperature: float | None = None
+    temperature_source: str | None = None
 
 
 def train_classifier(
     data: TrainingData, spec: ModelSpec, settings: TrainingSettings, options: RunOptions = RunOptions()
-) -> TrainedModel:
+) -> Fitted:
     """Build ``spec`` and fit it phase by phase, early-stopped on validation loss.
 
     Training draws from the training set and all its augmented copies (the originals only if
@@ -146,7 +178,7 @@ def train_classifier(
                device=device, checkpoint=Checkpoint(options.checkpoint_dir, _run_key(spec, settings, data)))  # fmt: skip
     with _global_dtype_policy(precision_policy(settings.mixed_precision, device)):
         keras.utils.set_random_seed(settings.seed)
-        resumed = run.checkpoint.load(options.log)
+        resumed = run.checkpoint.load(options.emit)
         model, state = resumed if resumed else (build_model(spec, data.num_classes), TrainingState())
         feeds = run.feeds(model)
         start = time.perf_counter()
@@ -228,7 +260,7 @@ class _Run:
         if state.phase_epochs == 0:  # a fresh phase: set trainable layers, start a new optimizer
             self._start_phase(model, phase, state)
         remaining = phase.epochs - state.phase_epochs
-        monitor = PhaseMonitor(index, phase.patience, state, self.checkpoint, self.options.log, self.options.progress)
+        monitor = PhaseMonitor(index, phase.patience, state, self.checkpoint, self.options.emit)
         rates = rate_callbacks(self.settings, phase, state.phase_start, feeds.steps)
         if remaining > 0 and not state.phase_stopped:
             model.fit(
@@ -264,30 +296,20 @@ class _Run:
         self.options.log(f"phase {state.phase + 1}: trainable={phase.trainable} ({trainable} weight tensors), "
                          f"lr {phase.learning_rate:g}, up to {phase.epochs} epochs")  # fmt: skip
 
-    def result(self, model: Any, state: TrainingState, feeds: _Feeds, seconds: float) -> TrainedModel:
+    def result(self, model: Any, state: TrainingState, feeds: _Feeds, seconds: float) -> Fitted:
         """The fitted model, its history and the facts of the run (``seconds``: this call's training time)."""
         import keras
 
         history = pd.DataFrame(state.history).astype({"epoch": "int64", "phase": "int64"})
-        info = {
-            "model_name": self.spec.name,
-            "spec": asdict(self.spec),
-            "phases": [asdict(p) for p in self.phases],
-            "device": self.device.description,
-            "backend": keras.backend.backend(),
-            "keras_version": keras.__version__,
-            "dtype_policy": precision_policy(self.settings.mixed_precision, self.device),
-            "train_seconds": round(seconds + state.seconds_before_resume, 1),
-            "resumed_from_epoch": state.resumed_from_epoch,
-            "epochs_run": int(len(history)),
-            "best_epoch": best_epoch(history),
-            "parameters": int(model.count_params()),
-            "class_weight": self.data.class_weight,
-            "pool_images": int(feeds.pool_images),
-            "augmented_shards": len(self.data.augmented),
-            "augmentation_templates": feeds.templates,
-        }
-        return TrainedModel(model=model, history=history, info=info)
+        facts = TrainingFacts(
+            spec=self.spec, phases=self.phases, device=self.device.description, backend=keras.backend.backend(),
+            keras_version=keras.__version__, dtype_policy=precision_policy(self.settings.mixed_precision, self.device),
+            train_seconds=round(seconds + state.seconds_before_resume, 1), epochs_run=int(len(history)),
+            best_epoch=best_epoch(history), pool_images=int(feeds.pool_images), augmented_shards=len(self.data.augmented),
+            augmentation_templates=feeds.templates, class_weight=self.data.class_weight,
+            resumed_from_epoch=state.resumed_from_epoch,
+        )  # fmt: skip
+        return Fitted(model=model, history=history, facts=facts)
 
 
 @contextmanager
@@ -311,20 +333,12 @@ def _training_batches(
     With the jsd consistency loss, batches are [clean; view 1; view 2] of the same rows (AugMix);
     otherwise they are drawn from the whole pool, mixed and blended as the settings say.
     """
+    recipe = BatchRecipe.from_settings(settings, data.num_classes, templates)
     if settings.consistency_loss == "jsd":
         originals, copies = _aligned_copies(model, data.train_images, data.train_labels, data.augmented)
-        batches = view_batches(originals, copies, data.train_labels, num_classes=data.num_classes,
-                               batch_size=settings.batch_size, seed=settings.seed, augment=settings.augment,
-                               workers=workers)  # fmt: skip
-        return batches, len(originals) * (1 + len(copies))
+        return view_batches(originals, copies, data.train_labels, recipe, workers=workers), len(originals) * (1 + len(copies))
     pool = _training_pool(model, data.train_images, data.train_labels, data.augmented, settings.include_original)
-    batches = training_batches(
-        pool, num_classes=data.num_classes, batch_size=settings.batch_size, seed=settings.seed, augment=settings.augment,
-        templates=templates, template_probability=settings.template_probability,
-        template_max_weight=settings.template_max_weight, batch_augment=settings.batch_augment,
-        batch_augment_probability=settings.batch_augment_probability, workers=workers,
-    )  # fmt: skip
-    return batches, len(pool)
+    return training_batches(pool, recipe, workers=workers), len(pool)
 
 
 def _check_inputs(data: TrainingData, settings: TrainingSettings) -> None:

@@ -1,9 +1,10 @@
-"""Where the worker's log lines and per-epoch metrics go: to Dagster through Pipes, or to the console.
+"""Where the worker's log lines and events go: to Dagster through Pipes, or to the console.
 
 Launched by Dagster (``PipesSubprocessClient``, ``PipesDockerClient``, ``PipesK8sClient``), the
 worker finds the Pipes context in its environment: log lines appear in the run's log as they
-happen, and each epoch's metrics arrive as a custom message the asset records. Run by hand, the
-same lines are printed.
+happen, and each :class:`bc_pipeline.training.events.WorkerEvent` (ready, resumed, each epoch,
+finished) is a custom message the asset relays into the run's event log as it arrives. Run by
+hand, the same lines are printed.
 """
 
 from __future__ import annotations
@@ -13,23 +14,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
-EPOCH = "epoch"
-SUMMARY = "summary"
+from bc_pipeline.training.events import WorkerEvent
 
 
 class Reporter(Protocol):
     def log(self, message: str) -> None: ...
 
-    def message(self, kind: str, payload: dict[str, Any]) -> None: ...
+    def event(self, event: WorkerEvent) -> None: ...
 
 
 class ConsoleReporter:
     def log(self, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    def message(self, kind: str, payload: dict[str, Any]) -> None:
-        if kind == SUMMARY:
-            print(f"{kind}: {payload}", file=sys.stderr, flush=True)
+    def event(self, event: WorkerEvent) -> None:
+        self.log(event.text())
 
 
 class PipesReporter:
@@ -39,8 +38,8 @@ class PipesReporter:
     def log(self, message: str) -> None:
         self.pipes.log.info(message)
 
-    def message(self, kind: str, payload: dict[str, Any]) -> None:
-        self.pipes.report_custom_message({"kind": kind, **payload})
+    def event(self, event: WorkerEvent) -> None:
+        self.pipes.report_custom_message(event.to_message())
 
 
 def launched_by_dagster() -> bool:

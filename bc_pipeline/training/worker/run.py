@@ -1,21 +1,23 @@
 """Run one training job from its spec: load the arrays, train, write the model folder atomically.
 
-The model folder is what :func:`bc_pipeline.core.artifacts.read_artifact` reads as a trained
-model: ``model.keras``, ``history.parquet`` and ``info.json`` (with the weights' fingerprint, the
-asset's data version). Files are written under temporary names and renamed, and the folder itself
+The model folder (:mod:`bc_pipeline.training.model_folder`) holds ``model.keras``,
+``history.parquet`` and ``info.json``, the typed record (with the weights' fingerprint, the asset's
+data version). Files are written under temporary names and renamed, and the folder itself
 is a staging folder that the asset renames into place only when the worker has succeeded.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from bc_pipeline.training.events import WorkerEvent
+from bc_pipeline.training.model_folder import ModelRecord, TrainedModel, write_model_folder
 from bc_pipeline.training.spec import WorkerSpec, load_array, load_ref
-from bc_pipeline.training.worker.report import EPOCH, SUMMARY, Reporter
+from bc_pipeline.training.worker.report import Reporter
 
 
 def input_threads(requested: int) -> int:
@@ -35,30 +37,51 @@ def run_job(spec: WorkerSpec, reporter: Reporter) -> Path:
     started = time.perf_counter()
     select_backend(spec.backend)
     device = configure_device(spec.backend, spec.device)
-    from bc_pipeline.models.inference import weights_fingerprint
-    from bc_pipeline.training.worker.fit import RunOptions, TrainingData
+    from bc_pipeline.training.worker.fit import RunOptions
     from bc_pipeline.training.worker.selection import train_with_epoch_selection
+
+    data = _training_data(spec)
+    reporter.event(WorkerEvent("ready", {"seconds": round(time.perf_counter() - started, 1), "backend": spec.backend,
+                                         "device": device.description}))  # fmt: skip
+    groups = load_array(spec, spec.train_groups, mmap=False) if spec.train_groups else None
+    options = RunOptions(checkpoint_dir=spec.path(spec.checkpoint_dir) if spec.checkpoint_dir else None, log=reporter.log,
+                         events=reporter.event, device=device, input_workers=input_threads(spec.input_workers))  # fmt: skip
+    fitted = train_with_epoch_selection(data, spec.model, spec.settings, options, groups=groups)
+    trained = _trained_model(spec, fitted, data, reporter, worker_seconds=time.perf_counter() - started)
+    folder = write_model_folder(spec.path(spec.output_dir), trained)
+    facts = trained.record.training
+    reporter.event(WorkerEvent("finished", {"device": facts.device, "backend": facts.backend, "train_seconds": facts.train_seconds,
+                                            "epochs_run": facts.epochs_run, "best_epoch": facts.best_epoch}))  # fmt: skip
+    return folder
+
+
+def _training_data(spec: WorkerSpec) -> Any:
+    """The spec's arrays (memory-mapped where stored) as the trainer's :class:`TrainingData`."""
+    from bc_pipeline.training.worker.fit import TrainingData
 
     train_x, train_y = load_ref(spec, spec.train)
     val_x, val_y = load_ref(spec, spec.val)
-    data = TrainingData(
+    return TrainingData(
         train_x, train_y, val_x, val_y, num_classes=spec.num_classes, augmented=[load_ref(spec, ref) for ref in spec.augmented],
         templates=load_array(spec, spec.templates, mmap=False) if spec.templates else None, class_weight=spec.class_weight,
     )  # fmt: skip
-    reporter.log(f"worker ready in {time.perf_counter() - started:.1f}s: {spec.backend} on {device.description}")
-    groups = load_array(spec, spec.train_groups, mmap=False) if spec.train_groups else None
-    options = RunOptions(
-        checkpoint_dir=spec.path(spec.checkpoint_dir) if spec.checkpoint_dir else None, log=reporter.log,
-        progress=lambda row: reporter.message(EPOCH, _plain(row)), device=device, input_workers=input_threads(spec.input_workers),
+
+
+def _trained_model(spec: WorkerSpec, fitted: Any, data: Any, reporter: Reporter, *, worker_seconds: float) -> TrainedModel:
+    """The fitted model with its record: the spec's classes and settings, the run's facts, calibration, fingerprint."""
+    from bc_pipeline.models.inference import weights_fingerprint
+
+    temperature, source = fitted.temperature, fitted.temperature_source
+    if temperature is None:  # a retrain on validation calibrated on held-out images already
+        temperature, source = _temperature(fitted.model, data.val_images, data.val_labels, reporter), None
+    record = ModelRecord(
+        model_name=spec.model.name, class_names=spec.class_names, weights_fingerprint=weights_fingerprint(fitted.model),
+        parameters=int(fitted.model.count_params()), image_size=spec.model.image_size, temperature=temperature,
+        augmentation_policies=spec.augmentation_policies, settings=spec.settings,
+        training=replace(fitted.facts, worker_seconds=round(worker_seconds, 1)),
+        **({"temperature_source": source} if source else {}),
     )  # fmt: skip
-    result = train_with_epoch_selection(data, spec.model, spec.settings, options, groups=groups)
-    result.info.update(spec.info, weights_fingerprint=weights_fingerprint(result.model))
-    if "temperature" not in result.info:  # a retrain on validation calibrated on held-out images already
-        result.info["temperature"] = _temperature(result.model, val_x, val_y, reporter)
-    result.info["worker_seconds"] = round(time.perf_counter() - started, 1)
-    folder = write_model_folder(spec.path(spec.output_dir), result)
-    reporter.message(SUMMARY, {k: result.info[k] for k in ("device", "backend", "train_seconds", "epochs_run", "best_epoch")})
-    return folder
+    return TrainedModel(fitted.model, fitted.history, record)
 
 
 def _temperature(model: Any, val_x: Any, val_y: Any, reporter: Reporter) -> float:
@@ -71,19 +94,3 @@ def _temperature(model: Any, val_x: Any, val_y: Any, reporter: Reporter) -> floa
     before, after = reliability(proba, val_y).ece, reliability(scale_probabilities(proba, temperature), val_y).ece
     reporter.log(f"calibration: temperature {temperature:.3f} on the validation split (ECE {100 * before:.2f} % -> {100 * after:.2f} %)")
     return round(temperature, 6)
-
-
-def write_model_folder(folder: Path, result: Any) -> Path:
-    """``model.keras``, ``history.parquet``, ``info.json`` in ``folder``, each written then renamed."""
-    from bc_pipeline.core.storage import save_json, save_parquet
-    from bc_pipeline.training.worker.checkpoint import save_via_temp
-
-    folder.mkdir(parents=True, exist_ok=True)
-    save_via_temp(folder / "model.keras", result.model.save)
-    save_parquet(folder / "history.parquet", result.history)
-    save_json(folder / "info.json", json.loads(json.dumps(result.info, default=str)))
-    return folder
-
-
-def _plain(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: (v if isinstance(v, (int, str)) else float(v)) for k, v in row.items()}

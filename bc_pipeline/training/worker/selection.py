@@ -25,12 +25,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bc_pipeline.core.artifacts import TrainedModel
 from bc_pipeline.models.inference import predict_proba
 from bc_pipeline.models.zoo import ModelSpec
+from bc_pipeline.training.model_folder import EpochSelection
 from bc_pipeline.training.settings import Phase, TrainingSettings
 from bc_pipeline.training.worker.data import select_rows
-from bc_pipeline.training.worker.fit import RunOptions, TrainingData, default_phases, train_classifier
+from bc_pipeline.training.worker.fit import Fitted, RunOptions, TrainingData, default_phases, train_classifier
 
 
 def fold_assignment(labels: np.ndarray, groups: np.ndarray, folds: int, *, seed: int) -> np.ndarray:
@@ -77,7 +77,7 @@ class _EpochChoice:
 def train_with_epoch_selection(
     data: TrainingData, spec: ModelSpec, settings: TrainingSettings, options: RunOptions = RunOptions(),
     *, groups: np.ndarray | None = None,
-) -> TrainedModel:  # fmt: skip
+) -> Fitted:  # fmt: skip
     """Train as the settings' epoch selection says (see the module docstring).
 
     ``groups`` names each training row's source image (None: every row its own), so that a fold
@@ -91,7 +91,7 @@ def train_with_epoch_selection(
         choice = _cross_validate(data, spec, settings, options, groups)
     else:
         options.log("choosing the epoch count: one run with early stopping on the validation split")
-        first = train_classifier(data, spec, plain, replace(options, checkpoint_dir=None, progress=None))
+        first = train_classifier(data, spec, plain, replace(options, checkpoint_dir=None, events=None))
         choice = _EpochChoice(epochs_to_best(first.history), [], predict_proba(first.model, data.val_images),
                               np.asarray(data.val_labels))  # fmt: skip
     fixed = replace(plain, phases=fixed_schedule(plain.phases, choice.counts))
@@ -104,9 +104,7 @@ def train_with_epoch_selection(
         # images join it as originals.
         data = replace(data, train_images=np.concatenate([np.asarray(data.train_images), np.asarray(data.val_images)]),
                        train_labels=np.concatenate([np.asarray(data.train_labels), np.asarray(data.val_labels)]))  # fmt: skip
-    final = train_classifier(data, spec, fixed, options)
-    _record_selection(final, settings, choice)
-    return final
+    return _with_selection(train_classifier(data, spec, fixed, options), settings, choice)
 
 
 def _cross_validate(
@@ -140,24 +138,25 @@ def _early_stopped(spec: ModelSpec, settings: TrainingSettings) -> TrainingSetti
 
 
 def _fold_options(options: RunOptions, fold: int) -> RunOptions:
-    """A fold's run: its own checkpoint subfolder, log lines prefixed ``[fold n]``, no progress rows."""
+    """A fold's run: its own checkpoint subfolder, log lines prefixed ``[fold n]``, its events as log lines."""
     return replace(
         options, checkpoint_dir=options.checkpoint_dir / f"fold-{fold + 1}" if options.checkpoint_dir else None,
-        log=lambda line: options.log(f"[fold {fold + 1}] {line}"), progress=None,
+        log=lambda line: options.log(f"[fold {fold + 1}] {line}"), events=None,
     )  # fmt: skip
 
 
-def _record_selection(final: TrainedModel, settings: TrainingSettings, choice: _EpochChoice) -> None:
-    """Note in the final model's info how its epochs were chosen, and calibrate it if validation was trained on."""
-    final.info["best_epoch"] = int(final.history["epoch"].max())  # the last weights are kept
-    if settings.retrain_on_validation:
-        # The validation split is training data now: calibrate on held-out predictions instead.
-        from bc_pipeline.models.calibration import fit_temperature
+def _with_selection(final: Fitted, settings: TrainingSettings, choice: _EpochChoice) -> Fitted:
+    """The final run with how its epochs were chosen, calibrated on held-out predictions if validation was trained on."""
+    selection = EpochSelection(
+        method=f"{settings.cv_folds}-fold cross-validation" if choice.folds else "early stopping on validation",
+        epochs_per_phase=tuple(choice.counts), folds=tuple(choice.folds), retrained_on_validation=settings.retrain_on_validation,
+    )  # fmt: skip
+    facts = replace(final.facts, best_epoch=int(final.history["epoch"].max()), epoch_selection=selection)  # the last weights are kept
+    if not settings.retrain_on_validation:
+        return replace(final, facts=facts)
+    # The validation split is training data now: calibrate on held-out predictions instead.
+    from bc_pipeline.models.calibration import fit_temperature
 
-        final.info["temperature"] = round(fit_temperature(choice.held_proba, choice.held_labels), 6)
-        final.info["temperature_source"] = ("out-of-fold predictions" if choice.folds
-                                            else "the early-stopped run's validation predictions")  # fmt: skip
-    final.info["epoch_selection"] = {
-        "method": f"{settings.cv_folds}-fold cross-validation" if choice.folds else "early stopping on validation",
-        "epochs_per_phase": choice.counts, "folds": choice.folds, "retrained_on_validation": settings.retrain_on_validation,
-    }  # fmt: skip
+    source = "out-of-fold predictions" if choice.folds else "the early-stopped run's validation predictions"
+    return replace(final, facts=facts, temperature=round(fit_temperature(choice.held_proba, choice.held_labels), 6),
+                   temperature_source=source)  # fmt: skip
