@@ -6,7 +6,7 @@
 # It holds the worker's needs only (pyproject's `worker` extra: Keras, numpy, pandas, pyarrow,
 # dagster-pipes) and the backend; no Dagster, TensorFlow or keras-cv. The `trained_model` asset
 # starts it through PipesDockerClient or PipesK8sClient with the data directory mounted at /data
-# (BC_WORKER_DATA_DIR), so the spec's paths resolve there. See README: "Training on a GPU node or
+# (BC_WORKER_DATA_DIR), so the spec's paths resolve there. See docs/operations.md: "Training on a GPU node or
 # on Kubernetes".
 FROM python:3.12-slim
 

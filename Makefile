@@ -54,7 +54,7 @@ run: data $(DAGSTER_HOME)/dagster.yaml
 	@echo "Submission:  $(BC_DATA_DIR)/submission/ (model.py + model.keras, zipped as submission.zip)"
 	@$(PY) -c "import pandas as pd; t = pd.read_parquet('$(BC_DATA_DIR)/reports/model_leaderboard/leaderboard.parquet'); print(t[['rank', 'model', 'accuracy', 'corruption_accuracy', 'mce', 'ece_scaled', 'accuracy_tta', 'train_seconds']].round(4).to_string(index=False))"
 
-# BC_DAGSTER_STORAGE=postgres (with BC_POSTGRES_URL) for a team's PostgreSQL instance; see README.
+# BC_DAGSTER_STORAGE=postgres (with the DAGSTER_PG_* variables) for a team's PostgreSQL instance; see docs/operations.md.
 $(DAGSTER_HOME)/dagster.yaml: | install
 	$(VENV)/bin/bc-instance init
 

@@ -245,12 +245,12 @@ def test_resources_take_their_settings_from_the_environment_over_one_set_of_defa
     assert {"BC_DATA_DIR", "BC_SOURCE", "BC_TRAINING_LAUNCHER", "BC_SHARED_DATASETS"} <= set(ENVIRONMENT)
 
 
-def test_every_row_of_the_readme_bad_input_table_names_tests_that_exist():
-    """The README's bad-input table stays backed by tests: 25 rows or more, every named test defined."""
+def test_every_row_of_the_docs_bad_input_table_names_tests_that_exist():
+    """The bad-input table of docs/operations.md stays backed by tests: 25 rows or more, every named test defined."""
     import re
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    table = readme.split("### Bad input: what you see", 1)[1].split("\n## ", 1)[0]
+    page = (Path(__file__).resolve().parents[1] / "docs" / "operations.md").read_text()
+    table = page.split("### Bad input: what you see", 1)[1].split("\n## ", 1)[0]
     rows = [line for line in table.splitlines() if re.match(r"\| \d+ \|", line)]
     assert len(rows) >= 25
     tests_dir = Path(__file__).resolve().parent
@@ -261,4 +261,24 @@ def test_every_row_of_the_readme_bad_input_table_names_tests_that_exist():
         module, names = cell.split("::", 1)
         source = (tests_dir / f"{module}.py").read_text()
         for name in (n.strip() for n in names.split(",")):
-            assert re.search(rf"^def {re.escape(name)}\(", source, re.M), f"{module}::{name} (README row {row[:40]}...)"
+            assert re.search(rf"^def {re.escape(name)}\(", source, re.M), f"{module}::{name} (docs row {row[:40]}...)"
+
+
+def test_the_readme_is_a_front_door_and_links_every_docs_page():
+    """README.md stays short (300 lines at most) and links every page of docs/; no relative link of
+    the README or the manual points at a file that does not exist."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    readme = root / "README.md"
+    pages = sorted((root / "docs").glob("*.md"))
+    assert pages and len(readme.read_text().splitlines()) <= 300
+    link = re.compile(r"\]\(([^)\s]+)\)")
+    linked = {(readme.parent / target.split("#", 1)[0]).resolve() for target in link.findall(readme.read_text())}
+    assert {page.resolve() for page in pages} <= linked, "docs pages the README does not link"
+    for document in (readme, *pages):
+        for target in link.findall(document.read_text()):
+            path = target.split("#", 1)[0]
+            if not path or re.match(r"[a-z][a-z0-9+.-]*:", path):  # an anchor of the same page, or a URL
+                continue
+            assert (document.parent / path).exists(), f"{document.relative_to(root)} links to a missing {target}"

@@ -92,6 +92,9 @@ def test_progress_prints_one_line_per_stage_with_its_key_figures(tmp_path):
     assert "DagsterExecutionStepExecutionError" not in text and "Traceback" not in text
     assert lines[-1].endswith("failed (checks: 1 failed)") and len(lines) <= 8, lines
     assert key_figures({"x": dg.MetadataValue.float(0.25)}) == "x=0.25"  # no known figure: the first number
+    left_out = {"models": dg.MetadataValue.int(1), "not_evaluated": dg.MetadataValue.text("resnet50, ensemble")}
+    assert key_figures(left_out) == "models=1 (not evaluated: resnet50, ensemble)"  # information, not a warning
+    assert key_figures({**left_out, "not_evaluated": dg.MetadataValue.text("none")}) == "models=1"
 
 
 def test_a_child_started_with_exit_with_parent_ends_when_its_parent_is_killed(tmp_path):

@@ -35,17 +35,22 @@ KEY_FIGURES = (
     "outliers", "tinted_share", "epochs_run", "resumed_from_epoch", "best_epoch", "train_seconds", "models",
 )  # fmt: skip
 MAX_FIGURES = 3
+KEY_NOTES = ("not_evaluated",)  # text metadata shown after the figures: which models the leaderboard left out
 SLOW_STEP_SECONDS = 2.0  # a stage running longer than this gets a start line too
 SHOWN_EVENTS = ("ready", "resumed", "discarded", "epoch")  # a training's events that get a line (its end line has its figures)
 _RUN_ENDS = {"PIPELINE_SUCCESS": "succeeded", "PIPELINE_FAILURE": "failed", "PIPELINE_CANCELED": "was canceled"}
 
 
 def key_figures(metadata: dict) -> str:
-    """``name=value, ...`` for the :data:`KEY_FIGURES` entries of ``metadata`` (else its first number)."""
+    """``name=value, ...`` for the :data:`KEY_FIGURES` entries of ``metadata`` (else its first number),
+    then the :data:`KEY_NOTES` it has (text worth a glance, like the models not evaluated yet)."""
     numbers = {k: v.value for k, v in metadata.items() if isinstance(getattr(v, "value", None), (int, float))}
     numbers = {k: v for k, v in numbers.items() if not isinstance(v, bool)}
     names = [k for k in KEY_FIGURES if k in numbers][:MAX_FIGURES] or list(numbers)[:1]
-    return ", ".join(f"{k}={numbers[k]:,}" if isinstance(numbers[k], int) else f"{k}={numbers[k]:.4g}" for k in names)
+    figures = [f"{k}={numbers[k]:,}" if isinstance(numbers[k], int) else f"{k}={numbers[k]:.4g}" for k in names]
+    notes = [f"{k.replace('_', ' ')}: {metadata[k].value}" for k in KEY_NOTES
+             if isinstance(getattr(metadata.get(k), "value", None), str) and metadata[k].value != "none"]  # fmt: skip
+    return ", ".join(figures) + "".join(f" ({note})" for note in notes)
 
 
 def _failure_text(event: dg.DagsterEvent, max_lines: int = 12) -> str:

@@ -12,7 +12,7 @@ its only default. The variables:
   where models train.
 - ``BC_DAGSTER_STORAGE`` (sqlite | postgres): the storage ``bc-instance init`` writes into
   ``$DAGSTER_HOME/dagster.yaml`` (``dagster_utils/instance.py``); with postgres, Dagster itself reads
-  ``BC_POSTGRES_URL`` when the instance loads.
+  its ``DAGSTER_PG_*`` variables when the instance loads (``instance/postgres.yaml``).
 - ``BC_STEP_EXECUTOR`` (default | k8s): with ``k8s`` (the Helm deployment in ``deploy/``) each
   step of a launched run runs in its own pod through ``dagster_k8s.k8s_job_executor``.
 - ``BC_SHARED_DATASETS``: the shared development datasets tests and benchmarks read (default
@@ -256,8 +256,9 @@ class ArtifactIOManager(dg.ConfigurableIOManager):
         keys = list(context.asset_partition_keys)
         if (context.definition_metadata or {}).get("all_partitions"):
             stored = PartitionedArtifacts(base, keys, what=what)
-            if stored.missing:
-                context.log.warning(f"{what}: partitions not materialized yet, left out: {', '.join(stored.missing)}")
+            if stored.missing:  # the normal case (few of the zoo are trained): information, not a warning
+                context.log.info(f"{what}: {len(stored)} of {len(keys)} partitions stored; not trained yet, so left out: "
+                                 f"{', '.join(stored.missing)}")  # fmt: skip
             return stored
         if len(keys) != 1:
             raise ValueError(f"{what}: expected one partition, got {len(keys)}; mark the input all_partitions")

@@ -110,8 +110,8 @@ class TrainingConfig(SettingsConfig):
     group_name="training",
     kinds={"keras", "tensorflow", "jax"},
     partitions_def=model_partitions,
-    pool="gpu",  # one training at a time on the machine's accelerator (see README: GPU pool)
-    op_tags={"dagster-k8s/config": TRAINING_STEP_K8S_CONFIG},  # its step pod gets a GPU node (README: Kubernetes)
+    pool="gpu",  # one training at a time on the machine's accelerator (docs/automation.md: the gpu pool)
+    op_tags={"dagster-k8s/config": TRAINING_STEP_K8S_CONFIG},  # its step pod gets a GPU node (docs/operations.md: Kubernetes)
     description="One model of the zoo per partition, trained in phases by the Pipes training worker; "
     "saved as .keras with its history.",
 )
