@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import dagster as dg
 import numpy as np
 import pandas as pd
 import pytest
@@ -13,6 +11,7 @@ import pytest
 from bc_pipeline.defs.checks import no_flagged_image_in_splits
 from bc_pipeline.defs.resources import ImageSource, shared_datasets_dir
 from bc_pipeline.quality.blends import psnr
+from bc_pipeline.training.model_folder import read_record
 from bc_pipeline_tests import challenge_files as cf
 from bc_pipeline_tests.conftest import load_pbc96_arrays
 from bc_pipeline_tests.test_assets import UP_TO_CLEAN, _materialize, _metadata
@@ -146,5 +145,5 @@ def test_training_with_template_augmentation_uses_the_recovered_templates(an2dl_
         partition_key="custom_cnn",
     )  # fmt: skip
     assert result.success
-    assert json.loads((data_dir / "assets" / "trained_model" / "custom_cnn" / "info.json").read_text())["augmentation_templates"] == 2
+    assert read_record(data_dir / "assets" / "trained_model" / "custom_cnn").training.augmentation_templates == 2
     assert _metadata(result, "trained_model")["augmentation_templates"].value == 2

@@ -166,11 +166,11 @@ class _Interrupted(RuntimeError):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("phases", "interrupt_at"),
-    [((Phase("all", 1e-3, 4, 9),), 3), ((Phase("frozen", 1e-3, 2, 9), Phase("all", 1e-4, 2, 9)), 3)],
+    ("phases", "saved"),
+    [((Phase("all", 1e-3, 4, 9),), 2), ((Phase("frozen", 1e-3, 2, 9), Phase("all", 1e-4, 2, 9)), 2)],
     ids=["mid-phase", "between-phases"],
 )
-def test_an_interrupted_training_resumes_after_its_last_saved_epoch(tmp_path, phases, interrupt_at):
+def test_an_interrupted_training_resumes_after_its_last_saved_epoch(tmp_path, phases, saved):
     from bc_pipeline.models.zoo import model_spec
     from bc_pipeline.training.worker.fit import RunOptions, TrainingData, train_classifier
 
@@ -180,8 +180,8 @@ def test_an_interrupted_training_resumes_after_its_last_saved_epoch(tmp_path, ph
     spec = model_spec("custom_cnn")
     checkpoints = tmp_path / "checkpoints"
 
-    def killed(event) -> None:  # noqa: ANN001 - the run dies while finishing epoch `interrupt_at`
-        if event.kind == "epoch" and event.values["epoch"] == interrupt_at:
+    def killed(event) -> None:  # noqa: ANN001 - the run dies as epoch `saved` ends (its event follows its checkpoint)
+        if event.kind == "epoch" and event.values["epoch"] == saved:
             raise _Interrupted(event.text())
 
     with pytest.raises(_Interrupted):
@@ -189,10 +189,10 @@ def test_an_interrupted_training_resumes_after_its_last_saved_epoch(tmp_path, ph
     assert (checkpoints / "state.json").is_file()
     events: list = []
     result = train_classifier(data, spec, settings, RunOptions(checkpoint_dir=checkpoints, events=events.append))
-    assert [e.values["epoch"] for e in events if e.kind == "resumed"] == [interrupt_at - 1]
-    assert [e.values["epoch"] for e in events if e.kind == "epoch"] == list(range(interrupt_at, 5))  # 1..interrupt_at-1 not run again
+    assert [e.values["epoch"] for e in events if e.kind == "resumed"] == [saved]
+    assert [e.values["epoch"] for e in events if e.kind == "epoch"] == list(range(saved + 1, 5))  # 1..saved not run again
     assert list(result.history["epoch"]) == [1, 2, 3, 4]
-    assert result.facts.resumed_from_epoch == interrupt_at - 1
+    assert result.facts.resumed_from_epoch == saved
     assert not checkpoints.exists()  # cleared once training completed
     # A checkpoint made with other settings is not resumed; without an events callback, events are log lines.
     with pytest.raises(_Interrupted):

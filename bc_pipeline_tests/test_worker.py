@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -136,33 +137,36 @@ def test_the_worker_imports_neither_dagster_nor_keras_cv_nor_tensorflow_on_jax(p
 
 @pytest.mark.slow
 def test_a_killed_worker_fails_with_a_clear_message_and_the_next_run_resumes_from_its_checkpoint(prepared):
-    config = {**QUICK, "epochs": 6, "patience": 6, "lr_schedule": "constant"}
-    checkpoint = prepared[0] / "cache" / "checkpoints" / "trained_model" / "mobilenetv3small" / "state.json"
+    """The smallest model (custom_cnn) trained for long enough to be killed between two epochs."""
+    model, epochs = "custom_cnn", 10
+    config = {**QUICK, "epochs": epochs, "patience": epochs, "lr_schedule": "constant"}
+    checkpoint = prepared[0] / "cache" / "checkpoints" / "trained_model" / model / "state.json"
     outcome: dict = {}
-    runner = threading.Thread(target=lambda: outcome.update(result=_train(prepared, TrainingWorker(), config,
-                                                                         partition="mobilenetv3small")))  # fmt: skip
+    runner = threading.Thread(target=lambda: outcome.update(result=_train(prepared, TrainingWorker(), config, partition=model)))
     runner.start()
     deadline = time.time() + 600
     while not checkpoint.is_file() and time.time() < deadline and runner.is_alive():
-        time.sleep(0.1)
+        time.sleep(0.05)
     assert checkpoint.is_file(), "the worker never saved a checkpoint"
-    killed = subprocess.run(["pkill", "-KILL", "-f", "bc_pipeline.training.worker --spec .*mobilenetv3small"], timeout=30)
+    spec = prepared[0] / "cache" / "training" / model / "spec.json"  # this test's worker only, not another test's
+    killed = subprocess.run(["pkill", "-KILL", "-f", f"bc_pipeline.training.worker --spec {re.escape(str(spec))}"], timeout=30)
     assert killed.returncode == 0, "no worker process to kill"
     runner.join(timeout=600)
     result = outcome["result"]
     assert not result.success
     message = _failure(result)
-    assert "training worker of mobilenetv3small was killed by SIGKILL" in message
+    assert f"training worker of {model} was killed by SIGKILL" in message
     done = json.loads(checkpoint.read_text())["epochs_done"]
+    assert done < epochs, "the kill came after training had ended"
     assert f"checkpoint after epoch {done} is kept" in message and "materialize trained_model again" in message
     assert "Traceback" not in message
 
-    again = _train(prepared, TrainingWorker(), config, partition="mobilenetv3small")
+    again = _train(prepared, TrainingWorker(), config, partition=model)
     assert again.success, _failure(again)
     (event,) = again.get_asset_materialization_events()
     assert event.materialization.metadata["resumed_from_epoch"].value == done
-    history = read_history(prepared[0] / "assets" / "trained_model" / "mobilenetv3small")
-    assert history["epoch"].tolist() == list(range(1, 7))
+    history = read_history(prepared[0] / "assets" / "trained_model" / model)
+    assert history["epoch"].tolist() == list(range(1, epochs + 1))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch") is not None, reason="PyTorch is installed here")

@@ -25,15 +25,18 @@ def _batch(n: int = 8, size: int = 96, seed: int = 0) -> tuple[np.ndarray, np.nd
     return images, keras.utils.to_categorical(np.arange(n) % 8, 8)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", list(REGISTRY))
 def test_every_registered_model_builds_and_takes_a_training_step(name):
+    """One optimizer step of each model, run eagerly: the same layers, loss and gradients, without
+    tracing the step into a graph (38 s of a large backbone's 41 s here). The compiled step is what
+    training runs: custom_cnn and mobilenetv3small train compiled in the asset, worker and fault
+    tests, and ``bench/bench_models.py`` times every family's compiled step."""
     from bc_pipeline.training.worker.fit import make_loss, make_optimizer
 
     model = build_model(model_spec(name, image_size=32), num_classes=8)
     assert [layer.name for layer in model.layers] == ["image", "resize", "preprocess", "backbone", "head"]
     set_trainable(model, "all")
-    model.compile(optimizer=make_optimizer("adam", 1e-3), loss=make_loss("categorical_crossentropy"))
+    model.compile(optimizer=make_optimizer("adam", 1e-3), loss=make_loss("categorical_crossentropy"), run_eagerly=True)
     images, labels = _batch()
     before = [w.copy() for w in model.get_layer("head").get_weights()]
     loss = float(model.train_on_batch(images, labels))
