@@ -106,11 +106,12 @@ class Started:
 
 BOTH = pytest.mark.parametrize("started", ["sqlite", "postgres"], indirect=True)
 SQLITE = pytest.mark.parametrize("started", ["sqlite"], indirect=True)  # the same code path on PostgreSQL
-TRAINS = {"custom_cnn": {**TRAIN, "epochs": 4}, "mobilenetv3small": TRAIN}  # custom_cnn: long enough that the other reaches its training
+# custom_cnn trains 4 epochs: long enough that the other run reaches its training step meanwhile.
+TRAINS = {"custom_cnn": {**TRAIN, "epochs": 4}, "mobilenetv3small": TRAIN}
 
 
-def _start_both(project: Project, *args: str) -> Started:
-    processes = {model: project.start("--models", model, *args, train=train, name=model) for model, train in TRAINS.items()}
+def _start_both(project: Project, *args: str, trains: dict[str, dict] = TRAINS) -> Started:
+    processes = {model: project.start("--models", model, *args, train=train, name=model) for model, train in trains.items()}
     for process, out in processes.values():
         assert process.wait(timeout=900) == 0, out.read_text()[-4000:]
     return Started(project, {model: out.read_text() for model, (_, out) in processes.items()}, whole_graph=not args)
@@ -131,11 +132,13 @@ def sqlite_project(pbc_subset_dir: Path, tmp_path_factory: pytest.TempPathFactor
 
 @pytest.fixture(scope="module")
 def postgres_project(sqlite_project: Started, pbc_subset_dir: Path, tmp_path_factory: pytest.TempPathFactory, request) -> Started:
-    """A team's PostgreSQL instance: the two models' runs started at once over the stored assets."""
+    """A team's PostgreSQL instance: two model runs started at once over the stored assets, custom_cnn's
+    training and the ensemble of the two stored models (a trained_model partition in the gpu pool too,
+    which averages instead of training)."""
     root = tmp_path_factory.mktemp("faults_postgres")
     project = _project(root, pbc_subset_dir, "postgres", request.getfixturevalue("postgres_server").new_database("faults"))
     shutil.copytree(sqlite_project.project.data_dir / "assets", project.data_dir / "assets")
-    return _start_both(project, "--models-only")
+    return _start_both(project, "--models-only", trains={"custom_cnn": TRAINS["custom_cnn"], "ensemble": TRAIN})
 
 
 @pytest.fixture(scope="module")

@@ -174,7 +174,7 @@ def test_an_interrupted_training_resumes_after_its_last_saved_epoch(tmp_path, ph
     from bc_pipeline.models.zoo import model_spec
     from bc_pipeline.training.worker.fit import RunOptions, TrainingData, train_classifier
 
-    train_x, train_y, val_x, val_y = _subset()
+    train_x, train_y, val_x, val_y = _subset(per_class=20)  # what is saved and resumed, not what is learnt
     data = TrainingData(train_x, train_y, val_x, val_y, num_classes=8)
     settings = TrainingSettings(phases=phases, batch_size=32, lr_schedule="constant")
     spec = model_spec("custom_cnn")
@@ -194,14 +194,28 @@ def test_an_interrupted_training_resumes_after_its_last_saved_epoch(tmp_path, ph
     assert list(result.history["epoch"]) == [1, 2, 3, 4]
     assert result.facts.resumed_from_epoch == saved
     assert not checkpoints.exists()  # cleared once training completed
-    # A checkpoint made with other settings is not resumed; without an events callback, events are log lines.
+
+
+@pytest.mark.slow
+def test_a_checkpoint_made_with_other_settings_is_discarded_not_resumed(tmp_path):
+    from bc_pipeline.models.zoo import model_spec
+    from bc_pipeline.training.worker.fit import RunOptions, TrainingData, train_classifier
+
+    train_x, train_y, val_x, val_y = _subset(per_class=20)
+    data, spec, checkpoints = TrainingData(train_x, train_y, val_x, val_y, num_classes=8), model_spec("custom_cnn"), tmp_path / "c"
+    phases = (Phase("all", 1e-3, 3, 9),)
+
+    def killed(event) -> None:  # noqa: ANN001
+        if event.kind == "epoch" and event.values["epoch"] == 2:
+            raise _Interrupted(event.text())
+
     with pytest.raises(_Interrupted):
-        train_classifier(data, spec, settings, RunOptions(checkpoint_dir=checkpoints, events=killed))
-    other: list[str] = []
-    train_classifier(data, spec, TrainingSettings(phases=phases, batch_size=32, seed=1, lr_schedule="constant"),
+        train_classifier(data, spec, TrainingSettings(phases=phases, batch_size=32), RunOptions(checkpoint_dir=checkpoints, events=killed))
+    other: list[str] = []  # without an events callback, the events are log lines
+    train_classifier(data, spec, TrainingSettings(phases=phases, batch_size=32, seed=1),
                      RunOptions(checkpoint_dir=checkpoints, log=other.append))  # fmt: skip
     assert any("discarding the checkpoint" in line and "other data or settings" in line for line in other)
-    assert [int(line.split()[1]) for line in other if line.startswith("epoch")][0] == 1
+    assert [int(line.split()[1]) for line in other if line.startswith("epoch")] == [1, 2, 3]
 
 
 def test_template_augmentation_blends_a_recovered_template_with_a_bounded_weight():

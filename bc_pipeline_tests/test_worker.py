@@ -138,7 +138,7 @@ def test_the_worker_imports_neither_dagster_nor_keras_cv_nor_tensorflow_on_jax(p
 @pytest.mark.slow
 def test_a_killed_worker_fails_with_a_clear_message_and_the_next_run_resumes_from_its_checkpoint(prepared):
     """The smallest model (custom_cnn) trained for long enough to be killed between two epochs."""
-    model, epochs = "custom_cnn", 10
+    model, epochs = "custom_cnn", 6
     config = {**QUICK, "epochs": epochs, "patience": epochs, "lr_schedule": "constant"}
     checkpoint = prepared[0] / "cache" / "checkpoints" / "trained_model" / model / "state.json"
     outcome: dict = {}
