@@ -16,6 +16,19 @@ from bc_pipeline.ingest.loaders import read_labelled_files, sample_class_files
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# The modules whose tests take longest (minutes of real runs and trainings), longest first. The
+# suite runs over worker processes, a module at a time (pyproject: -n, --dist loadfile), handed out
+# in collection order: starting the longest first keeps one from running alone at the end.
+LONGEST_FIRST = ("test_faults.py", "test_automation.py", "test_training.py", "test_worker.py", "test_assets.py",
+                 "test_corruption.py", "test_anomaly_assets.py", "test_submission.py", "test_interpret.py",
+                 "test_browser.py", "test_augmentation.py")  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Longest modules first (:data:`LONGEST_FIRST`), the rest in their usual order after them."""
+    rank = {name: position for position, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: tests keep their order within a module
+
 
 # The whole graph in seconds on a few hundred images: one augmented copy, tiny benchmarks, one epoch at 32 px.
 TINY_RUN_CONFIG = {

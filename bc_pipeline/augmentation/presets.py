@@ -89,7 +89,6 @@ def check_image_preset(name: str) -> None:
 
 
 def _light(seed: int) -> list[Any]:
-    import keras
     import keras_cv
 
     cv = keras_cv.layers

@@ -21,6 +21,11 @@ import pandas as pd
 
 from bc_pipeline.core.storage import atomic_path, save_json, save_npy, save_parquet
 
+# The files that mark a stored folder artifact (what other modules look for, named once).
+IMAGES_FILE = "images.npy"  # an ImageSet's images (memory-mapped by readers and by the training worker)
+SHARDS_FILE = "shards.parquet"  # a ShardSet's table of shards
+MODEL_FILE = "model.keras"  # a ModelFolder's network
+
 
 @dataclass
 class ImageSet:
@@ -40,6 +45,13 @@ class ImageSet:
     # A finished .npy of exactly ``images`` that this run wrote in staging (a streamed ingest):
     # stored by moving it into place, not by writing a million images again.
     images_file: Path | None = field(default=None, compare=False)
+
+    @property
+    def stored_images(self) -> Path | None:
+        """The stored ``images.npy`` this set was read from (a worker can map the same file), or None."""
+        if self.directory is not None and (Path(self.directory) / IMAGES_FILE).is_file():
+            return Path(self.directory) / IMAGES_FILE
+        return None
 
     def __post_init__(self) -> None:
         if len(self.images) != len(self.manifest):
@@ -93,10 +105,10 @@ def write_artifact(base: Path, value: Any) -> Path:
         with atomic_path(base) as tmp:
             tmp.mkdir()
             if value.images_file is not None:
-                _move_dir(Path(value.images_file), tmp / "images.npy")
+                _move_dir(Path(value.images_file), tmp / IMAGES_FILE)
                 value.images_file = None
             else:
-                np.save(tmp / "images.npy", value.images, allow_pickle=False)
+                np.save(tmp / IMAGES_FILE, value.images, allow_pickle=False)
             value.manifest.to_parquet(tmp / "manifest.parquet", engine="pyarrow", index=False)
             for name, table in value.tables.items():
                 table.to_parquet(tmp / f"{name}.parquet", engine="pyarrow", index=False)
@@ -104,7 +116,7 @@ def write_artifact(base: Path, value: Any) -> Path:
                 (tmp / "class_names.json").write_text(json.dumps(list(value.class_names)))
         return base
     if isinstance(value, ModelFolder):
-        if not (Path(value.directory) / "model.keras").is_file():
+        if not (Path(value.directory) / MODEL_FILE).is_file():
             raise ValueError(f"{value.directory}: no model.keras; the worker did not finish writing the model")
         with atomic_path(base) as tmp:
             _move_dir(Path(value.directory), tmp)
@@ -113,7 +125,7 @@ def write_artifact(base: Path, value: Any) -> Path:
     if isinstance(value, ShardSet):
         with atomic_path(base) as tmp:
             _move_dir(Path(value.directory), tmp)
-            value.manifest.to_parquet(tmp / "shards.parquet", engine="pyarrow", index=False)
+            value.manifest.to_parquet(tmp / SHARDS_FILE, engine="pyarrow", index=False)
         value.directory = base
         return base
     if isinstance(value, pd.DataFrame):
@@ -133,15 +145,15 @@ def read_artifact(base: Path, *, what: str = "artifact") -> Any:
     traceback (writes go through a rename, so only a change outside the pipeline damages one).
     """
     read = functools.partial(_read_or_explain, what=what)
-    if (base / "images.npy").is_file():
+    if (base / IMAGES_FILE).is_file():
         tables = {p.stem: read(p, pd.read_parquet) for p in sorted(base.glob("*.parquet")) if p.stem != "manifest"}
-        images = read(base / "images.npy", lambda p: np.load(p, mmap_mode="r", allow_pickle=False))
+        images = read(base / IMAGES_FILE, lambda p: np.load(p, mmap_mode="r", allow_pickle=False))
         names = tuple(read(base / "class_names.json", _load_json)) if (base / "class_names.json").is_file() else ()
         manifest = read(base / "manifest.parquet", pd.read_parquet)
         return ImageSet(images=images, manifest=manifest, tables=tables, class_names=names, directory=base)
-    if (base / "shards.parquet").is_file():
-        return ShardSet(directory=base, manifest=read(base / "shards.parquet", pd.read_parquet))
-    if (base / "model.keras").is_file():
+    if (base / SHARDS_FILE).is_file():
+        return ShardSet(directory=base, manifest=read(base / SHARDS_FILE, pd.read_parquet))
+    if (base / MODEL_FILE).is_file():
         return ModelFolder(base)
     for suffix, reader in ((".parquet", pd.read_parquet), (".npy", _load_npy), (".json", _load_json)):
         if base.with_suffix(suffix).is_file():
@@ -168,7 +180,7 @@ def _read_or_explain(path: Path, reader: Callable[[Path], Any], *, what: str) ->
 
 def artifact_exists(base: Path) -> bool:
     """Whether :func:`write_artifact` has stored something at ``base``."""
-    folder_markers = ("images.npy", "shards.parquet", "model.keras")
+    folder_markers = (IMAGES_FILE, SHARDS_FILE, MODEL_FILE)
     if any((base / marker).is_file() for marker in folder_markers):
         return True
     return any(base.with_suffix(suffix).is_file() for suffix in (".parquet", ".npy", ".json"))

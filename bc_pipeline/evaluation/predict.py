@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bc_pipeline.evaluation.submission import read_class_names
+from bc_pipeline.core.artifacts import MODEL_FILE
+from bc_pipeline.evaluation.submission import CLASS_NAMES_FILE, INFO_FILE, read_class_names
 from bc_pipeline.ingest.decode import read_image_file, to_rgb_square
 from bc_pipeline.ingest.loaders import ImageSourceError, _open_npz
 from bc_pipeline.training.model_folder import RECORD_FILE, read_record
@@ -44,7 +45,7 @@ def locate_model(path: str | Path) -> Path:
     """The ``.keras`` file that ``path`` designates; checked without loading Keras."""
     path = Path(path)
     if path.is_dir():
-        model_file = path / "model.keras"
+        model_file = path / MODEL_FILE
         if not model_file.is_file():
             raise FileNotFoundError(
                 f"{path}: folder has no model.keras (expected a trained-model artifact or a submission folder)"
@@ -74,8 +75,8 @@ def load_classifier(path: str | Path) -> tuple[Any, list[str]]:
 
 def stored_class_names(folder: Path) -> list[str] | None:
     """Class names from ``class_names.json`` (a submission) or else the model record (a model folder); None if neither."""
-    if (folder / "class_names.json").is_file():
-        return read_class_names(folder / "class_names.json")
+    if (folder / CLASS_NAMES_FILE).is_file():
+        return read_class_names(folder / CLASS_NAMES_FILE)
     if not (folder / RECORD_FILE).is_file():
         return None
     return list(read_record(folder).class_names)
@@ -88,10 +89,10 @@ def stored_temperature(folder: Path) -> float:
     keeps it; a submission folder carries it over from its model in its ``info.json``.
     """
     folder = Path(folder)
-    if not (folder / "class_names.json").is_file():  # a model folder: its record
+    if not (folder / CLASS_NAMES_FILE).is_file():  # a model folder: its record
         record = read_record(folder) if (folder / RECORD_FILE).is_file() else None
         return float(record.temperature) if record and record.temperature else 1.0
-    info_file = folder / "info.json"
+    info_file = folder / INFO_FILE
     if not info_file.is_file():
         return 1.0
     try:

@@ -20,9 +20,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bc_pipeline.core.artifacts import MODEL_FILE
 from bc_pipeline.core.storage import atomic_path, save_json
 
-SUBMISSION_FILES: tuple[str, ...] = ("model.py", "model.keras", "class_names.json", "info.json")
+CLASS_NAMES_FILE, INFO_FILE = "class_names.json", "info.json"
+SUBMISSION_FILES: tuple[str, ...] = ("model.py", MODEL_FILE, CLASS_NAMES_FILE, INFO_FILE)
 ZIP_NAME = "submission.zip"
 
 MODEL_TEMPLATE = '''\
@@ -90,10 +92,10 @@ def write_submission(
     folder = Path(folder)
     with atomic_path(folder) as tmp:
         tmp.mkdir()
-        model.save(tmp / "model.keras")
+        model.save(tmp / MODEL_FILE)
         (tmp / "model.py").write_text(MODEL_TEMPLATE)
-        save_json(tmp / "class_names.json", names)
-        save_json(tmp / "info.json", _submission_info(model, names, info))
+        save_json(tmp / CLASS_NAMES_FILE, names)
+        save_json(tmp / INFO_FILE, _submission_info(model, names, info))
         _zip_files(tmp, SUBMISSION_FILES, tmp / ZIP_NAME)
     return folder
 

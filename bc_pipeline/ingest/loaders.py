@@ -33,6 +33,7 @@ import pandas as pd
 from PIL import Image
 
 from bc_pipeline.core import chunks
+from bc_pipeline.core.artifacts import IMAGES_FILE
 from bc_pipeline.core.classes import CLASS_NAMES
 
 # image_id and to_rgb_square are part of this module's API too.
@@ -337,7 +338,7 @@ class _Sink:
         self.image_size, self.capacity = image_size, capacity
         self.writer = None
         if streaming.out_dir is not None:
-            file = Path(streaming.out_dir) / "images.npy"
+            file = Path(streaming.out_dir) / IMAGES_FILE
             self.writer = chunks.NpyWriter(file, (image_size, image_size, 3), np.uint8, capacity)
 
     def convert(self, images: np.ndarray, rows: np.ndarray, workers: int, first_row: int) -> Iterator[tuple[int, list[str]]]:

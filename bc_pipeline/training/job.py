@@ -14,12 +14,10 @@ the validation rows, the templates, and arrays that exist in memory only.
 
 from __future__ import annotations
 
-import json
 import re
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -30,6 +28,7 @@ from bc_pipeline.models.zoo import ModelSpec
 from bc_pipeline.training.model_folder import ModelRecord, read_history, read_record
 from bc_pipeline.training.settings import TrainingSettings
 from bc_pipeline.training.spec import EXIT_CANNOT_START, FAILURE_FILE, ArrayRef, WorkerSpec
+from bc_pipeline.training.worker.checkpoint import saved_epochs
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: arrays have no truth value to compare by
@@ -93,9 +92,9 @@ class TrainingJob:
         lines = [_what_happened(name, error, code, launcher) + (f": {reason}" if reason else "") + "."]
         if len(recorded.splitlines()) > 1:
             lines.append(f"The worker's traceback is in {failure_file}.")
-        resume = checkpoint_state(checkpoint_dir)
-        if resume:
-            lines.append(f"Its checkpoint after epoch {resume['epochs_done']} is kept in {checkpoint_dir}: "
+        saved = saved_epochs(checkpoint_dir)
+        if saved:
+            lines.append(f"Its checkpoint after epoch {saved} is kept in {checkpoint_dir}: "
                          "materialize trained_model again to resume from it.")  # fmt: skip
         elif checkpoint_dir is not None and code != EXIT_CANNOT_START:
             lines.append("No epoch had completed, so there is no checkpoint to resume from.")
@@ -127,16 +126,6 @@ def prepare_job(
     return TrainingJob(spec=spec, spec_path=spec.save(job_dir / "spec.json"), folders=folders)
 
 
-def checkpoint_state(checkpoint_dir: Path | None) -> dict[str, Any] | None:
-    """The ``state.json`` of a checkpoint folder (None: no usable checkpoint)."""
-    if checkpoint_dir is None or not (Path(checkpoint_dir) / "state.json").is_file():
-        return None
-    try:
-        return json.loads((Path(checkpoint_dir) / "state.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def _relative_to(root: Path):  # noqa: ANN202 - a small closure
     """Paths below ``root`` as relative strings (the spec travels to containers that mount it elsewhere)."""
     resolved = root.resolve()
@@ -149,9 +138,9 @@ def _relative_to(root: Path):  # noqa: ANN202 - a small closure
 
 
 def _stored_images(image_set: ImageSet, fallback: Path, name) -> str:  # noqa: ANN001
-    """The set's stored ``images.npy`` (mapped by the worker), or a copy written to ``fallback``."""
-    if image_set.directory is not None and (Path(image_set.directory) / "images.npy").is_file():
-        return name(Path(image_set.directory) / "images.npy")
+    """The set's stored images file (mapped by the worker), or a copy written to ``fallback``."""
+    if image_set.stored_images is not None:
+        return name(image_set.stored_images)
     return name(save_npy(fallback, np.asarray(image_set.images)))
 
 

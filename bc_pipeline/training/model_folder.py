@@ -24,12 +24,12 @@ from typing import Any
 
 import pandas as pd
 
-from bc_pipeline.core.artifacts import ArtifactDamagedError, ArtifactNotFoundError, ModelFolder
+from bc_pipeline.core.artifacts import MODEL_FILE, ArtifactDamagedError, ArtifactNotFoundError, ModelFolder
 from bc_pipeline.models.zoo import ModelSpec
 from bc_pipeline.training.settings import Phase, TrainingSettings
 
 RECORD_VERSION = 2
-MODEL_FILE, HISTORY_FILE, RECORD_FILE = "model.keras", "history.parquet", "info.json"
+HISTORY_FILE, RECORD_FILE = "history.parquet", "info.json"
 HISTORY_COLUMNS = ["epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy"]
 
 

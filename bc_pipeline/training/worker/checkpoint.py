@@ -68,6 +68,19 @@ class TrainingState:
         self.phase, self.phase_epochs, self.phase_stopped = self.phase + 1, 0, False
 
 
+STATE_FILE = "state.json"  # the checkpoint's progress, written last
+
+
+def saved_epochs(directory: Path | None) -> int | None:
+    """The epochs a checkpoint folder has saved (None: no readable checkpoint there)."""
+    if directory is None or not (Path(directory) / STATE_FILE).is_file():
+        return None
+    try:
+        return int(json.loads((Path(directory) / STATE_FILE).read_text())["epochs_done"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 class Checkpoint:
     """The last epoch's model (with optimizer state), the phase's best weights and the progress.
 
@@ -91,7 +104,7 @@ class Checkpoint:
         name = f"epoch-{state.epochs_done:04d}-phase-{state.phase}.keras"
         save_via_temp(self.directory / name, model.save)
         elapsed = state.seconds_before_resume + time.perf_counter() - self._started
-        save_json(self.directory / "state.json", {**state.to_json(), "key": self.key, "model": name, "elapsed": elapsed})
+        save_json(self.directory / STATE_FILE, {**state.to_json(), "key": self.key, "model": name, "elapsed": elapsed})
         for old in self.directory.glob("epoch-*.keras"):
             if old.name != name:
                 old.unlink(missing_ok=True)
@@ -107,12 +120,12 @@ class Checkpoint:
 
     def load(self, emit: Emit) -> tuple[Any, TrainingState] | None:
         """(model, state) from a matching checkpoint, or None to start from scratch (``emit`` hears which)."""
-        if self.directory is None or not (self.directory / "state.json").is_file():
+        if self.directory is None or not (self.directory / STATE_FILE).is_file():
             return None
         import keras
 
         try:
-            saved = json.loads((self.directory / "state.json").read_text())
+            saved = json.loads((self.directory / STATE_FILE).read_text())
             if saved.get("key") != self.key:
                 emit(WorkerEvent("discarded", {"directory": str(self.directory), "reason": "it was made with other data or settings"}))
                 self.clear()
