@@ -15,6 +15,13 @@ from bc_pipeline.defs.resources import shared_datasets_dir
 from bc_pipeline.ingest.loaders import read_labelled_files, sample_class_files
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Several test processes share the machine's cores (pyproject: -n): one compute thread each, for
+    # them and the runs and workers they start (inherited). Measured: TensorFlow's default pools, one
+    # thread per core in every process, oversubscribe the cores and spin (28 min of CPU against 23).
+    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
+    os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
+    os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
 
 # The modules whose tests take longest (minutes of real runs and trainings), longest first. The
 # suite runs over worker processes, a module at a time (pyproject: -n, --dist loadfile), handed out
