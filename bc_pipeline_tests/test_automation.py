@@ -132,9 +132,17 @@ def _once_each(requests: list[dict[str, set]]) -> dict[str, set]:
     return merged
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+# The scenarios run on the instance ``make run`` writes (SQLite); those that read or write what a
+# storage keeps in its own tables (materializations and their data versions, observations, partition
+# status, failed runs, schedules' queries) run on a team's PostgreSQL instance too. The others
+# evaluate the same conditions over the same records, which the SQLite runs cover.
+BOTH = pytest.mark.parametrize("pipeline", ["sqlite", "postgres"], indirect=True)
+SQLITE = pytest.mark.parametrize("pipeline", ["sqlite"], indirect=True)
+
+
+@pytest.fixture(scope="module")
 def pipeline(request, tmp_path_factory: pytest.TempPathFactory):
-    """The scenarios on the instance ``make run`` writes (SQLite) and on a team's (a real PostgreSQL server)."""
+    """The scenarios on the instance ``make run`` writes (SQLite) or on a team's (a real PostgreSQL server)."""
     root = tmp_path_factory.mktemp(f"automation_{request.param}")
     source = root / "source"
     _copy_images(pbc96_files(per_class=10, seed=1), source)
@@ -154,6 +162,7 @@ def pipeline(request, tmp_path_factory: pytest.TempPathFactory):
         yield pipe
 
 
+@BOTH
 def test_after_a_full_materialization_nothing_is_requested(pipeline: Pipeline):
     assert pipeline.tick() == {}
     start = time.perf_counter()
@@ -161,6 +170,7 @@ def test_after_a_full_materialization_nothing_is_requested(pipeline: Pipeline):
     print(f"no-op evaluation of {len(UNPARTITIONED) + len(PER_MODEL)} assets: {time.perf_counter() - start:.2f}s")
 
 
+@BOTH
 def test_touching_files_without_changing_them_requests_nothing(pipeline: Pipeline):
     for file in sorted(pipeline.source.rglob("*.jpg"))[:5]:
         file.touch()
@@ -169,6 +179,7 @@ def test_touching_files_without_changing_them_requests_nothing(pipeline: Pipelin
     assert pipeline.tick() == {}
 
 
+@SQLITE
 def test_new_images_request_the_whole_chain_once(pipeline: Pipeline):
     _copy_images(pbc96_files(per_class=2, seed=99), pipeline.source)
     pipeline.observe_as_sensor()
@@ -183,6 +194,7 @@ def test_new_images_request_the_whole_chain_once(pipeline: Pipeline):
     print(f"new images: {len(requests)} runs, {sum(map(len, requests))} assets")
 
 
+@SQLITE
 def test_an_evaluation_config_change_requests_only_evaluation_and_what_follows(pipeline: Pipeline):
     class TTAOnAllPolicies(EvaluationConfig):
         tta_all_policies: bool = Field(default=True)
@@ -198,6 +210,7 @@ def test_an_evaluation_config_change_requests_only_evaluation_and_what_follows(p
     print(f"evaluation config change: {len(requests)} runs, {sum(map(len, requests))} assets")
 
 
+@SQLITE
 def test_an_evaluation_code_version_bump_reruns_evaluation_only_while_its_output_is_unchanged(pipeline: Pipeline):
     """A new code version reruns the evaluation; the same report (same data version) stops there."""
     current = pipeline.defs().resolve_asset_graph().get(dg.AssetKey("evaluation_report")).code_version
@@ -214,6 +227,7 @@ def _input_versions(instance: dg.DagsterInstance, name: str) -> dict[str, str]:
     return {key[len(prefix):]: value for key, value in tags.items() if key.startswith(prefix)}
 
 
+@BOTH
 def test_an_identical_upstream_rerun_leaves_downstream_synced(pipeline: Pipeline):
     result = pipeline.run({"raw_images": {None}, "image_hashes": {None}})
     rerun = {e.asset_key.to_user_string(): e.materialization.tags["dagster/data_version"] for e in result.get_asset_materialization_events()}
@@ -224,6 +238,7 @@ def test_an_identical_upstream_rerun_leaves_downstream_synced(pipeline: Pipeline
             assert recorded[upstream] == rerun[upstream], f"{name} would show as unsynced against {upstream}"
 
 
+@SQLITE
 def test_a_code_bump_with_identical_output_upstream_of_the_random_stages_retrains_nothing(pipeline: Pipeline):
     """The augmentation stages draw random samples; rerun on unchanged inputs they return the stored one."""
     random_stages = ("augmented_train_set", "robustness_eval_sets")
@@ -242,6 +257,7 @@ def _data_version(instance: dg.DagsterInstance, name: str) -> str:
     return instance.get_latest_data_version_record(dg.AssetKey(name)).asset_materialization.tags["dagster/data_version"]
 
 
+@BOTH
 def test_re_evaluating_an_unchanged_model_leaves_the_leaderboard_alone(pipeline: Pipeline):
     """What the nightly evaluation does to a model nothing changed for: no leaderboard or submission run."""
     before = pipeline.instance.get_latest_data_version_record(dg.AssetKey("evaluation_report"), partition_key=MODEL)
@@ -252,6 +268,7 @@ def test_re_evaluating_an_unchanged_model_leaves_the_leaderboard_alone(pipeline:
     assert pipeline.tick() == {}
 
 
+@BOTH
 def test_a_model_trained_by_hand_is_evaluated_and_ranked_by_automation(pipeline: Pipeline):
     """Training is the one step people start (automation never trains a new model); the rest follows."""
     pipeline.instance.wipe_assets([dg.AssetKey("evaluation_report")])  # never evaluated
@@ -260,6 +277,7 @@ def test_a_model_trained_by_hand_is_evaluated_and_ranked_by_automation(pipeline:
     assert requests == [{"evaluation_report": {MODEL}}, {"model_leaderboard": {None}, "submission_package": {None}}]
 
 
+@BOTH
 def test_nothing_runs_below_a_failed_stage_until_it_is_fixed(pipeline: Pipeline):
     ops = TINY_RUN_CONFIG["ops"]
     evaluation = ops["evaluation_report"]["config"]
@@ -275,6 +293,7 @@ def test_nothing_runs_below_a_failed_stage_until_it_is_fixed(pipeline: Pipeline)
     assert requests == [{"model_leaderboard": {None}, "submission_package": {None}}], "now the waiting change runs"
 
 
+@BOTH
 def test_schedules_request_one_run_per_trained_model(pipeline: Pipeline):
     from bc_pipeline.defs.schedules import nightly_evaluation, weekly_retrain
 

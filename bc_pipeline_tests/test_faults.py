@@ -5,8 +5,9 @@ checkpoint; Ctrl-C and SIGTERM stop a training run and a run waiting on the ``gp
 seconds, mark them canceled and free their slots; two runs started at once on one instance and
 data folder both finish, their trainings one after the other.
 
-The setups: two whole-graph runs of ``bc_pipeline.run`` started at once on a 320-image pbc96 subset
-and the SQLite instance ``make run`` uses; then the same two runs at once on the PostgreSQL
+The setups: two whole-graph runs of ``bc_pipeline.run`` for the same model started at once (``make
+run`` typed in two terminals) on a 320-image pbc96 subset and the SQLite instance ``make run`` uses,
+with a new DAGSTER_HOME (its first creation raced once); then the same two runs at once on the PostgreSQL
 instance of a team (a real server, conftest), ``--models-only`` over a copy of that project's
 stored assets, since what differs on PostgreSQL is the runs, the pool and the event log, not the
 stages (test_automation materializes the whole graph on PostgreSQL too).
@@ -106,15 +107,16 @@ class Started:
 
 BOTH = pytest.mark.parametrize("started", ["sqlite", "postgres"], indirect=True)
 SQLITE = pytest.mark.parametrize("started", ["sqlite"], indirect=True)  # the same code path on PostgreSQL
-# custom_cnn trains 4 epochs: long enough that the other run reaches its training step meanwhile.
-TRAINS = {"custom_cnn": {**TRAIN, "epochs": 4}, "mobilenetv3small": TRAIN}
+MODEL = "custom_cnn"
+BOTH_TRAIN = {**TRAIN, "epochs": 4}  # long enough that the other run reaches its training step meanwhile
 
 
-def _start_both(project: Project, *args: str, trains: dict[str, dict] = TRAINS) -> Started:
-    processes = {model: project.start("--models", model, *args, train=train, name=model) for model, train in trains.items()}
+def _start_both(project: Project, *args: str) -> Started:
+    """The same model's run started twice at once, as a user who typed ``make run`` in two terminals."""
+    processes = {name: project.start("--models", MODEL, *args, train=BOTH_TRAIN, name=name) for name in ("first", "second")}
     for process, out in processes.values():
         assert process.wait(timeout=900) == 0, out.read_text()[-4000:]
-    return Started(project, {model: out.read_text() for model, (_, out) in processes.items()}, whole_graph=not args)
+    return Started(project, {name: out.read_text() for name, (_, out) in processes.items()}, whole_graph=not args)
 
 
 def _project(root: Path, pbc_subset_dir: Path, storage: str, database: dict[str, str] | None = None) -> Project:
@@ -132,13 +134,11 @@ def sqlite_project(pbc_subset_dir: Path, tmp_path_factory: pytest.TempPathFactor
 
 @pytest.fixture(scope="module")
 def postgres_project(sqlite_project: Started, pbc_subset_dir: Path, tmp_path_factory: pytest.TempPathFactory, request) -> Started:
-    """A team's PostgreSQL instance: two model runs started at once over the stored assets, custom_cnn's
-    training and the ensemble of the two stored models (a trained_model partition in the gpu pool too,
-    which averages instead of training)."""
+    """A team's PostgreSQL instance: the two runs started at once over the stored assets (``--models-only``)."""
     root = tmp_path_factory.mktemp("faults_postgres")
     project = _project(root, pbc_subset_dir, "postgres", request.getfixturevalue("postgres_server").new_database("faults"))
     shutil.copytree(sqlite_project.project.data_dir / "assets", project.data_dir / "assets")
-    return _start_both(project, "--models-only", trains={"custom_cnn": TRAINS["custom_cnn"], "ensemble": TRAIN})
+    return _start_both(project, "--models-only")
 
 
 @pytest.fixture(scope="module")
@@ -172,8 +172,9 @@ def test_make_run_prints_a_few_dozen_lines_and_ends_with_the_full_log_path(start
 def test_two_runs_started_at_once_both_finish_and_their_trainings_queue_on_the_gpu_pool(started: Started):
     spans, blocked = [], 0
     with started.project.instance() as instance:
-        for model in started.outputs:
-            (run,) = [r for r in _runs_of_partition(instance, model) if r.status == dg.DagsterRunStatus.SUCCESS]
+        runs = [r for r in _runs_of_partition(instance, MODEL) if r.status == dg.DagsterRunStatus.SUCCESS]
+        assert len(runs) == 2, "the setup's two runs, nothing else yet"
+        for run in runs:
             events = _step_events(instance, run.run_id, "trained_model")
             kinds = {e.dagster_event.event_type_value: e.timestamp for e in events if e.dagster_event}
             spans.append((kinds["STEP_START"], kinds["STEP_SUCCESS"]))
@@ -188,18 +189,18 @@ def test_two_runs_started_at_once_both_finish_and_their_trainings_queue_on_the_g
 @SQLITE
 def test_a_run_killed_with_kill_9_in_training_blocks_nothing_and_the_next_run_resumes_from_its_checkpoint(project: Project):
     model = "custom_cnn"
-    process, out = project.start("--models-only", "--models", model, train={**LONG_TRAIN, "epochs": 8}, name="killed")
+    process, out = project.start("--models-only", "--models", model, train={**LONG_TRAIN, "epochs": 6}, name="killed")
     _wait_for(lambda: project.checkpoint_epochs(model) >= 2 or process.poll() is not None, 600, "epoch 2's checkpoint")
     process.send_signal(signal.SIGKILL)  # the process the user started, as `kill -9 <pid>` does
     process.wait(timeout=30)
     done = project.checkpoint_epochs(model)
-    assert 2 <= done < 8, out.read_text()[-3000:]
+    assert 2 <= done < 6, out.read_text()[-3000:]
     _wait_for(lambda: not project.processes(), 15, "the run's child and training worker to exit with it")
     with project.instance() as instance:
         (stale,) = [r for r in _runs_of_partition(instance, model) if r.status == dg.DagsterRunStatus.STARTED]
         assert instance.event_log_storage.get_concurrency_info("gpu").active_run_ids == {stale.run_id}
 
-    output = project.run("--models-only", train={**LONG_TRAIN, "epochs": 8})  # upstream unchanged: the models, as make run's later models
+    output = project.run("--models-only", train={**LONG_TRAIN, "epochs": 6})  # upstream unchanged: the models, as make run's later models
     assert f"run {stale.run_id[:8]} marked failed, 1 pool slot(s) freed" in output
     assert f"resuming from the checkpoint after epoch {done}" in output
     with project.instance() as instance:

@@ -114,7 +114,7 @@ def test_training_learns_a_real_subset_and_logs_each_epoch():
     from bc_pipeline.models.zoo import model_spec
     from bc_pipeline.training.worker.fit import RunOptions, TrainingData, train_classifier
 
-    train_x, train_y, val_x, val_y = _subset(per_class=80)
+    train_x, train_y, val_x, val_y = _subset(per_class=40)
     lines: list[str] = []
     result = train_classifier(
         TrainingData(train_x, train_y, val_x, val_y, num_classes=8), model_spec("custom_cnn"),
@@ -124,7 +124,7 @@ def test_training_learns_a_real_subset_and_logs_each_epoch():
     assert epochs == [f"epoch {i} (phase 1)" for i in range(1, 9)]
     assert result.history["loss"].iloc[-1] < result.history["loss"].iloc[0]
     assert list(result.history["epoch"]) == list(range(1, 9)) and set(result.history["phase"]) == {1}
-    # Inference-mode accuracy, well above chance (0.125) after 8 short epochs on 512 images.
+    # Inference-mode accuracy, well above chance (0.125) after 8 short epochs on 256 images (measured 0.60-0.64 / 0.52-0.55).
     assert (predict_proba(result.model, train_x).argmax(1) == train_y).mean() > 0.5
     assert (predict_proba(result.model, val_x).argmax(1) == val_y).mean() > 0.35
 
