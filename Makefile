@@ -23,7 +23,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 # pip's global config here lists local index folders that may not exist; hide that noise only.
 PIP_QUIET := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: help install data run dev test bench bench-recipes bench-ablation clean
+.PHONY: help install data run dev test bench bench-recipes bench-ablation bench-transfer-ablation clean
 
 help:
 	@echo "make run    install, fetch BloodMNIST, materialize the whole graph, print the report path"
@@ -32,6 +32,7 @@ help:
 	@echo "make dev    start the Dagster UI (dg dev) with a persistent DAGSTER_HOME in BC_DATA_DIR (default data/)"
 	@echo "make bench  run the benchmarks in bench/"
 	@echo "make bench-recipes / bench-ablation   the recipes against their targets / the robustness ablation (long)"
+	@echo "make bench-transfer-ablation         what each part of transfer-cpu buys (long)"
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -84,6 +85,9 @@ bench-recipes: install
 
 bench-ablation: install
 	$(PY) bench/bench_robust_ablation.py
+
+bench-transfer-ablation: install
+	$(PY) bench/bench_transfer_ablation.py
 
 clean:
 	rm -rf $(BC_DATA_DIR)/assets $(BC_DATA_DIR)/reports $(BC_DATA_DIR)/cache

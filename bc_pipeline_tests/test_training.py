@@ -83,6 +83,34 @@ def test_focal_loss_is_cross_entropy_at_gamma_zero_and_down_weights_easy_example
         make_loss("hinge")
 
 
+def _stops_at(losses: list[float], patience: int) -> int | None:
+    from bc_pipeline.training.worker.checkpoint import TrainingState
+
+    state = TrainingState()
+    state.start_phase()
+    for epoch, loss in enumerate(losses, start=1):
+        state.record_epoch(epoch, {"epoch": epoch, "phase": 1, "val_loss": loss}, loss, patience)
+        if state.phase_stopped:
+            return epoch
+    return None
+
+
+def test_one_lucky_validation_epoch_does_not_end_a_run_that_is_still_learning():
+    # Epoch 3 dips far below its neighbours (a noisy validation pass), then the loss keeps falling
+    # more slowly: the raw minimum would stop at epoch 6 with patience 3; the 3-epoch mean does not.
+    learning = [1.0, 0.9, 0.5, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.58]
+    assert _stops_at(learning, patience=3) is None
+    # A real rise still stops the phase, one epoch later than the raw loss would.
+    diverging = [1.0, 0.8, 0.7, 0.9, 1.0, 1.1, 1.2, 1.3]
+    assert _stops_at(diverging, patience=3) == 7
+    # A checkpoint written before the smoothed loss existed still resumes.
+    from bc_pipeline.training.worker.checkpoint import TrainingState
+
+    saved = TrainingState(phase=1, best_val_loss=0.4, wait=2).to_json()
+    del saved["best_smoothed_loss"]
+    assert TrainingState.from_json(saved).wait == 2
+
+
 def test_optimizers_cyclical_and_cosine_rates():
     from bc_pipeline.training.worker.callbacks import cosine_rate, cyclical_rate
     from bc_pipeline.training.worker.fit import make_optimizer

@@ -105,7 +105,7 @@ class TrainingConfig(SettingsConfig):
 
 
 @dg.asset(
-    code_version=with_config("6", TrainingConfig),
+    code_version=with_config("7", TrainingConfig),
     automation_condition=automation.per_model(),
     group_name="training",
     kinds={"keras", "tensorflow", "jax"},
