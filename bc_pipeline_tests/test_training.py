@@ -103,6 +103,10 @@ def test_one_lucky_validation_epoch_does_not_end_a_run_that_is_still_learning():
     # A real rise still stops the phase, one epoch later than the raw loss would.
     diverging = [1.0, 0.8, 0.7, 0.9, 1.0, 1.1, 1.2, 1.3]
     assert _stops_at(diverging, patience=3) == 7
+    # New raw lows between high epochs keep it going although their mean does not fall: never
+    # earlier than the raw rule (which would not stop here).
+    see_saw = [1.0, 0.5, 1.6, 0.45, 1.7, 0.44, 1.8, 0.43]
+    assert _stops_at(see_saw, patience=2) is None
     # A checkpoint written before the smoothed loss existed still resumes.
     from bc_pipeline.training.worker.checkpoint import TrainingState
 
