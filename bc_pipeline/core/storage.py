@@ -104,6 +104,15 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot serialise {type(value).__name__} to JSON")
 
 
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """The hex digest of a file's bytes, read in 1 MiB chunks (checksums of downloads and installed weights)."""
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def fingerprint(*parts: Any) -> str:
     """A short, stable content hash of arrays, frames, bytes, strings and JSON-able values."""
     digest = hashlib.blake2b(digest_size=16)

