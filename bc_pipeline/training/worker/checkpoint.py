@@ -31,7 +31,7 @@ class TrainingState:
     epochs_done: int = 0
     best_val_loss: float | None = None
     best_smoothed_loss: float | None = None  # the phase's lowest smoothed validation loss (early stopping)
-    wait: int = 0  # epochs since that lowest smoothed validation loss
+    wait: int = 0  # epochs since a new low of the validation loss or of its smoothed value
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_from_epoch: int | None = None
     seconds_before_resume: float = 0.0
