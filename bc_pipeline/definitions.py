@@ -10,7 +10,8 @@ Policy applied here rather than per asset: every materializable asset without an
 condition of its own gets :func:`bc_pipeline.dagster_utils.automation.on_change`; the assets that
 state one (``trained_model``, ``model_leaderboard``, ``submission_package``) are the exceptions.
 Where images come from, where artifacts go and where models train is read from the environment in
-one module, ``defs/resources.py``.
+one module, ``defs/resources.py``. Loading them also makes Dagster's pool-slot claim atomic on
+SQLite (``dagster_utils/pools.py``): every process that executes a run loads them.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ def _default_automation(spec: dg.AssetSpec) -> dg.AssetSpec:
 @functools.cache
 def load() -> dg.Definitions:
     """The definitions autoloaded from ``defs/`` with the default automation condition applied (built once)."""
+    from bc_pipeline.dagster_utils.pools import claim_slots_atomically
+
+    claim_slots_atomically()  # the gpu pool's limit holds when two runs reach it at once
     loaded = dg.load_from_defs_folder(path_within_project=Path(__file__).parent)
     sources = [a for a in loaded.assets or [] if isinstance(a, dg.SourceAsset)]  # observed, never materialized
     assets = dg.map_asset_specs(_default_automation, [a for a in loaded.assets or [] if not isinstance(a, dg.SourceAsset)])

@@ -11,6 +11,7 @@ import time
 import dagster as dg
 
 from bc_pipeline.core.processes import fresh_folder, process_alive
+from bc_pipeline.dagster_utils import pools
 from bc_pipeline.dagster_utils.progress import RunProgress, key_figures, record_worker_event
 from bc_pipeline.dagster_utils.runs import owner_tags, release_dead_runs, release_runs_of
 from bc_pipeline.training.events import WorkerEvent
@@ -55,6 +56,43 @@ def test_a_dead_process_s_run_is_marked_failed_and_its_slot_freed_but_a_live_one
 
         (stopped,) = release_runs_of(instance, os.getpid(), canceled=True, reason="stopped by SIGINT")
         assert stopped.status == "CANCELED" and instance.get_run_by_id(alive.run_id).status == dg.DagsterRunStatus.CANCELED
+
+
+def test_two_runs_claiming_the_gpu_slot_in_the_same_instant_get_it_once(tmp_path, monkeypatch):
+    """The interleaving seen in CI, made deterministic: both runs queue their step having read "a slot
+    is unassigned" (so both are assigned), A reads slot 1 as free, B claims it, then A writes its
+    claim. With Dagster's unconditional UPDATE both were told "claimed" and trained at once."""
+    home = str(write_instance_home(tmp_path / "home", "sqlite"))
+    with dg.DagsterInstance.from_config(home) as first, dg.DagsterInstance.from_config(home) as second:
+        run_a, run_b = _started_run(first, owner_tags()), _started_run(second, owner_tags())
+        first.event_log_storage.set_concurrency_slots("gpu", 1)
+        for instance, run in ((first, run_a), (second, run_b)):  # each read "1 unassigned slot" before the other queued
+            instance.event_log_storage.add_pending_step("gpu", run.run_id, "pooled", priority=0, should_assign=True)
+        read_free_slot = pools.free_slot_id
+        claims: dict[str, object] = {}
+
+        def b_claims_between_a_s_read_and_write(conn, key):  # noqa: ANN001, ANN202 - Dagster's connection
+            slot = read_free_slot(conn, key)
+            if not claims:  # A's read: B's whole claim happens now (B's own read is the plain one)
+                claims["b"] = None
+                claims["b"] = second.event_log_storage.claim_concurrency_slot("gpu", run_b.run_id, "pooled")
+            return slot
+
+        pools.claim_slots_atomically()
+        monkeypatch.setattr(pools, "free_slot_id", b_claims_between_a_s_read_and_write)
+        claims["a"] = first.event_log_storage.claim_concurrency_slot("gpu", run_a.run_id, "pooled")
+        assert claims["b"].is_claimed and not claims["a"].is_claimed  # A waits, as the pool's limit of 1 means
+        (holder,) = first.event_log_storage.get_concurrency_info("gpu").claimed_slots
+        assert holder.run_id == run_b.run_id
+
+
+def test_the_definitions_apply_the_atomic_claim():
+    from dagster._core.storage.event_log.sql_event_log import SqlEventLogStorage
+
+    from bc_pipeline.definitions import load
+
+    load()
+    assert SqlEventLogStorage._claim_concurrency_slot is pools._claim_concurrency_slot
 
 
 def test_progress_prints_one_line_per_stage_with_its_key_figures(tmp_path):
