@@ -33,7 +33,7 @@ EXPECTED_CODE_VERSIONS = {
     "raw_images": "3",
     "robustness_eval_sets": "1.cfg-5b445ac6",
     "submission_package": "2.cfg-13f1ae94",
-    "trained_model": "7.cfg-b4095cb5",
+    "trained_model": "7.cfg-97f99aaa",
 }
 
 

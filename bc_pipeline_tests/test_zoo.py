@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from bc_pipeline.models.zoo import (
+    CUSTOM_CNN,
     FAMILIES,
     REGISTRY,
     WeightsUnavailableError,
@@ -92,6 +93,24 @@ def test_preprocessing_layers_match_keras_preprocess_input(family, module):
     ours = np.asarray(_build_preprocessing(FAMILIES[family].preprocessing, 32)(images))
     theirs = getattr(keras.applications, module).preprocess_input(images.copy())
     np.testing.assert_allclose(ours, np.asarray(theirs), atol=1e-3)
+
+
+def test_a_run_can_standardise_each_image_of_any_model_and_it_becomes_blind_to_contrast():
+    """``input_norm: image`` (robust-cpu's setting) reaches the model through the run config and makes
+    its outputs the same for an image and any brighter or flatter copy of it; without it they differ."""
+    from bc_pipeline.defs.assets.training import TrainingConfig
+
+    images, _ = _batch(n=4)
+    flatter = images * 0.2 + 90.0  # ImageNet-C contrast at severity 5 is a 0.05 gain towards the mean
+    outputs = {}
+    for norm in ("none", "image"):
+        spec = TrainingConfig(input_norm=norm).spec(CUSTOM_CNN)  # its registry entry says "channel"
+        assert spec.input_norm == norm
+        model = build_model(spec, num_classes=8)
+        outputs[norm] = np.abs(model.predict(images, verbose=0) - model.predict(flatter, verbose=0)).max()
+    assert outputs["image"] < 1e-4 < outputs["none"]
+    with pytest.raises(ValueError, match="unknown input_norm 'bogus' \\(none, image, channel\\)"):
+        TrainingConfig(input_norm="bogus").spec("efficientnet_lite0")
 
 
 def test_trainable_phases_freeze_and_unfreeze_backbone_layers():

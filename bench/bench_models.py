@@ -3,8 +3,10 @@
 Each backend (``--backends``, default TensorFlow and JAX, those installed) runs in its own
 subprocess, since Keras picks its backend once per process. For each model of the zoo
 (``models.zoo.REGISTRY``, weights ``none``), built and compiled as the training worker does (Adam,
-categorical cross-entropy, all layers trainable, XLA as ``jit_compile=auto`` chooses: on for JAX,
-off for TensorFlow), on random uint8 96x96 images:
+categorical cross-entropy, all layers trainable but the backbone's first ``--frozen-layers``, as
+the zoo's ``frozen_layers`` does: no gradient is computed below the lowest trainable layer, so
+freezing the high-resolution stem saves much of the backward pass; XLA as ``jit_compile=auto``
+chooses: on for JAX, off for TensorFlow), on random uint8 96x96 images:
   - build + first step: the seconds until the first training step returns (graph tracing);
   - training images/s: ``--steps`` further steps of ``train_on_batch`` (batch ``--batch-size``);
   - inference images/s: ``predict_on_batch`` on batches of 256, after one warm-up batch.
@@ -12,7 +14,7 @@ From these it estimates the seconds per epoch of pbc96's training split (about 1
 which is what decides whether a model can be trained on this machine at all.
 
 Run: ``.venv/bin/python bench/bench_models.py [--image-size 32] [--models a b] [--steps 10]
-[--backends tensorflow jax]`` (or ``make bench``).
+[--backends tensorflow jax] [--frozen-layers 17]`` (or ``make bench``).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from _common import table, timed
 EPOCH_IMAGES = 11_500  # pbc96's training split after cleaning
 
 
-def measure(name: str, image_size: int, batch_size: int, steps: int) -> dict[str, float]:
+def measure(name: str, image_size: int, batch_size: int, steps: int, frozen_layers: int = 0) -> dict[str, float]:
     import keras
 
     from bc_pipeline.models.zoo import build_model, model_spec, set_trainable
@@ -48,7 +50,7 @@ def measure(name: str, image_size: int, batch_size: int, steps: int) -> dict[str
 
     def build_and_step():
         model = build_model(model_spec(name, image_size=image_size), num_classes=8)
-        set_trainable(model, "all")
+        set_trainable(model, "all", frozen_layers)
         model.compile(optimizer=make_optimizer("adam", 1e-3), loss=make_loss("categorical_crossentropy"), jit_compile=jit)
         model.train_on_batch(images, labels)
         return model
@@ -72,7 +74,7 @@ def measure(name: str, image_size: int, batch_size: int, steps: int) -> dict[str
 def run_backend(backend: str, args: argparse.Namespace) -> list[dict]:
     """All models on one backend, in a subprocess with ``KERAS_BACKEND`` set; one JSON line per model."""
     command = [sys.executable, __file__, "--child", "--image-size", str(args.image_size), "--batch-size",
-               str(args.batch_size), "--steps", str(args.steps), "--models", *args.models]  # fmt: skip
+               str(args.batch_size), "--steps", str(args.steps), "--frozen-layers", str(args.frozen_layers), "--models", *args.models]  # fmt: skip
     env = os.environ | {"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -89,6 +91,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--models", nargs="+", default=list(REGISTRY))
+    parser.add_argument("--frozen-layers", type=int, default=0, help="backbone layers, from the input, kept frozen in every model")
     parser.add_argument("--backends", nargs="+", default=[b for b in ("tensorflow", "jax") if importlib.util.find_spec(b)])
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -97,12 +100,12 @@ def main() -> None:
 
         for name in args.models:
             print(json.dumps({"model": name, "backend": keras.backend.backend(),
-                              **measure(name, args.image_size, args.batch_size, args.steps)}), flush=True)  # fmt: skip
+                              **measure(name, args.image_size, args.batch_size, args.steps, args.frozen_layers)}), flush=True)  # fmt: skip
         return
     import keras
 
     print(f"{platform.node()}: {os.cpu_count()} cores, Keras {keras.__version__}, backends {', '.join(args.backends)}, "
-          f"input {args.image_size}px, batch {args.batch_size}, {args.steps} timed steps")  # fmt: skip
+          f"input {args.image_size}px, batch {args.batch_size}, {args.steps} timed steps, {args.frozen_layers} frozen backbone layers")  # fmt: skip
     results: dict[tuple[str, str], dict] = {}
     for backend in args.backends:
         started = time.perf_counter()

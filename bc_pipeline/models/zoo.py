@@ -85,7 +85,9 @@ class ModelSpec:
     # makes the model blind to global brightness and contrast; "channel": the same per colour
     # channel, blind to per-channel gain and offset too; "none": the backbone's preprocessing only
     # (what pretrained weights expect).
-    input_norm: str = "none"
+    input_norm: str = field(
+        default="none", metadata={"description": "none | image | channel: standardise each image (or channel) first."}
+    )
 
     @property
     def pretrained(self) -> bool:
