@@ -14,6 +14,9 @@ variant changes one thing:
 - ``frozen-only``: the head alone on ImageNet features (a linear probe, plus the dense layer).
 - ``no-copies``: the balanced set only, no stored copies.
 - ``128px``: the same at 128 px (the pretrained features see objects nearer their ImageNet scale).
+- ``image-norm``: each image standardised before the backbone (``input_norm: image``, robust-cpu's one
+  difference from transfer-cpu): blind to brightness and contrast.
+- ``frozen-stem``: the backbone's 64x64 stage (stem, blocks 0-1) frozen in every phase: 1.4x faster.
 
 It prints seconds, clean accuracy, the mCA, and the mCA over the corruptions the stored copies do
 not resemble. At these sizes one run moves by about +-0.02 with the seed.
@@ -43,6 +46,8 @@ class Variant:
     phases: str = "frozen,all"  # the trainable setting of each phase
     size: int = 96
     copies: bool = True
+    input_norm: str = "none"  # robust-cpu's difference: "image"
+    frozen_layers: int = 0  # 17: the 64x64 stage (stem, blocks 0-1)
 
 
 VARIANTS = {
@@ -52,6 +57,8 @@ VARIANTS = {
     "frozen-only": Variant(phases="frozen"),
     "no-copies": Variant(copies=False),
     "128px": Variant(size=128),
+    "image-norm": Variant(input_norm="image"),
+    "frozen-stem": Variant(frozen_layers=17),
 }
 
 
@@ -81,7 +88,8 @@ def run_variant(name: str, data: dict, suite: dict, epochs: int) -> list[str]:
         phases=phases_of(variant, epochs), batch_size=32, lr_schedule="cosine", optimizer="adamw",
         weight_decay=1e-4, label_smoothing=0.1, batch_augment="cutmix", batch_augment_probability=0.3,
     )  # fmt: skip
-    spec = model_spec("efficientnet_lite0", image_size=variant.size, weights=variant.weights)
+    spec = model_spec("efficientnet_lite0", image_size=variant.size, weights=variant.weights,
+                      input_norm=variant.input_norm, frozen_layers=variant.frozen_layers)
     training = TrainingData(x, y, *data["val"], num_classes=8, augmented=copies)
     model = train_classifier(training, spec, settings, RunOptions(log=lambda _: None)).model
     test_y = data["test"][1]
