@@ -43,6 +43,7 @@ TINY_RUN_CONFIG = {
         "augmented_train_set": {"config": {"copies": 1, "shard_size": 64}},
         "robustness_eval_sets": {"config": {"policies": ["light"]}},
         "corruption_benchmark_set": {"config": {"corruptions": ["gaussian_noise", "pixelate"], "severities": [3], "max_images": 16, "workers": 1}},
+        "domain_shift_set": {"config": {"shifts": ["lab"], "severities": [3], "max_images": 16}},
         "trained_model": {"config": {"epochs": 1, "image_size": 32, "batch_size": 32}},
         "evaluation_report": {"config": {"robust_policy": "light", "tta": False, "gradcam_per_class": 0}},
     }

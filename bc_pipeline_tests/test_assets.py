@@ -17,7 +17,7 @@ from bc_pipeline.core.artifacts import read_artifact
 from bc_pipeline.core.classes import CLASS_NAMES
 from bc_pipeline.definitions import all_asset_checks, all_assets, build_resources
 from bc_pipeline.defs.checks import class_proportions_match, no_group_in_two_splits, no_image_in_two_splits
-from bc_pipeline.defs.resources import ImageSource
+from bc_pipeline.defs.resources import ExternalFolders, ImageSource
 from bc_pipeline.preparation.splits import split_arrays
 from bc_pipeline.quality.hashing import hash_hex
 from bc_pipeline.training.model_folder import load_trained_model, read_record
@@ -30,8 +30,12 @@ TRAIN_CONFIG = {
         "robustness_eval_sets": {"config": {"policies": ["strong", "gridmask"]}},
         "corruption_benchmark_set": {"config": {"corruptions": ["gaussian_noise", "zoom_blur", "brightness"], "severities": [1, 5], "max_images": 24, "workers": 2}},
         "trained_model": {"config": {"epochs": 2, "image_size": 32, "batch_size": 32, "batch_augment": "mixup+cutmix"}},
+        "domain_shift_set": {"config": {"shifts": ["stain", "framing", "lab"], "severities": [1, 5], "max_images": 24}},
     }
 }
+# Another "lab" for the external-set path: unused pbc96 cells of three classes at 120 px (resized on
+# load), and a class folder the model does not know (skipped with its reason, not a failure).
+EXTERNAL_CLASSES = ("eosinophil", "lymphocyte", "neutrophil")
 UP_TO_CLEAN = [
     "raw_images",
     "image_hashes",
@@ -43,17 +47,30 @@ UP_TO_CLEAN = [
 ]
 
 
-def _materialize(data_dir: Path, source: ImageSource, selection: list[str] | None = None, **kwargs):
+def _materialize(
+    data_dir: Path, source: ImageSource, selection: list[str] | None = None, external: ExternalFolders | None = None, **kwargs
+):
     """Materialize ``selection`` (default: everything) with artifacts under ``data_dir``."""
-    resources = build_resources(str(data_dir), source)
+    resources = build_resources(str(data_dir), source, external=external)
     return dg.materialize([*all_assets, *all_asset_checks], resources=resources, selection=selection, **kwargs)
+
+
+def _external_lab(root: Path) -> Path:
+    for file, label in pbc96_files(per_class=50, seed=7)[::5]:
+        if CLASS_NAMES[label] in EXTERNAL_CLASSES:
+            (root / CLASS_NAMES[label]).mkdir(parents=True, exist_ok=True)
+            Image.open(file).convert("RGB").resize((120, 120)).save(root / CLASS_NAMES[label] / f"{file.stem}.png")
+    (root / "smudge").mkdir()
+    shutil.copy(file, root / "smudge" / file.name)
+    return root
 
 
 @pytest.fixture(scope="module")
 def full_run(pbc_subset_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     data_dir = tmp_path_factory.mktemp("data")
     source = ImageSource(kind="folder", path=str(pbc_subset_dir), image_size=64)
-    result = _materialize(data_dir, source, run_config=TRAIN_CONFIG, partition_key="custom_cnn")
+    external = ExternalFolders(sets=f"otherlab={_external_lab(tmp_path_factory.mktemp('otherlab'))}")
+    result = _materialize(data_dir, source, run_config=TRAIN_CONFIG, partition_key="custom_cnn", external=external)
     assert result.success
     return result, data_dir
 
@@ -271,6 +288,35 @@ def test_a_second_model_partition_joins_the_leaderboard_and_the_best_is_packaged
     assert board.loc["custom_cnn", "mce"] == pytest.approx(1.0), "custom_cnn is the default mCE baseline"
     assert np.isfinite(board.loc["ensemble", ["accuracy", "corruption_accuracy", "mce", "ece_scaled", "accuracy_tta"]].astype(float)).all()
     assert (data_dir / "reports" / "evaluation_report" / "ensemble" / "gradcam.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_lab_shift_and_an_external_lab_are_scored_reported_and_ranked(full_run):
+    result, data_dir = full_run
+    shifted = result.output_for_node("domain_shift_set")
+    splits = result.output_for_node("data_splits")
+    test_images = int((splits["split"] == "test").sum())
+    assert len(shifted.images) == 3 * 2 * min(24, test_images) and shifted.images.shape[1:] == (64, 64, 3)
+    assert set(shifted.manifest["shift"]) == {"stain", "framing", "lab"}
+    external = result.output_for_node("external_sets")
+    assert external.images.shape[1:] == (64, 64, 3) and set(external.manifest["set"]) == {"otherlab"}
+    assert set(external.manifest["class_name"]) == set(EXTERNAL_CLASSES)
+    assert external.tables["skipped"]["source"].tolist() == ["smudge/"]
+
+    report = result.output_for_node("domain_shift_report")
+    assert 0 <= report["shift_accuracy"] <= 1 and len(report["shifts"]) == 6
+    scored = report["external"]["otherlab"]
+    assert scored["images"] == len(external.images) and scored["classes"] == list(EXTERNAL_CLASSES)
+    confusion = pd.DataFrame(**scored["confusion"])
+    assert confusion.to_numpy().sum() == len(external.images) and list(confusion.columns) == list(CLASS_NAMES)
+    recall = [confusion.loc[c, c] / confusion.loc[c].sum() for c in EXTERNAL_CLASSES]
+    assert scored["balanced_accuracy"] == pytest.approx(np.mean(recall))
+    folder = data_dir / "reports" / "domain_shift_report" / "custom_cnn"
+    assert "## otherlab" in (folder / "report.md").read_text()
+    assert (folder / "confusion_otherlab.png").stat().st_size > 10_000 and (folder / "shift_heatmap.png").is_file()
+    board = result.output_for_node("model_leaderboard").set_index("model")
+    assert board.loc["custom_cnn", "otherlab_balanced_accuracy"] == pytest.approx(scored["balanced_accuracy"])
+    assert "## Lab shift" in (data_dir / "reports" / "model_leaderboard" / "leaderboard.md").read_text()
 
 
 @pytest.mark.slow

@@ -23,11 +23,14 @@ EXPECTED_CODE_VERSIONS = {
     "corruption_benchmark_set": "1.cfg-51ae50b8",
     "corruption_report": "2.cfg-60731532",
     "data_splits": "1.cfg-708bcb45",
+    "domain_shift_report": "1",
+    "domain_shift_set": "1.cfg-8aaf7703",
     "duplicate_groups": "1.cfg-bb2d7b3a",
     "evaluation_report": "4.cfg-b4b65a75",
+    "external_sets": "1",
     "image_colour_stats": "1",
     "image_hashes": "1",
-    "model_leaderboard": "2.cfg-3cbcda71",
+    "model_leaderboard": "3.cfg-3cbcda71",
     "noise_templates": "2",
     "outlier_report": "2.cfg-f6da62ca",
     "raw_images": "3",
@@ -57,7 +60,7 @@ def test_the_code_versions_are_pinned():
 
 def test_every_config_is_a_class_declared_in_source():
     configs = _config_classes()
-    assert len(configs) == 12
+    assert len(configs) == 13
     for name, config_class in configs.items():
         source = inspect.getsource(config_class)  # a class statement, not a model generated at import
         assert source.startswith(f"class {config_class.__name__}("), name

@@ -31,7 +31,10 @@ EXPECTED_ASSETS = {
     "augmented_train_set",
     "robustness_eval_sets",
     "corruption_benchmark_set",
+    "domain_shift_set",
+    "external_sets",
     "trained_model",
+    "domain_shift_report",
     "evaluation_report",
     "model_leaderboard",
     "submission_package",
@@ -47,7 +50,7 @@ EXPECTED_CHECKS = {
 EXPECTED_JOBS = {"observe_raw_source", "nightly_evaluation", "weekly_retrain", "recipe_quick", "recipe_robust_cpu", "recipe_transfer_cpu", "recipe_gpu"}
 EXPECTED_SCHEDULES = {"nightly_evaluation": "0 2 * * *", "weekly_retrain": "0 3 * * 0"}
 EXPECTED_SENSORS = {"bc_automation", "raw_data_sensor"}
-EXPECTED_RESOURCES = {"io_manager", "storage", "image_source", "training_worker"}
+EXPECTED_RESOURCES = {"io_manager", "storage", "image_source", "training_worker", "external_folders"}
 
 
 def test_dg_checks_and_lists_exactly_the_pinned_definitions():
@@ -95,7 +98,10 @@ def test_definitions_load_with_the_whole_graph():
     assert parents["evaluation_report"] == {
         "clean_images", "data_splits", "trained_model", "robustness_eval_sets", "corruption_benchmark_set"
     }  # fmt: skip
-    assert parents["model_leaderboard"] == {"evaluation_report"}
+    assert parents["domain_shift_set"] == {"clean_images", "data_splits"}
+    assert parents["external_sets"] == {"clean_images"}
+    assert parents["domain_shift_report"] == {"trained_model", "domain_shift_set", "external_sets"}
+    assert parents["model_leaderboard"] == {"evaluation_report", "domain_shift_report"}
     assert parents["submission_package"] == {"model_leaderboard", "trained_model"}
     checks = {key.name for key in graph.asset_check_keys}
     assert checks == {
@@ -148,8 +154,8 @@ def test_schedules_target_the_intended_jobs_and_the_raw_data_sensor_runs_by_defa
     assert nightly.default_status == dg.DefaultScheduleStatus.RUNNING
     assert weekly.default_status == dg.DefaultScheduleStatus.STOPPED  # expensive: opt in where a GPU is
     assert nightly.description and weekly.description
-    assert _job_assets("nightly_evaluation") == {"evaluation_report"}
-    assert _job_assets("weekly_retrain") == {"trained_model", "evaluation_report"}
+    assert _job_assets("nightly_evaluation") == {"evaluation_report", "domain_shift_report"}
+    assert _job_assets("weekly_retrain") == {"trained_model", "evaluation_report", "domain_shift_report"}
     for name in ("nightly_evaluation", "weekly_retrain"):
         assert defs.resolve_job_def(name).partitions_def == defs.resolve_assets_def("trained_model").partitions_def
 

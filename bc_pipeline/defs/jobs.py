@@ -18,17 +18,17 @@ observe_raw_source_job = dg.define_asset_job(
 
 nightly_evaluation_job = dg.define_asset_job(
     "nightly_evaluation",
-    selection=dg.AssetSelection.assets("evaluation_report"),
+    selection=dg.AssetSelection.assets("evaluation_report", "domain_shift_report"),
     partitions_def=model_partitions,
     description=(
-        "Re-evaluate one trained model (a partition) on the current test and robustness sets: "
-        "clean and robust accuracy, TTA, confusion matrix, Grad-CAM."
+        "Re-evaluate one trained model (a partition) on the current test, robustness and lab-shift sets: "
+        "clean and robust accuracy, TTA, confusion matrix, Grad-CAM, other labs' cells."
     ),
 )
 
 weekly_retrain_job = dg.define_asset_job(
     "weekly_retrain",
-    selection=dg.AssetSelection.assets("trained_model", "evaluation_report"),
+    selection=dg.AssetSelection.assets("trained_model", "evaluation_report", "domain_shift_report"),
     partitions_def=model_partitions,
     description=(
         "Retrain one model (a partition) from scratch on the current balanced and augmented sets, "

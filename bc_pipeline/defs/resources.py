@@ -52,6 +52,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "BC_SOURCE": ("ImageSource", "kind"),
     "BC_SOURCE_PATH": ("ImageSource", "path"),
     "BC_IMAGE_SIZE": ("ImageSource", "image_size"),
+    "BC_EXTERNAL_SETS": ("ExternalFolders", "sets"),
     "BC_TRAINING_LAUNCHER": ("TrainingWorker", "launcher"),
     "BC_KERAS_BACKEND": ("TrainingWorker", "keras_backend"),
     "BC_TRAINING_DEVICE": ("TrainingWorker", "device"),
@@ -161,6 +162,21 @@ class ImageSource(dg.ConfigurableResource):
         )
 
 
+class ExternalFolders(dg.ConfigurableResource):
+    """Other labs' labelled cells to score every model on: ``name=folder;other=folder`` (``BC_EXTERNAL_SETS``).
+
+    Each folder holds one sub-folder per class, named like the pipeline's classes; missing classes are
+    allowed, unknown ones are recorded as skipped (evaluation.external). Empty: no external sets.
+    """
+
+    sets: str = ""
+
+    def folders(self) -> dict[str, Path]:
+        from bc_pipeline.evaluation.external import parse_external_sets
+
+        return parse_external_sets(self.sets)
+
+
 class TrainingWorker(dg.ConfigurableResource):
     """Where ``trained_model`` runs its training worker, launched through Dagster Pipes.
 
@@ -266,15 +282,20 @@ class ArtifactIOManager(dg.ConfigurableIOManager):
 
 
 def build_resources(
-    data_dir: str | Path | None = None, source: ImageSource | None = None, worker: TrainingWorker | None = None
+    data_dir: str | Path | None = None,
+    source: ImageSource | None = None,
+    worker: TrainingWorker | None = None,
+    external: ExternalFolders | None = None,
 ) -> dict[str, Any]:
-    """Every resource of the pipeline: for a data directory, image source and training worker (default: the environment)."""
+    """Every resource of the pipeline: for a data directory, image source, training worker and external sets
+    (default: the environment)."""
     root = str(data_dir or default_data_dir())
     return {
         "io_manager": ArtifactIOManager(base_dir=os.path.join(root, "assets")),
         "storage": PipelineStorage(data_dir=root),
         "image_source": source or from_env(ImageSource),
         "training_worker": worker or from_env(TrainingWorker),
+        "external_folders": external or from_env(ExternalFolders),
     }
 
 

@@ -22,6 +22,8 @@ COLUMNS = [
     "ece_scaled", "robust_accuracy", "accuracy_tta", "robust_accuracy_tta", "weighted_f1",
     "parameters", "train_seconds", "inference_images_per_second", "image_size", "epochs_run", "device",
 ]  # fmt: skip
+# Read from the models' domain_shift_report summaries (evaluation.domain_shift), when there are any.
+SHIFT_COLUMNS = ("shift_accuracy", "shift_accuracy_unseen", "lab_shift_accuracy")
 # Computed here from every model's corruption table, not read from one summary.
 _DERIVED = ("weighted_f1", "mce", "relative_mce")
 
@@ -39,12 +41,18 @@ class LeaderboardSettings:
 
 
 def leaderboard_table(
-    summaries: Mapping[str, Mapping[str, Any]], *, rank_by: str = LeaderboardSettings.rank_by, mce_baseline: str | None = None
+    summaries: Mapping[str, Mapping[str, Any]],
+    *,
+    rank_by: str = LeaderboardSettings.rank_by,
+    mce_baseline: str | None = None,
+    domain_shift: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> pd.DataFrame:
     """One row per model from its evaluation summary, best first by ``rank_by`` (ties: fewer parameters).
 
     ``mce`` and ``relative_mce`` are ImageNet-C's mean corruption errors relative to the model
     ``mce_baseline`` (evaluation.imagenet_c.corruption_errors); empty when that model is not evaluated.
+    ``domain_shift``: the models' ``domain_shift_report`` summaries, whose :func:`shift_columns` are
+    appended (empty for a model without one).
     """
     if rank_by not in RANK_COLUMNS:
         raise ValueError(f"rank_by must be one of {', '.join(RANK_COLUMNS)}, not {rank_by!r}")
@@ -63,9 +71,22 @@ def leaderboard_table(
     table = pd.DataFrame(rows, columns=COLUMNS[1:])
     numeric = [c for c in COLUMNS[2:] if c != "device"]
     table[numeric] = table[numeric].apply(pd.to_numeric, errors="coerce")
+    shift = pd.DataFrame([{"model": name, **shift_columns(summary)} for name, summary in (domain_shift or {}).items()])
+    if len(shift):
+        table = table.merge(shift, on="model", how="left")
     table = table.sort_values([rank_by, "parameters"], ascending=[False, True], na_position="last", kind="stable")
     table.insert(0, "rank", np.arange(1, len(table) + 1))
     return table.reset_index(drop=True)
+
+
+def shift_columns(summary: Mapping[str, Any]) -> dict[str, float | None]:
+    """A ``domain_shift_report`` summary's leaderboard columns: the lab-shift means, then per external set
+    ``<set>_accuracy`` and ``<set>_balanced_accuracy``."""
+    columns = {key: summary.get(key) for key in SHIFT_COLUMNS}
+    for name, score in (summary.get("external") or {}).items():
+        columns[f"{name}_accuracy"] = score.get("accuracy")
+        columns[f"{name}_balanced_accuracy"] = score.get("balanced_accuracy")
+    return columns
 
 
 def _mce(summary: Mapping[str, Any], baseline: Mapping[str, Any] | None) -> tuple[float | None, float | None]:
@@ -104,9 +125,26 @@ def leaderboard_markdown(
         "ECE: expected calibration error after temperature scaling. 'training-family robust' is the test split "
         "under the keras-cv `strong` preset, a family augmentation trains on.",
     ]
+    lines += _shift_markdown(table)
     if missing:
         lines += ["", f"Not evaluated yet: {', '.join(missing)}."]
     return "\n".join([*lines, "", "![accuracy against cost](leaderboard.png)", ""])
+
+
+def _shift_markdown(table: pd.DataFrame) -> list[str]:
+    """The lab-shift columns as a second table (none when no model has a ``domain_shift_report``)."""
+    if "shift_accuracy" not in table:
+        return []
+    external = [c[: -len("_balanced_accuracy")] for c in table.columns if c.endswith("_balanced_accuracy")]
+    header = ["model", "lab shifts (mean)", "unseen shifts", "all four at once"]
+    header += [f"{name} (acc / balanced)" for name in external]
+    lines = ["", "## Lab shift", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for r in table.to_dict("records"):
+        cells = [r["model"], _fmt(r["shift_accuracy"]), _fmt(r["shift_accuracy_unseen"]), _fmt(r["lab_shift_accuracy"])]
+        cells += [f"{_fmt(r[f'{name}_accuracy'])} / {_fmt(r[f'{name}_balanced_accuracy'])}" for name in external]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return [*lines, "", "Lab shifts: the test split under another stain, white balance, crop and optics (never used in "
+            "training); the external sets are other labs' cells (`BC_EXTERNAL_SETS`), balanced accuracy over the classes each has."]
 
 
 def leaderboard_figure(table: pd.DataFrame) -> bytes:

@@ -253,8 +253,13 @@ def load_folder(
     class_names: Sequence[str] = CLASS_NAMES,
     on_bad_item: OnBadItem = "skip",
     streaming: _Streaming | None = None,
+    unknown_classes: OnBadItem = "fail",
 ) -> LoadedImages:
-    """Load one sub-folder per class; the class order (and so the labels) comes from ``class_names``."""
+    """Load one sub-folder per class; the class order (and so the labels) comes from ``class_names``.
+
+    A sub-folder named after no class fails the load, or with ``unknown_classes="skip"`` is recorded
+    as skipped (an external set may hold classes the model does not know).
+    """
     if not root.is_dir():
         raise ImageSourceError(f"{root}: folder not found")
     label_of = {name.lower(): label for label, name in enumerate(class_names)}
@@ -265,6 +270,9 @@ def load_folder(
             continue
         if not entry.is_dir():
             _bad_item(on_bad_item, root, entry.name, "file outside any class folder", skipped)
+            continue
+        if entry.name.lower() not in label_of and unknown_classes == "skip":
+            skipped.append((entry.name + "/", f"class folder not among the classes {list(class_names)}"))
             continue
         if entry.name.lower() not in label_of:
             raise ImageSourceError(

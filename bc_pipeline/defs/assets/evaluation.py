@@ -88,23 +88,25 @@ class LeaderboardConfig(SettingsConfig):
 
 
 @dg.asset(
-    code_version=with_config("2", LeaderboardConfig),
-    automation_condition=automation.across_models(["evaluation_report"]),
+    code_version=with_config("3", LeaderboardConfig),
+    automation_condition=automation.across_models(["evaluation_report", "domain_shift_report"]),
     group_name="evaluation",
     kinds={"parquet", "markdown"},
-    ins={"evaluation_report": dg.AssetIn(metadata=ALL_PARTITIONS)},
+    ins={"evaluation_report": dg.AssetIn(metadata=ALL_PARTITIONS), "domain_shift_report": dg.AssetIn(metadata=ALL_PARTITIONS)},
     description="All evaluated models ranked: accuracy, robust accuracy, parameters, training time, images/s.",
 )
 def model_leaderboard(
     context: dg.AssetExecutionContext,
     config: LeaderboardConfig,
     evaluation_report: PartitionedArtifacts,
+    domain_shift_report: PartitionedArtifacts,
     storage: PipelineStorage,
 ) -> dg.Output[pd.DataFrame]:
     if not len(evaluation_report):
         raise dg.Failure(description="no model has been evaluated yet: materialize evaluation_report for a partition first")
     table = leaderboard_table(
-        {name: evaluation_report[name] for name in evaluation_report}, rank_by=config.rank_by, mce_baseline=config.mce_baseline
+        {name: evaluation_report[name] for name in evaluation_report}, rank_by=config.rank_by, mce_baseline=config.mce_baseline,
+        domain_shift={name: domain_shift_report[name] for name in domain_shift_report},
     )
     folder = storage.report_dir("model_leaderboard")
     png = leaderboard_figure(table)

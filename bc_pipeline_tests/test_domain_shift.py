@@ -1,0 +1,128 @@
+"""Lab shift on real cells: the shifts themselves, external labelled folders, and how both are scored."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from bc_pipeline.core.classes import CLASS_NAMES
+from bc_pipeline.evaluation.external import confusions_in_words, load_external_sets, parse_external_sets, score_external
+from bc_pipeline.evaluation.lab_shift import (
+    SHIFTS,
+    ShiftSettings,
+    balanced_accuracy,
+    build_shift_set,
+    seen_shifts,
+    shift_images,
+    shift_scores,
+)
+from bc_pipeline.ingest.loaders import ImageSourceError
+from bc_pipeline_tests.conftest import load_pbc96_arrays, pbc96_files
+
+
+@pytest.fixture(scope="module")
+def cells() -> tuple[np.ndarray, np.ndarray]:
+    return load_pbc96_arrays(per_class=6, seed=4)
+
+
+@pytest.mark.parametrize("shift", SHIFTS)
+def test_each_shift_moves_real_cells_further_from_the_original_as_its_severity_rises(cells, shift):
+    images, _ = cells
+    distance = [np.abs(shift_images(images, shift, s, seed=0).astype(float) - images).mean() for s in (1, 3, 5)]
+    assert 0 < distance[0] < distance[1] < distance[2], distance
+    np.testing.assert_array_equal(shift_images(images, shift, 3, seed=0), shift_images(images, shift, 3, seed=0))
+    assert not np.array_equal(shift_images(images, shift, 3, seed=0), shift_images(images, shift, 3, seed=1))
+
+
+def _dark_share(images: np.ndarray) -> float:
+    """Share of pixels darker than the cell's surroundings: nucleus and dense cytoplasm."""
+    return float((images.astype(float).mean(axis=-1) < 120).mean())
+
+
+def test_framing_enlarges_the_cell_and_stain_keeps_its_shape_but_not_its_colour(cells):
+    images, _ = cells
+    shares = [_dark_share(shift_images(images, "framing", s, seed=0)) for s in (1, 5)]
+    assert _dark_share(images) < shares[0] < shares[1], "the cell fills more of the frame"
+
+    stained = shift_images(images, "stain", 5, seed=0).astype(float)
+    grey, grey_stained = images.astype(float).mean(-1), stained.mean(-1)
+    correlation = [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(grey, grey_stained)]
+    assert min(correlation) > 0.9, "the same cell, in the same place"
+    hue_change = np.abs(stained.mean((1, 2)) - images.astype(float).mean((1, 2))).max(axis=1)
+    assert np.median(hue_change) > 5, "another stain's colours"
+
+
+def test_bad_shift_settings_are_refused_by_name():
+    with pytest.raises(ValueError, match="unknown lab shift.*sunburn.*choose from stain"):
+        ShiftSettings(shifts=("stain", "sunburn"))
+    with pytest.raises(ValueError, match="severities must be in 1-5"):
+        ShiftSettings(severities=(0, 3))
+    with pytest.raises(ValueError, match="square uint8 RGB"):
+        shift_images(np.zeros((2, 32, 48, 3), np.uint8), "stain", 1, seed=0)
+
+
+def test_the_shift_set_covers_every_shift_and_severity_and_is_scored_per_cell(cells):
+    images, labels = cells
+    shifted, manifest = build_shift_set(images, labels, np.arange(len(labels)) + 100, ShiftSettings(shifts=("stain", "lab"), severities=(2, 4)))
+    assert len(shifted) == len(manifest) == 4 * len(images)
+    assert manifest.groupby(["shift", "severity"]).size().tolist() == [len(images)] * 4
+    np.testing.assert_array_equal(shifted[: len(images)], shift_images(images, "stain", 2, seed=ShiftSettings().seed))
+    assert manifest["clean_index"].min() == 100
+    # A predictor that is right on every image but the first of each cell.
+    predicted = manifest["label"].to_numpy().copy()
+    predicted[:: len(images)] = (predicted[:: len(images)] + 1) % 8
+    table = shift_scores(manifest["label"].to_numpy(), predicted, manifest)
+    assert table["accuracy"].tolist() == pytest.approx([1 - 1 / len(images)] * 4)
+    assert (table["balanced_accuracy"] < 1).all() and (table["balanced_accuracy"] > table["accuracy"] - 0.2).all()
+
+
+def test_seen_shifts_follow_the_training_presets():
+    assert seen_shifts(["augmix", "noise"]) == []
+    assert seen_shifts(["illumination", "focus"]) == ["stain", "white_balance", "optics"]
+    assert seen_shifts(["illumination", "focus", "light"]) == ["stain", "white_balance", "framing", "optics", "lab"]
+
+
+def test_balanced_accuracy_weighs_each_present_class_alike():
+    truth = np.array([0] * 90 + [4] * 10)
+    predicted = np.array([0] * 90 + [3] * 10)  # every lymphocyte called an immature granulocyte
+    assert balanced_accuracy(truth, predicted) == pytest.approx(0.5)
+    score = score_external(truth, predicted, CLASS_NAMES)
+    assert score["accuracy"] == pytest.approx(0.9) and score["classes"] == ["basophil", "lymphocyte"]
+    assert score["confusion"].loc["lymphocyte", "ig"] == 10 and score["recall"] == {"basophil": 1.0, "lymphocyte": 0.0}
+    assert confusions_in_words(score) == ["10 of 10 lymphocyte called ig (100%)"]
+
+
+def test_external_sets_are_parsed_with_clear_errors(tmp_path: Path):
+    assert parse_external_sets("") == {}
+    assert parse_external_sets(f" lab_a={tmp_path} ; lab-b = {tmp_path}/x ") == {"lab_a": tmp_path, "lab-b": tmp_path / "x"}
+    with pytest.raises(ValueError, match="'lab_a' is not name=folder"):
+        parse_external_sets("lab_a")
+    with pytest.raises(ValueError, match="only letters"):
+        parse_external_sets(f"my lab={tmp_path}")
+    with pytest.raises(ValueError, match="given twice"):
+        parse_external_sets(f"a={tmp_path};a={tmp_path}")
+
+
+def test_an_external_folder_loads_known_classes_and_records_the_rest(tmp_path: Path):
+    root = tmp_path / "otherlab"
+    for file, label in pbc96_files(per_class=2, seed=9):
+        if CLASS_NAMES[label] in ("monocyte", "platelet"):
+            (root / CLASS_NAMES[label].upper()).mkdir(parents=True, exist_ok=True)  # names match case-insensitively
+            Image.open(file).resize((150, 150)).save(root / CLASS_NAMES[label].upper() / f"{file.stem}.png")
+    (root / "artifact").mkdir()
+    (root / "artifact" / "a.png").write_bytes(b"")
+    (root / "MONOCYTE" / "broken.jpg").write_bytes(b"not an image")
+    loaded = load_external_sets({"otherlab": root}, class_names=CLASS_NAMES, image_size=96)
+    assert loaded.images.shape == (4, 96, 96, 3)
+    assert loaded.manifest["class_name"].value_counts().to_dict() == {"monocyte": 2, "platelet": 2}
+    reasons = dict(zip(loaded.skipped["source"], loaded.skipped["reason"]))
+    assert "not among the classes" in reasons["artifact/"] and any("broken.jpg" in source for source in reasons)
+    with pytest.raises(ImageSourceError, match="external set 'gone': folder .*missing not found"):
+        load_external_sets({"gone": tmp_path / "missing"}, class_names=CLASS_NAMES, image_size=96)
+    empty = load_external_sets({}, class_names=CLASS_NAMES, image_size=96)
+    assert empty.images.shape == (0, 96, 96, 3) and list(empty.manifest.columns) == ["set", "source", "label", "class_name"]
+    assert isinstance(empty.skipped, pd.DataFrame)
