@@ -256,10 +256,7 @@ def load_folder(
     unknown_classes: OnBadItem = "fail",
 ) -> LoadedImages:
     """Load one sub-folder per class; the class order (and so the labels) comes from ``class_names``.
-
-    A sub-folder named after no class fails the load, or with ``unknown_classes="skip"`` is recorded
-    as skipped (an external set may hold classes the model does not know).
-    """
+    A sub-folder of no class fails the load, or is recorded as skipped (``unknown_classes="skip"``)."""
     if not root.is_dir():
         raise ImageSourceError(f"{root}: folder not found")
     label_of = {name.lower(): label for label, name in enumerate(class_names)}
