@@ -143,8 +143,9 @@ def test_batch_level_and_unknown_presets_are_refused_as_image_presets():
         check_image_preset(name)
 
 
-def test_presets_describe_all_twelve_names():
-    names = {"light", "randaugment", "augmix", "gridmask", "strong", "categorical", "illumination", "focus", "noise", "pixmix", "mixup", "cutmix"}
+def test_presets_describe_all_fourteen_names():
+    names = {"light", "randaugment", "augmix", "gridmask", "strong", "categorical", "illumination", "focus", "noise", "pixmix",
+             "stain", "scale", "mixup", "cutmix"}
     assert set(PRESETS) == names
     assert set(IMAGE_PRESETS) | set(BATCH_PRESETS) == names and not set(IMAGE_PRESETS) & set(BATCH_PRESETS)
     assert set(BATCH_PRESETS) == {"mixup", "cutmix"}

@@ -34,7 +34,7 @@ EXPECTED_CODE_VERSIONS = {
     "noise_templates": "2",
     "outlier_report": "2.cfg-f6da62ca",
     "raw_images": "3",
-    "robustness_eval_sets": "1.cfg-5b445ac6",
+    "robustness_eval_sets": "1.cfg-ff115a62",
     "submission_package": "2.cfg-13f1ae94",
     "trained_model": "7.cfg-97f99aaa",
 }

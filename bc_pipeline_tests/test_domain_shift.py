@@ -56,6 +56,20 @@ def test_framing_enlarges_the_cell_and_stain_keeps_its_shape_but_not_its_colour(
     assert np.median(hue_change) > 5, "another stain's colours"
 
 
+def test_the_scale_preset_makes_cells_smaller_and_larger_and_stain_keeps_them_in_place(cells):
+    from bc_pipeline.augmentation.presets import augment_images
+
+    images, _ = cells
+    scaled = augment_images(images, "scale", seed=0)
+    assert scaled.shape == images.shape
+    ratio = np.array([_dark_share(a[None]) / max(_dark_share(b[None]), 1e-3) for a, b in zip(scaled, images)])
+    assert (ratio < 0.7).sum() >= 5 and (ratio > 1.3).sum() >= 5, "zoomed out and in, about as often"
+    stained = augment_images(images, "stain", seed=0).astype(float)
+    correlation = [np.corrcoef(a.mean(-1).ravel(), b.mean(-1).ravel())[0, 1] for a, b in zip(images.astype(float), stained)]
+    assert min(correlation) > 0.9
+    assert np.median(np.abs(stained.mean((1, 2)) - images.astype(float).mean((1, 2))).max(axis=1)) > 2
+
+
 def test_bad_shift_settings_are_refused_by_name():
     with pytest.raises(ValueError, match="unknown lab shift.*sunburn.*choose from stain"):
         ShiftSettings(shifts=("stain", "sunburn"))

@@ -20,6 +20,9 @@ the pipelines their reports describe:
   in up to four rounds, with RandAugment views of itself and with structured pictures that hold
   no cell (1/f colour fields, gratings, blocks). Not a corruption model: it teaches the network
   to find the cell under any overlaid structure, which is what a corruption it never saw adds.
+- ``stain`` and ``scale`` (``augmentation.lab``): another laboratory's stain (jitter of the dye
+  amounts in a colour-deconvolution space) and framing (the cell half as wide to one and a half
+  times, off centre), what models trained on PBC alone fail on first (docs/domain_shift.md).
 - ``mixup`` / ``cutmix``: batch-level, they mix pairs of images *and their labels*, so they only
   exist in the training input pipeline (:func:`bc_pipeline.training.worker.data.mix_batch`), never as
   stored datasets.
@@ -41,6 +44,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
+from bc_pipeline.augmentation.lab import random_scale, stain_jitter
 from bc_pipeline.core.settings import declare
 from bc_pipeline.core.storage import fingerprint, save_npy
 
@@ -67,6 +71,8 @@ PRESETS: dict[str, Preset] = {
         Preset("focus", "image", "Gaussian blur of a random strength per image, sigma 0-3 px: a microscope out of focus"),
         Preset("noise", "image", "Gaussian noise of a random strength per image, sigma up to 0.4 of the range (Rusak et al.)"),
         Preset("pixmix", "image", "PixMix: up to 4 additive/multiplicative mixes with augmented views and structured pictures"),
+        Preset("stain", "image", "another lab's stain: dye amounts x 0.7-1.3, +-0.05 per image in a colour-deconvolution space"),
+        Preset("scale", "image", "another lab's framing: zoom 0.5-1.5x (log-uniform, reflected surroundings), moved up to 10 %"),
         Preset("mixup", "batch", "MixUp: convex mix of image pairs and their labels (training only)"),
         Preset("cutmix", "batch", "CutMix: a patch of one image pasted into another, labels by area (training only)"),
     )
@@ -360,6 +366,8 @@ def build_preset(name: str, *, seed: int = 0) -> Callable[[Any], Any]:
         "focus": lambda s: [_random_focus(3.0, seed=s)],
         "noise": lambda s: [_random_strength_noise(0.4 * VALUE_RANGE[1], seed=s)],
         "pixmix": lambda s: [_pixmix(s)],
+        "stain": lambda s: [stain_jitter(s)],
+        "scale": lambda s: [random_scale(s)],
     }
     layers = builders[name](seed)
 

@@ -260,6 +260,8 @@ PRESET_OVERLAPS: dict[str, tuple[str, ...]] = {
     "focus": ("defocus_blur", "glass_blur"),  # glass blur is Gaussian blur around a pixel shuffle
     "noise": ("gaussian_noise", "shot_noise"),  # shot noise is Gaussian with a signal-dependent deviation
     "pixmix": ("brightness", "contrast", "fog"),  # mixes with smooth 1/f fields, multiplicative blends
+    "stain": ("brightness", "contrast"),  # scaled dye densities darken, lighten and flatten the image
+    "scale": (),  # zoom and translation: no corruption of the suite moves or resizes the cell
 }
 
 

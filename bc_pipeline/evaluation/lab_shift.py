@@ -47,8 +47,8 @@ PRESET_RESEMBLANCE: dict[str, tuple[str, ...]] = {
     "strong": ("white_balance",),
     "illumination": ("white_balance", "stain"),  # exposure, gamma, RGB stain tints
     "focus": ("optics",),  # blur, not sampling or aberration, but close at low severity
-    "stain": ("stain",),
-    "framing": ("framing",),
+    "stain": ("stain",),  # dye amounts scaled, though not the dyes' colours turned
+    "scale": ("framing",),
 }
 
 # Per severity 1-5.
