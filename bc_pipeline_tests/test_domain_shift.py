@@ -140,3 +140,41 @@ def test_an_external_folder_loads_known_classes_and_records_the_rest(tmp_path: P
     empty = load_external_sets({}, class_names=CLASS_NAMES, image_size=96)
     assert empty.images.shape == (0, 96, 96, 3) and list(empty.manifest.columns) == ["set", "source", "label", "class_name"]
     assert isinstance(empty.skipped, pd.DataFrame)
+
+
+def test_few_shot_draws_grow_by_prefix_and_always_leave_cells_to_score():
+    from bc_pipeline.training.adaptation import few_shot_split
+
+    labels = np.array([0] * 30 + [3] * 7 + [5] * 1)
+    five, rest_five = few_shot_split(labels, 5, seed=0)
+    ten, rest_ten = few_shot_split(labels, 10, seed=0)
+    assert np.bincount(labels[five], minlength=6).tolist() == [5, 0, 0, 3, 0, 0], "half of a small class, none of a single cell"
+    assert np.bincount(labels[ten], minlength=6).tolist() == [10, 0, 0, 3, 0, 0]
+    assert set(five) <= set(ten) and set(rest_ten) <= set(rest_five)
+    assert sorted([*ten, *rest_ten]) == list(range(len(labels)))
+
+
+def test_a_few_labelled_cells_of_another_lab_win_back_accuracy(cells):
+    """A model trained on PBC framing and colours, facing a 'lab' with another stain, lamp, camera and crop."""
+    import keras
+
+    from bc_pipeline.models.zoo import build_model, model_spec
+    from bc_pipeline.training.adaptation import AdaptationSettings, adaptation_curve
+
+    train_x, train_y = load_pbc96_arrays(per_class=40, seed=1)
+    keras.utils.set_random_seed(0)
+    model = build_model(model_spec("custom_cnn", image_size=32), 8)
+    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
+    model.fit(train_x.astype(np.float32), train_y, epochs=6, batch_size=32, verbose=0)
+    weights = model.get_weights()
+
+    def fresh():
+        model.set_weights(weights)
+        return model
+
+    lab_x, lab_y = load_pbc96_arrays(per_class=30, seed=5)
+    other_lab = shift_images(lab_x, "lab", 5, seed=0)
+    curve = adaptation_curve(fresh, other_lab, lab_y, CLASS_NAMES, shots=(10,), settings=AdaptationSettings(epochs=15, learning_rate=1e-3))
+    assert curve["per_class"].tolist() == [0, 10] and curve["evaluated"].nunique() == 1 and curve["labelled"].tolist() == [0, 80]
+    before, after = curve["balanced_accuracy"].tolist()
+    assert after > before + 0.1, curve
