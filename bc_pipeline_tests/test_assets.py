@@ -31,6 +31,7 @@ TRAIN_CONFIG = {
         "corruption_benchmark_set": {"config": {"corruptions": ["gaussian_noise", "zoom_blur", "brightness"], "severities": [1, 5], "max_images": 24, "workers": 2}},
         "trained_model": {"config": {"epochs": 2, "image_size": 32, "batch_size": 32, "batch_augment": "mixup+cutmix"}},
         "domain_shift_set": {"config": {"shifts": ["stain", "framing", "lab"], "severities": [1, 5], "max_images": 24}},
+        "lab_adaptation": {"config": {"lab": "otherlab", "per_class": 3, "curve": [2, 4], "epochs": 2}},
     }
 }
 # Another "lab" for the external-set path: unused pbc96 cells of three classes at 120 px (resized on
@@ -317,6 +318,15 @@ def test_lab_shift_and_an_external_lab_are_scored_reported_and_ranked(full_run):
     board = result.output_for_node("model_leaderboard").set_index("model")
     assert board.loc["custom_cnn", "otherlab_balanced_accuracy"] == pytest.approx(scored["balanced_accuracy"])
     assert "## Lab shift" in (data_dir / "reports" / "model_leaderboard" / "leaderboard.md").read_text()
+
+    adapted = result.output_for_node("lab_adaptation")
+    assert adapted["lab"] == "otherlab" and adapted["labelled"] == 3 * len(EXTERNAL_CLASSES)
+    curve = pd.DataFrame(adapted["curve"])
+    assert curve["per_class"].tolist() == [0, 2, 4] and curve["evaluated"].nunique() == 1
+    assert (curve["evaluated"] == scored["images"] - 4 * len(EXTERNAL_CLASSES)).all(), "scored on what the largest draw left"
+    assert curve["labelled"].tolist() == [0, 2 * len(EXTERNAL_CLASSES), 4 * len(EXTERNAL_CLASSES)]
+    assert Path(adapted["model_file"]).stat().st_size > 100_000
+    assert (data_dir / "reports" / "lab_adaptation" / "custom_cnn" / "otherlab_curve.png").is_file()
 
 
 @pytest.mark.slow

@@ -31,7 +31,7 @@ MODEL = "custom_cnn"
 _GRAPH = project_defs.resolve_asset_graph()  # test_definitions pins the exact set of assets
 UNPARTITIONED = sorted(k.to_user_string() for k in _GRAPH.materializable_asset_keys if not _GRAPH.get(k).partitions_def)
 PER_MODEL = sorted(k.to_user_string() for k in _GRAPH.materializable_asset_keys if _GRAPH.get(k).partitions_def)
-assert len(UNPARTITIONED) == 17 and PER_MODEL == ["domain_shift_report", "evaluation_report", "trained_model"]
+assert len(UNPARTITIONED) == 17 and PER_MODEL == ["domain_shift_report", "evaluation_report", "lab_adaptation", "trained_model"]
 MATERIALIZABLE = dg.AssetSelection.all()  # every asset, not the observable source
 
 
@@ -188,7 +188,7 @@ def test_new_images_request_the_whole_chain_once(pipeline: Pipeline):
     # A run holds assets of one partitioning: the data stages, then the model, then the comparison.
     assert [sorted(r) for r in requests] == [
         sorted(set(UNPARTITIONED) - {"model_leaderboard", "submission_package"}),
-        ["domain_shift_report", "evaluation_report", "trained_model"],
+        ["domain_shift_report", "evaluation_report", "lab_adaptation", "trained_model"],
         ["model_leaderboard", "submission_package"],
     ]
     print(f"new images: {len(requests)} runs, {sum(map(len, requests))} assets")

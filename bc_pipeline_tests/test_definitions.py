@@ -35,6 +35,7 @@ EXPECTED_ASSETS = {
     "external_sets",
     "trained_model",
     "domain_shift_report",
+    "lab_adaptation",
     "evaluation_report",
     "model_leaderboard",
     "submission_package",
@@ -101,6 +102,7 @@ def test_definitions_load_with_the_whole_graph():
     assert parents["domain_shift_set"] == {"clean_images", "data_splits"}
     assert parents["external_sets"] == {"clean_images"}
     assert parents["domain_shift_report"] == {"trained_model", "domain_shift_set", "external_sets"}
+    assert parents["lab_adaptation"] == {"trained_model", "external_sets"}
     assert parents["model_leaderboard"] == {"evaluation_report", "domain_shift_report"}
     assert parents["submission_package"] == {"model_leaderboard", "trained_model"}
     checks = {key.name for key in graph.asset_check_keys}

@@ -159,7 +159,8 @@ def test_a_few_labelled_cells_of_another_lab_win_back_accuracy(cells):
     import keras
 
     from bc_pipeline.models.zoo import build_model, model_spec
-    from bc_pipeline.training.adaptation import AdaptationSettings, adaptation_curve
+    from bc_pipeline.evaluation.external import adaptation_curve
+    from bc_pipeline.training.adaptation import AdaptationSettings
 
     train_x, train_y = load_pbc96_arrays(per_class=40, seed=1)
     keras.utils.set_random_seed(0)

@@ -4,7 +4,7 @@
     python bench/bench_lab_adaptation.py RUN --external jtsc=/work/external/jtsc_tecom --shots 5 10 25 --epochs 10
 
 For the model of a finished ``bench/bench_recipes.py`` run and each external set (``name=folder`` of
-class folders), :func:`bc_pipeline.training.adaptation.adaptation_curve`: the model as trained, then
+class folders), :func:`bc_pipeline.evaluation.external.adaptation_curve`: the model as trained, then
 fresh copies fine-tuned on ``--shots`` cells per class (half of a smaller class), each scored on the
 same cells the largest draw leaves out. Prints accuracy and balanced accuracy per point, the seconds
 each took, and the issue's target (>= 85 % with 10 per class).
@@ -34,7 +34,8 @@ def main() -> int:
 
     from bc_pipeline.core.artifacts import read_artifact
     from bc_pipeline.evaluation.external import load_external_sets, parse_external_sets
-    from bc_pipeline.training.adaptation import AdaptationSettings, adaptation_curve
+    from bc_pipeline.evaluation.external import adaptation_curve
+    from bc_pipeline.training.adaptation import AdaptationSettings
     from bc_pipeline.training.model_folder import load_trained_model
 
     folders = sorted(p for p in (args.run / "assets" / "trained_model").glob("*") if (p / "model.keras").is_file())

@@ -13,6 +13,8 @@ external set (``name=folder`` of class folders: accuracy / balanced accuracy ove
 - ``scale``: a ``scale`` copy (the cell zoomed 0.5-1.5x and moved).
 - ``stain+scale``: both.
 - ``stain+scale+image-norm``: both, and each image standardised before the backbone (``input_norm: image``).
+- ``stain+scale+channel-norm``: both, and each colour channel of each image standardised (``input_norm:
+  channel``: grey-world colour constancy, blind to per-channel gain and offset, a lamp's or a stain's tint).
 - ``stain+scale x2``: two copies of each (more of the new variety per epoch).
 
 At these sizes one run moves by about +-0.02 on pbc96 and more on small external sets.
@@ -47,6 +49,7 @@ VARIANTS = {
     "scale": LabVariant(("scale",)),
     "stain+scale": LabVariant(("stain", "scale")),
     "stain+scale+image-norm": LabVariant(("stain", "scale"), "image"),
+    "stain+scale+channel-norm": LabVariant(("stain", "scale"), "channel"),
     "stain+scale x2": LabVariant(("stain", "scale", "stain", "scale")),
 }
 

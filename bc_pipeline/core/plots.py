@@ -295,3 +295,18 @@ def corruption_heatmap(table: pd.DataFrame, *, title: str) -> bytes:
     axis.set_title(title)
     figure.tight_layout()
     return figure_png(figure)
+
+
+def adaptation_figure(curve: pd.DataFrame, *, title: str) -> bytes:
+    """Accuracy and balanced accuracy against labelled cells per class (``training.adaptation.adaptation_curve``)."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for column, label in (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy")):
+        axis.plot(curve["per_class"], curve[column], marker="o", label=label)
+    axis.set_xlabel("labelled cells per class (0: as trained)")
+    axis.set_ylabel("on the lab's other cells")
+    axis.set_ylim(0, 1.02)
+    axis.grid(alpha=0.3)
+    axis.legend(loc="lower right")
+    axis.set_title(title)
+    return figure_png(figure)

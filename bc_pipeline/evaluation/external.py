@@ -14,7 +14,7 @@ recall per class, and the confusion matrix. Pure numpy and pandas: no TensorFlow
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ import pandas as pd
 
 from bc_pipeline.evaluation.lab_shift import balanced_accuracy
 from bc_pipeline.ingest.loaders import ImageSourceError, load_folder
+from bc_pipeline.training.adaptation import AdaptationSettings, adapt, few_shot_split
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -109,3 +110,36 @@ def confusions_in_words(score: dict[str, Any], top: int = 3) -> list[str]:
             total = int(confusion.loc[given].sum())
             lines.append(f"{count} of {total} {given} called {predicted} ({count / total:.0%})")
     return lines
+
+
+def adaptation_curve(
+    load_model: Callable[[], Any],
+    images: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    *,
+    shots: Sequence[int] = (5, 10, 25, 50),
+    settings: AdaptationSettings = AdaptationSettings(),
+    log: Callable[[str], None] = lambda message: None,
+) -> pd.DataFrame:
+    """Accuracy on the rest of a lab's cells after adapting a fresh copy of the model on ``k`` per class.
+
+    ``load_model`` returns the trained model afresh (each point starts from it). The first row
+    (0 cells) is the model as trained. Every point is scored on the same cells, those the largest
+    draw leaves out: a smaller draw is a prefix of a larger one (one permutation per class).
+    """
+    from bc_pipeline.models.inference import predict_proba
+
+    _, rest = few_shot_split(labels, max(shots, default=0), seed=settings.seed)
+    rows = []
+    for k in [0, *shots]:
+        labelled = few_shot_split(labels, k, seed=settings.seed)[0]
+        model = load_model()
+        if k:
+            adapt(model, images[labelled], np.asarray(labels)[labelled], settings)
+        score = score_external(np.asarray(labels)[rest], predict_proba(model, images[rest]).argmax(1), class_names)
+        rows.append({"per_class": k, "labelled": len(labelled), "evaluated": len(rest),
+                     "accuracy": score["accuracy"], "balanced_accuracy": score["balanced_accuracy"]})  # fmt: skip
+        log(f"{k} labelled per class ({len(labelled)} cells): accuracy {score['accuracy']:.3f}, "
+            f"balanced {score['balanced_accuracy']:.3f} on {len(rest)} others")  # fmt: skip
+    return pd.DataFrame(rows)

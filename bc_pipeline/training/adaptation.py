@@ -1,33 +1,35 @@
-"""Adapt a trained model to a lab with a few of its labelled cells: :func:`adapt` and :func:`adaptation_curve`.
+"""Adapt a trained model to a lab with a few of its labelled cells: :func:`adapt` (its accuracy curve:
+``evaluation.external.adaptation_curve``).
 
 A model trained on one lab's smears can fall to chance on another's (docs/domain_shift.md). A
 handful of labelled cells of the new lab fixes most of it (Chossegros et al., 2024: > 80 % with
 <= 100 target images): the whole network is fine-tuned at a low rate, BatchNorm kept in inference
 mode (zoo.py: the pretrained statistics, not those of a 16-cell batch), on the few cells and on
 ``stain`` and ``scale`` copies of them (``augmentation.lab``), flipped and turned on the fly. The
-rest of the lab's labelled cells are the evaluation; :func:`adaptation_curve` repeats this for
-several numbers of cells per class, so a lab sees how many it needs to label.
+rest of the lab's labelled cells are the evaluation; ``evaluation.external.adaptation_curve``
+repeats this for several numbers of cells per class, so a lab sees how many it needs to label.
 
 Keras is imported inside the functions; importing this module is free.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from bc_pipeline.core.settings import declare
-from bc_pipeline.evaluation.external import score_external
 
 
 @dataclass(frozen=True)
 class AdaptationSettings:
-    """How a trained model is fine-tuned on a few labelled cells of another lab."""
+    """Which lab a trained model adapts to, with how many labelled cells, and how it is fine-tuned
+    (the ``lab_adaptation`` asset's config; :func:`adapt` reads the fine-tuning fields)."""
 
+    lab: str = declare("", "The external set (BC_EXTERNAL_SETS name) of the lab to adapt to; empty: none.")
+    per_class: int = declare(10, "Labelled cells per class the adapted model learns from.", ge=1)
+    curve: tuple[int, ...] = declare((5, 10, 25, 50), "Cells per class of each point of the accuracy curve.")
     epochs: int = declare(20, "Passes over the labelled cells and their copies.", ge=1)
     learning_rate: float = declare(1e-4, "AdamW rate on a cosine to zero: low, so a few cells do not undo the training.", gt=0)
     batch_size: int = declare(16, ge=1)
@@ -37,6 +39,9 @@ class AdaptationSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "copies", tuple(self.copies))
+        object.__setattr__(self, "curve", tuple(self.curve))
+        if any(k < 1 for k in self.curve):
+            raise ValueError(f"curve points are cells per class, at least 1: got {list(self.curve)}")
 
 
 def few_shot_split(labels: np.ndarray, shots: int, *, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -80,36 +85,3 @@ def adapt(model: Any, images: np.ndarray, labels: np.ndarray, settings: Adaptati
         order = rng.permutation(len(pool))
         model.fit(flip_and_turn(pool[order], rng).astype(np.float32), targets[order], batch_size=settings.batch_size, epochs=1, verbose=0)
     return model
-
-
-def adaptation_curve(
-    load_model: Callable[[], Any],
-    images: np.ndarray,
-    labels: np.ndarray,
-    class_names: Sequence[str],
-    *,
-    shots: Sequence[int] = (5, 10, 25, 50),
-    settings: AdaptationSettings = AdaptationSettings(),
-    log: Callable[[str], None] = lambda message: None,
-) -> pd.DataFrame:
-    """Accuracy on the rest of a lab's cells after adapting a fresh copy of the model on ``k`` per class.
-
-    ``load_model`` returns the trained model afresh (each point starts from it). The first row
-    (0 cells) is the model as trained. Every point is scored on the same cells, those the largest
-    draw leaves out: a smaller draw is a prefix of a larger one (one permutation per class).
-    """
-    from bc_pipeline.models.inference import predict_proba
-
-    _, rest = few_shot_split(labels, max(shots, default=0), seed=settings.seed)
-    rows = []
-    for k in [0, *shots]:
-        labelled = few_shot_split(labels, k, seed=settings.seed)[0]
-        model = load_model()
-        if k:
-            adapt(model, images[labelled], np.asarray(labels)[labelled], settings)
-        score = score_external(np.asarray(labels)[rest], predict_proba(model, images[rest]).argmax(1), class_names)
-        rows.append({"per_class": k, "labelled": len(labelled), "evaluated": len(rest),
-                     "accuracy": score["accuracy"], "balanced_accuracy": score["balanced_accuracy"]})  # fmt: skip
-        log(f"{k} labelled per class ({len(labelled)} cells): accuracy {score['accuracy']:.3f}, "
-            f"balanced {score['balanced_accuracy']:.3f} on {len(rest)} others")  # fmt: skip
-    return pd.DataFrame(rows)

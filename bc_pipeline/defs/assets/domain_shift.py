@@ -3,6 +3,9 @@
 - ``domain_shift_set``: the test split under lab-like shifts that training never uses (evaluation.lab_shift).
 - ``external_sets``: other labs' labelled cells from the folders ``BC_EXTERNAL_SETS`` names (evaluation.external).
 - ``domain_shift_report`` (per model): both scored, with confusion matrices and Grad-CAM (evaluation.domain_shift).
+- ``lab_adaptation`` (per model): the model fine-tuned on a few labelled cells of one external set, and the
+  accuracy curve over cells per class (training.adaptation). A separate asset, not a setting of
+  ``trained_model``: a new lab folder reruns the adaptation, not the training.
 """
 
 import dagster as dg
@@ -10,16 +13,18 @@ import numpy as np
 import pandas as pd
 
 from bc_pipeline.core.artifacts import ImageSet, ModelFolder
-from bc_pipeline.core.plots import image_rows
+from bc_pipeline.core.plots import adaptation_figure, image_rows
+from bc_pipeline.core.storage import save_via_temp
 from bc_pipeline.dagster_utils import metadata as md
 from bc_pipeline.dagster_utils.partitions import model_partitions
 from bc_pipeline.dagster_utils.versions import SettingsConfig, setting, versioned, with_config
 from bc_pipeline.defs.resources import ExternalFolders, PipelineStorage
 from bc_pipeline.evaluation.domain_shift import evaluate_domain_shift, write_domain_shift
-from bc_pipeline.evaluation.external import load_external_sets
+from bc_pipeline.evaluation.external import adaptation_curve, load_external_sets
 from bc_pipeline.evaluation.imagenet_c import subsample
 from bc_pipeline.evaluation.lab_shift import ShiftSettings, build_shift_set
 from bc_pipeline.preparation.splits import split_arrays, split_rows
+from bc_pipeline.training.adaptation import AdaptationSettings, adapt, few_shot_split
 from bc_pipeline.training.model_folder import load_trained_model
 
 
@@ -112,3 +117,53 @@ def domain_shift_report(
         metadata.update(md.image(result.pngs["shift_heatmap"], paths["shift_heatmap"], "shift_heatmap"))
     metadata["report_path"] = dg.MetadataValue.path(str(paths["report"]))
     return versioned(result.summary, metadata=metadata)
+
+
+class LabAdaptationConfig(SettingsConfig):
+    """Which external set is the user's lab, and how the model adapts to it (training.adaptation.AdaptationSettings)."""
+
+    settings_class = AdaptationSettings
+    lab: str = setting(AdaptationSettings, "lab")
+    per_class: int = setting(AdaptationSettings, "per_class")
+    curve: list[int] = setting(AdaptationSettings, "curve")
+    epochs: int = setting(AdaptationSettings, "epochs")
+    learning_rate: float = setting(AdaptationSettings, "learning_rate")
+    batch_size: int = setting(AdaptationSettings, "batch_size")
+    copies: list[str] = setting(AdaptationSettings, "copies")
+    label_smoothing: float = setting(AdaptationSettings, "label_smoothing")
+    seed: int = setting(AdaptationSettings, "seed")
+
+
+@dg.asset(
+    code_version=with_config("1", LabAdaptationConfig),
+    group_name="evaluation",
+    kinds={"keras", "parquet"},
+    partitions_def=model_partitions,
+    description="Per model: fine-tuned on `per_class` labelled cells of one external set (`lab`), and its accuracy on "
+    "that lab's other cells against cells labelled per class. Skipped while no lab is named.",
+)
+def lab_adaptation(
+    context: dg.AssetExecutionContext, config: LabAdaptationConfig, trained_model: ModelFolder, external_sets: ImageSet, storage: PipelineStorage
+) -> dg.Output[dict]:
+    settings: AdaptationSettings = config.settings()
+    if not settings.lab:
+        context.log.info("no lab to adapt to: name an external set (BC_EXTERNAL_SETS) in this asset's `lab` setting")
+        return versioned({"lab": None}, metadata={"lab": "none (set `lab` to an external set's name)"})
+    sets = sorted(set(external_sets.manifest["set"]))
+    rows = (external_sets.manifest["set"] == settings.lab).to_numpy()
+    if not rows.any():
+        raise dg.Failure(description=f"lab {settings.lab!r} is not an external set; external sets: {', '.join(sets) or 'none (set BC_EXTERNAL_SETS)'}")
+    images, labels = external_sets.images[rows], external_sets.manifest["label"].to_numpy()[rows]
+    class_names = list(external_sets.class_names)
+    curve = adaptation_curve(lambda: load_trained_model(trained_model).model, images, labels, class_names,
+                             shots=settings.curve, settings=settings, log=context.log.info)  # fmt: skip
+    labelled, _ = few_shot_split(labels, settings.per_class, seed=settings.seed)
+    model = adapt(load_trained_model(trained_model).model, images[labelled], labels[labelled], settings)
+    folder = storage.report_dir(f"lab_adaptation/{context.partition_key}")
+    save_via_temp(folder / f"{settings.lab}.keras", model.save)
+    png = adaptation_figure(curve, title=f"{context.partition_key} adapted to {settings.lab}")
+    summary = {"lab": settings.lab, "per_class": settings.per_class, "labelled": len(labelled), "curve": curve.to_dict("records"),
+               "model_file": str(folder / f"{settings.lab}.keras")}  # fmt: skip
+    metadata = {"lab": settings.lab, "labelled": len(labelled), "curve": md.table(curve.round(4)),
+                "model_file": dg.MetadataValue.path(summary["model_file"]), **md.image(png, folder / f"{settings.lab}_curve.png", "curve")}  # fmt: skip
+    return versioned(summary, summary["curve"], labelled, metadata=metadata)
