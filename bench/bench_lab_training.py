@@ -30,8 +30,7 @@ from pathlib import Path
 
 import numpy as np
 from _common import table
-from bench_robust_ablation import load_subset
-from bench_transfer_ablation import COPIES, Variant, phases_of
+from bench_transfer_ablation import COPIES, Variant, phases_of, subset_splits
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -101,15 +100,12 @@ def main(argv: list[str] | None = None) -> None:
     from bc_pipeline.evaluation.external import load_external_sets, parse_external_sets
     from bc_pipeline.evaluation.lab_shift import SHIFTS, shift_images
 
-    x, y = load_subset(args.per_class, args.seed)
-    order = np.random.default_rng(0).permutation(len(y))
-    te, va, tr = order[: args.test], order[args.test : args.test + args.val], order[args.test + args.val :]
-    data = {"train": (x[tr], y[tr]), "val": (x[va], y[va]), "test": (x[te], y[te])}
-    shifted = {shift: shift_images(x[te], shift, args.severity, seed=3) for shift in SHIFTS}
+    data = subset_splits(args.per_class, args.seed, test=args.test, val=args.val)
+    shifted = {shift: shift_images(data["test"][0], shift, args.severity, seed=3) for shift in SHIFTS}
     loaded = load_external_sets(parse_external_sets(";".join(args.external)), class_names=CLASS_NAMES, image_size=96)
     external = {name: (loaded.images[rows], loaded.manifest["label"].to_numpy()[rows])
                 for name, rows in loaded.manifest.groupby("set", sort=False).indices.items()}  # fmt: skip
-    print(f"{len(tr)} train / {len(va)} val / {len(te)} test cells; external: "
+    print(f"{len(data['train'][1])} train / {len(data['val'][1])} val / {len(data['test'][1])} test cells; external: "
           + ", ".join(f"{n} {len(v[1])}" for n, v in external.items()), flush=True)  # fmt: skip
     rows = []
     for name in args.variants:

@@ -62,6 +62,14 @@ VARIANTS = {
 }
 
 
+def subset_splits(per_class: int, seed: int, *, test: int, val: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``per_class`` pbc96 cells of each class, shuffled once (seed 0) into test, val and train."""
+    x, y = load_subset(per_class, seed)
+    order = np.random.default_rng(0).permutation(len(y))
+    te, va, tr = order[:test], order[test : test + val], order[test + val :]
+    return {"train": (x[tr], y[tr]), "val": (x[va], y[va]), "test": (x[te], y[te])}
+
+
 def phases_of(variant: Variant, epochs: int) -> tuple:
     """The recipe's schedule scaled to ``epochs``: one frozen epoch in eight (at least one), the rest on all layers."""
     from bc_pipeline.training.settings import Phase
@@ -117,12 +125,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from bc_pipeline.evaluation.imagenet_c import CORRUPTIONS, corrupt_images
 
-    x, y = load_subset(args.per_class, args.seed)
-    order = np.random.default_rng(0).permutation(len(y))
-    te, va, tr = order[: args.test], order[args.test : args.test + args.val], order[args.test + args.val :]
-    data = {"train": (x[tr], y[tr]), "val": (x[va], y[va]), "test": (x[te], y[te])}
-    suite = {(c, s): corrupt_images(x[te], c, s, seed=1) for c in CORRUPTIONS for s in args.severities}
-    print(f"{len(tr)} train / {len(va)} val / {len(te)} test cells, {len(suite)} corrupted sets", flush=True)
+    data = subset_splits(args.per_class, args.seed, test=args.test, val=args.val)
+    suite = {(c, s): corrupt_images(data["test"][0], c, s, seed=1) for c in CORRUPTIONS for s in args.severities}
+    print(f"{len(data['train'][1])} train / {len(data['val'][1])} val / {len(data['test'][1])} test cells, {len(suite)} corrupted sets", flush=True)
     rows = []
     for name in args.variants:
         rows.append(run_variant(name, data, suite, args.epochs))
