@@ -18,6 +18,7 @@ from bc_pipeline.core.classes import CLASS_NAMES
 from bc_pipeline.definitions import all_asset_checks, all_assets, build_resources
 from bc_pipeline.defs.checks import class_proportions_match, no_group_in_two_splits, no_image_in_two_splits
 from bc_pipeline.defs.resources import ExternalFolders, ImageSource
+from bc_pipeline.evaluation.framing import ZOOMS
 from bc_pipeline.preparation.splits import split_arrays
 from bc_pipeline.quality.hashing import hash_hex
 from bc_pipeline.training.model_folder import load_trained_model, read_record
@@ -313,10 +314,13 @@ def test_lab_shift_and_an_external_lab_are_scored_reported_and_ranked(full_run):
     recall = [confusion.loc[c, c] / confusion.loc[c].sum() for c in EXTERNAL_CLASSES]
     assert scored["balanced_accuracy"] == pytest.approx(np.mean(recall))
     folder = data_dir / "reports" / "domain_shift_report" / "custom_cnn"
-    assert "## otherlab" in (folder / "report.md").read_text()
+    assert scored["framing"]["zoom"] in ZOOMS and len(scored["framing"]["information"]) == len(ZOOMS)
+    assert scored["framing"]["information"][str(scored["framing"]["zoom"])] == max(scored["framing"]["information"].values())
+    assert "## otherlab" in (folder / "report.md").read_text() and "Framing calibrated" in (folder / "report.md").read_text()
     assert (folder / "confusion_otherlab.png").stat().st_size > 10_000 and (folder / "shift_heatmap.png").is_file()
     board = result.output_for_node("model_leaderboard").set_index("model")
     assert board.loc["custom_cnn", "otherlab_balanced_accuracy"] == pytest.approx(scored["balanced_accuracy"])
+    assert board.loc["custom_cnn", "otherlab_framed_accuracy"] == pytest.approx(scored["framed"]["accuracy"])
     assert "## Lab shift" in (data_dir / "reports" / "model_leaderboard" / "leaderboard.md").read_text()
 
     adapted = result.output_for_node("lab_adaptation")

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from bc_pipeline.core.classes import CLASS_NAMES
+from bc_pipeline.evaluation.framing import calibrate_framing, zoom_images
 from bc_pipeline.evaluation.external import confusions_in_words, load_external_sets, parse_external_sets, score_external
 from bc_pipeline.evaluation.lab_shift import (
     SHIFTS,
@@ -154,20 +155,64 @@ def test_few_shot_draws_grow_by_prefix_and_always_leave_cells_to_score():
     assert sorted([*ten, *rest_ten]) == list(range(len(labels)))
 
 
-def test_a_few_labelled_cells_of_another_lab_win_back_accuracy(cells):
-    """A model trained on PBC framing and colours, facing a 'lab' with another stain, lamp, camera and crop."""
+@pytest.fixture(scope="module")
+def pbc_model():
+    """A small CNN trained on 480 PBC cells (PBC framing and colours; ~75 % accurate), and its trained weights.
+
+    Framing calibration reads the model's predictions, so it needs a model that knows its classes
+    (at 6 epochs on 320 cells, 42 %, the choice is noise); both tests share this one."""
     import keras
 
     from bc_pipeline.models.zoo import build_model, model_spec
+
+    train_x, train_y = load_pbc96_arrays(per_class=60, seed=1)
+    keras.utils.set_random_seed(0)
+    model = build_model(model_spec("custom_cnn", image_size=48), 8)
+    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
+    model.fit(train_x.astype(np.float32), train_y, epochs=10, batch_size=32, verbose=0)
+    return model, model.get_weights()
+
+
+def test_zoom_scales_a_centred_disc_both_ways():
+    yy, xx = np.mgrid[:96, :96]
+    disc = np.where(((yy - 47.5) ** 2 + (xx - 47.5) ** 2 < 20**2)[..., None], 40, 220).astype(np.uint8)
+    disc = np.repeat(disc[None], 1, axis=0).repeat(3, axis=-1)
+    area = (disc[0, ..., 0] < 128).sum()
+    for factor in (0.707, 2.0):
+        zoomed = zoom_images(disc, factor)
+        assert zoomed.shape == disc.shape and zoomed.dtype == np.uint8
+        assert (zoomed[0, ..., 0] < 128).sum() / area == pytest.approx(factor**2, rel=0.08), factor
+    assert zoom_images(disc, 1.0) is disc
+    with pytest.raises(ValueError, match="positive"):
+        zoom_images(disc, 0)
+
+
+def test_framing_calibration_finds_the_zoom_of_cells_shown_at_half_their_size(pbc_model):
+    """The zoom comes from the model's predictions over the unlabelled set: back to ~2x for shrunken cells, ~1x for PBC's own."""
+    from bc_pipeline.models.inference import predict_proba
+
+    model, weights = pbc_model
+    model.set_weights(weights)
+    lab_x, lab_y = load_pbc96_arrays(per_class=30, seed=5)
+    predict = lambda batch: predict_proba(model, batch)  # noqa: E731
+    own, _ = calibrate_framing(predict, lab_x)
+    assert 0.8 <= own.zoom <= 1.2, own  # 0.84, 1 or 1.19
+    small = zoom_images(lab_x, 0.5)
+    found, probabilities = calibrate_framing(predict, small)
+    assert 1.6 <= found.zoom <= 2.4, found
+    assert found.information[found.zoom] > found.information[1.0]
+    as_given = (predict(small).argmax(1) == lab_y).mean()
+    assert (probabilities.argmax(1) == lab_y).mean() > as_given + 0.1
+    few, _ = calibrate_framing(predict, small[:5])
+    assert few.zoom == 1.0 and "fewer than" in few.reason
+
+
+def test_a_few_labelled_cells_of_another_lab_win_back_accuracy(cells, pbc_model):
+    """A model trained on PBC framing and colours, facing a 'lab' with another stain, lamp, camera and crop."""
     from bc_pipeline.evaluation.external import adaptation_curve
     from bc_pipeline.training.adaptation import AdaptationSettings
 
-    train_x, train_y = load_pbc96_arrays(per_class=40, seed=1)
-    keras.utils.set_random_seed(0)
-    model = build_model(model_spec("custom_cnn", image_size=32), 8)
-    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
-    model.fit(train_x.astype(np.float32), train_y, epochs=6, batch_size=32, verbose=0)
-    weights = model.get_weights()
+    model, weights = pbc_model
 
     def fresh():
         model.set_weights(weights)

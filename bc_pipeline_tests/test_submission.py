@@ -243,6 +243,27 @@ def test_cli_reports_expected_errors_with_status_2_and_no_traceback(submission, 
     assert not (tmp_path / "p.csv").exists()
     assert main([]) == 2 and "usage: bc-predict" in capsys.readouterr().err
     assert main(["m", "i", "--batch-size", "0"]) == 2
+    for framing in ("9", "wide"):
+        assert main(["m", "i", "--framing", framing]) == 2 and "--framing" in capsys.readouterr().err
+
+
+def test_cli_framing_zooms_the_input_by_a_factor_or_by_the_models_surest_zoom(submission, pbc_subset_arrays, tmp_path, capsys):
+    from bc_pipeline.evaluation.framing import ZOOMS, zoom_images
+    from bc_pipeline.models.inference import predict_proba
+
+    images = pbc_subset_arrays[0][:40]
+    np.savez(tmp_path / "cells.npz", X=images)
+    model, _ = load_classifier(submission)
+    assert _run_cli(submission, tmp_path / "cells.npz", "-o", tmp_path / "zoomed.csv", "--framing", "2") == 0
+    zoomed = pd.read_csv(tmp_path / "zoomed.csv")
+    np.testing.assert_array_equal(zoomed["predicted_index"], predict_proba(model, zoom_images(images, 2.0)).argmax(1))
+    assert "framing: zoom 2x (--framing)" in capsys.readouterr().out
+    assert _run_cli(submission, tmp_path / "cells.npz", "-o", tmp_path / "auto.csv", "--framing", "auto") == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("framing: zoom"))
+    zoom = float(line.split()[2].rstrip("x"))
+    assert zoom in ZOOMS and "highest image-class information" in line
+    auto = pd.read_csv(tmp_path / "auto.csv")
+    np.testing.assert_array_equal(auto["predicted_index"], predict_proba(model, zoom_images(images, zoom)).argmax(1))
 
 
 @pytest.mark.slow

@@ -8,7 +8,8 @@ data splits, the clean images and the trained model). For each model it prints t
 own test split, the mean accuracy under the lab-like shifts of ``evaluation.lab_shift`` (test split,
 ``--max-images`` images, severities 1, 3 and 5, built here with the shipped settings), and per
 external set (``name=folder``, one sub-folder per class, as ``BC_EXTERNAL_SETS`` takes them) the
-accuracy and the balanced accuracy over the classes the set has, with its largest confusions.
+accuracy and the balanced accuracy over the classes the set has, with its largest confusions, as
+given and at the zoom its own unlabelled images point to (``evaluation.framing``).
 Side by side with the issue's targets and the published numbers it quotes. Data from other labs
 stays outside the repository (docs/domain_shift.md says where the development sets come from).
 """
@@ -42,6 +43,7 @@ def main() -> int:
 
     from bc_pipeline.core.artifacts import read_artifact
     from bc_pipeline.evaluation.external import confusions_in_words, load_external_sets, parse_external_sets, score_external
+    from bc_pipeline.evaluation.framing import calibrate_framing
     from bc_pipeline.evaluation.imagenet_c import subsample
     from bc_pipeline.evaluation.lab_shift import ShiftSettings, build_shift_set, seen_shifts, shift_scores, shift_summary
     from bc_pipeline.models.inference import predict_proba
@@ -73,12 +75,17 @@ def main() -> int:
             row = [name, f"{clean_accuracy:.4f}", f"{summary['shift_accuracy']:.4f}",
                    *(f"{per_shift.get(s, float('nan')):.3f}" for s in settings.shifts)]  # fmt: skip
             for set_name, positions in external.manifest.groupby("set", sort=False).indices.items():
-                truth = external.manifest["label"].to_numpy()[positions]
-                score = score_external(truth, predict_proba(trained.model, external.images[positions]).argmax(1), clean.class_names)
+                truth, set_images = external.manifest["label"].to_numpy()[positions], external.images[positions]
+                score = score_external(truth, predict_proba(trained.model, set_images).argmax(1), clean.class_names)
+                framing, probabilities = calibrate_framing(lambda batch: predict_proba(trained.model, batch), set_images)
+                framed = score_external(truth, probabilities.argmax(1), clean.class_names)
                 row.append(f"{score['accuracy']:.3f} / {score['balanced_accuracy']:.3f}")
+                row.append(f"{framing.zoom:g}x: {framed['accuracy']:.3f} / {framed['balanced_accuracy']:.3f}")
                 words.append(f"{name} on {set_name}: " + "; ".join(confusions_in_words(score)))
+                words.append(f"{name} on {set_name} at {framing.zoom:g}x: " + "; ".join(confusions_in_words(framed)))
             rows.append(row)
-    header = ["model", "own test", "lab shifts", *settings.shifts, *(f"{n} acc / bal" for n in external_folders)]
+    header = ["model", "own test", "lab shifts", *settings.shifts]
+    header += [cell for n in external_folders for cell in (f"{n} acc / bal", f"{n} framed: zoom, acc / bal")]
     table(header, rows)
     counts = external.manifest.groupby(["set", "class_name"]).size().unstack(fill_value=0) if len(external.manifest) else None
     if counts is not None:

@@ -6,7 +6,8 @@
 Every variant fine-tunes ``efficientnet_lite0`` (ImageNet weights, the ``transfer-cpu`` schedule
 scaled to ``--epochs``, 96 px) on the same stratified pbc96 subset and is scored on the same test
 cells: clean, under each lab-like shift of ``evaluation.lab_shift`` at ``--severity``, and on each
-external set (``name=folder`` of class folders: accuracy / balanced accuracy over its classes).
+external set (``name=folder`` of class folders: accuracy / balanced accuracy over its classes, as
+given and at the zoom its own images point to, ``evaluation.framing``).
 ``shipped`` trains on transfer-cpu's five stored copies; each other variant adds to them:
 
 - ``stain``: a ``stain`` copy (dye amounts jittered in a colour-deconvolution space).
@@ -56,6 +57,7 @@ VARIANTS = {
 def run_variant(name: str, data: dict, shifted: dict, external: dict, epochs: int) -> list[str]:
     from bc_pipeline.augmentation.presets import make_augmenter
     from bc_pipeline.evaluation.external import score_external
+    from bc_pipeline.evaluation.framing import calibrate_framing
     from bc_pipeline.models.inference import predict_proba
     from bc_pipeline.models.zoo import model_spec
     from bc_pipeline.training.worker.fit import RunOptions, TrainingData, TrainingSettings, train_classifier
@@ -80,7 +82,10 @@ def run_variant(name: str, data: dict, shifted: dict, external: dict, epochs: in
            *(f"{s:.3f}" for s in shift_scores)]  # fmt: skip
     for images, labels in external.values():
         score = score_external(labels, predicted(images), [str(i) for i in range(8)])
+        framing, probabilities = calibrate_framing(lambda batch: predict_proba(model, batch), images)
+        framed = score_external(labels, probabilities.argmax(1), [str(i) for i in range(8)])
         row.append(f"{score['accuracy']:.3f} / {score['balanced_accuracy']:.3f}")
+        row.append(f"{framing.zoom:g}x: {framed['accuracy']:.3f} / {framed['balanced_accuracy']:.3f}")
     return row
 
 
@@ -112,7 +117,8 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(run_variant(name, data, shifted, external, args.epochs))
         print(" ".join(rows[-1]), flush=True)
     print(f"\nefficientnet_lite0 at 96 px, {args.epochs} epochs; lab shifts at severity {args.severity}")
-    table(["variant", "s", "clean", *SHIFTS, *(f"{n} acc / bal" for n in external)], rows)
+    framed = [cell for n in external for cell in (f"{n} acc / bal", f"{n} framed: zoom, acc / bal")]
+    table(["variant", "s", "clean", *SHIFTS, *framed], rows)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from bc_pipeline.core.artifacts import ImageSet
 from bc_pipeline.core.plots import confusion_matrix_figure, corruption_heatmap, gradcam_grid
 from bc_pipeline.core.storage import save_bytes, save_json, save_parquet
 from bc_pipeline.evaluation.external import confusions_in_words, score_external
+from bc_pipeline.evaluation.framing import FramingCalibration, calibrate_framing
 from bc_pipeline.evaluation.lab_shift import seen_shifts, shift_scores, shift_summary
 from bc_pipeline.models.inference import predict_proba
 from bc_pipeline.training.model_folder import TrainedModel
@@ -47,6 +48,8 @@ class DomainShiftEvaluation:
         for name, score in s["external"].items():
             numbers[f"{name}_accuracy"] = score["accuracy"]
             numbers[f"{name}_balanced_accuracy"] = score["balanced_accuracy"]
+            numbers[f"{name}_framed_accuracy"] = score["framed"]["accuracy"]
+            numbers[f"{name}_framed_balanced_accuracy"] = score["framed"]["balanced_accuracy"]
         return {key: None if value is None else round(float(value), 4) for key, value in numbers.items()}
 
 
@@ -78,17 +81,23 @@ def evaluate_domain_shift(
         predicted = predict_proba(model, images).argmax(1)
         score = score_external(truth, predicted, class_names)
         confusions[set_name] = score.pop("confusion")
+        framing, framed = _framed_score(model, images, truth, class_names)
         summary["external"][set_name] = {**score, "confusion": confusions[set_name].to_dict("split"),
-                                         "in_words": confusions_in_words({"confusion": confusions[set_name]})}  # fmt: skip
+                                         "in_words": confusions_in_words({"confusion": confusions[set_name]}),
+                                         "framing": framing.to_json(), "framed": framed}  # fmt: skip
         rows.append({"set": set_name, **{k: score[k] for k in ("images", "accuracy", "balanced_accuracy")},
+                     "zoom": framing.zoom, **{f"framed_{k}": framed[k] for k in ("accuracy", "balanced_accuracy")},
                      "classes": ", ".join(score["classes"])})  # fmt: skip
         log(f"{name} on {set_name}: accuracy {_percent(score['accuracy'])}, balanced {_percent(score['balanced_accuracy'])} "
             f"({score['images']} images); " + "; ".join(summary["external"][set_name]["in_words"]))  # fmt: skip
+        log(f"{name} on {set_name}, framing calibrated to {framing.zoom:g}x ({framing.reason}): accuracy "
+            f"{_percent(framed['accuracy'])}, balanced {_percent(framed['balanced_accuracy'])}")  # fmt: skip
         pngs[f"confusion_{set_name}"] = _confusion_png(confusions[set_name], class_names)
         wrong = _gradcam_wrong(model, images, truth, predicted, class_names, f"{name} on {set_name}: misclassified cells")
         if wrong is not None:
             pngs[f"gradcam_{set_name}"] = wrong
-    table = pd.DataFrame(rows, columns=["set", "images", "accuracy", "balanced_accuracy", "classes"])
+    columns = ["set", "images", "accuracy", "balanced_accuracy", "zoom", "framed_accuracy", "framed_balanced_accuracy", "classes"]
+    table = pd.DataFrame(rows, columns=columns)
     return DomainShiftEvaluation(summary, shifts, table, confusions, pngs, _report(name, summary, shifts, pngs))
 
 
@@ -104,6 +113,15 @@ def write_domain_shift(result: DomainShiftEvaluation, folder: Path) -> dict[str,
         paths[png_name] = folder / f"{png_name}.png"
         save_bytes(paths[png_name], png)
     return paths
+
+
+def _framed_score(
+    model: Any, images: np.ndarray, truth: np.ndarray, class_names: Sequence[str]
+) -> tuple[FramingCalibration, dict[str, Any]]:
+    """The set at the zoom its own unlabelled images point to (evaluation.framing), and its score there."""
+    framing, probabilities = calibrate_framing(lambda batch: predict_proba(model, batch), images)
+    score = score_external(truth, probabilities.argmax(1), class_names)
+    return framing, {key: score[key] for key in ("accuracy", "balanced_accuracy", "recall")}
 
 
 def _confusion_png(confusion: pd.DataFrame, class_names: Sequence[str]) -> bytes:
@@ -154,6 +172,10 @@ def _report(name: str, summary: dict[str, Any], shifts: pd.DataFrame, pngs: dict
         ]  # fmt: skip
         if score["in_words"]:
             lines += ["Largest confusions: " + "; ".join(score["in_words"]) + ".", ""]
+        framed, zoom = score["framed"], score["framing"]["zoom"]
+        lines += [f"Framing calibrated from the set's own images (evaluation.framing: {score['framing']['reason']}): "
+                  f"zoom **{zoom:g}x**, accuracy {_percent(framed['accuracy'])}, balanced accuracy "
+                  f"{_percent(framed['balanced_accuracy'])}.", ""]  # fmt: skip
         lines += [f"![confusion matrix on {set_name}](confusion_{set_name}.png)", ""]
         if f"gradcam_{set_name}" in pngs:
             lines += [f"![Grad-CAM on misclassified cells of {set_name}](gradcam_{set_name}.png)", ""]

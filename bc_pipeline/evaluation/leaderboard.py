@@ -81,11 +81,14 @@ def leaderboard_table(
 
 def shift_columns(summary: Mapping[str, Any]) -> dict[str, float | None]:
     """A ``domain_shift_report`` summary's leaderboard columns: the lab-shift means, then per external set
-    ``<set>_accuracy`` and ``<set>_balanced_accuracy``."""
+    ``<set>_accuracy`` and ``<set>_balanced_accuracy``, as given and at the set's calibrated framing
+    (``<set>_framed_...``, evaluation.framing)."""
     columns = {key: summary.get(key) for key in SHIFT_COLUMNS}
     for name, score in (summary.get("external") or {}).items():
-        columns[f"{name}_accuracy"] = score.get("accuracy")
-        columns[f"{name}_balanced_accuracy"] = score.get("balanced_accuracy")
+        framed = score.get("framed") or {}
+        for metric in ("accuracy", "balanced_accuracy"):
+            columns[f"{name}_{metric}"] = score.get(metric)
+            columns[f"{name}_framed_{metric}"] = framed.get(metric)
     return columns
 
 
@@ -135,16 +138,19 @@ def _shift_markdown(table: pd.DataFrame) -> list[str]:
     """The lab-shift columns as a second table (none when no model has a ``domain_shift_report``)."""
     if "shift_accuracy" not in table:
         return []
-    external = [c[: -len("_balanced_accuracy")] for c in table.columns if c.endswith("_balanced_accuracy")]
+    ends = [c[: -len("_balanced_accuracy")] for c in table.columns if c.endswith("_balanced_accuracy")]
+    external = [name for name in ends if f"{name}_framed" in ends]
     header = ["model", "lab shifts (mean)", "unseen shifts", "all four at once"]
-    header += [f"{name} (acc / balanced)" for name in external]
+    header += [f"{name} (acc / balanced; framing calibrated)" for name in external]
     lines = ["", "## Lab shift", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for r in table.to_dict("records"):
         cells = [r["model"], _fmt(r["shift_accuracy"]), _fmt(r["shift_accuracy_unseen"]), _fmt(r["lab_shift_accuracy"])]
-        cells += [f"{_fmt(r[f'{name}_accuracy'])} / {_fmt(r[f'{name}_balanced_accuracy'])}" for name in external]
+        cells += [f"{_fmt(r[f'{name}_accuracy'])} / {_fmt(r[f'{name}_balanced_accuracy'])}; "
+                  f"{_fmt(r[f'{name}_framed_accuracy'])} / {_fmt(r[f'{name}_framed_balanced_accuracy'])}" for name in external]  # fmt: skip
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return [*lines, "", "Lab shifts: the test split under another stain, white balance, crop and optics (never used in "
-            "training); the external sets are other labs' cells (`BC_EXTERNAL_SETS`), balanced accuracy over the classes each has."]
+            "training); the external sets are other labs' cells (`BC_EXTERNAL_SETS`), balanced accuracy over the classes each has, "
+            "as given and at the zoom the set's own unlabelled images point to (evaluation.framing)."]
 
 
 def leaderboard_figure(table: pd.DataFrame) -> bytes:

@@ -88,7 +88,7 @@ class LeaderboardConfig(SettingsConfig):
 
 
 @dg.asset(
-    code_version=with_config("3", LeaderboardConfig),
+    code_version=with_config("4", LeaderboardConfig),  # 4: framing-calibrated external columns
     automation_condition=automation.across_models(["evaluation_report", "domain_shift_report"]),
     group_name="evaluation",
     kinds={"parquet", "markdown"},
