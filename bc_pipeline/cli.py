@@ -111,15 +111,13 @@ def predict_to_csv(
 
 def _frame(model: Any, images: np.ndarray, framing: float | str, batch_size: int) -> tuple[np.ndarray, str]:
     """The images at the zoom ``--framing`` asks for, and a line saying which (none when left as given)."""
-    from bc_pipeline.evaluation.framing import calibrate_framing, zoom_images
+    from bc_pipeline.evaluation.framing import apply_framing
     from bc_pipeline.models.inference import predict_proba
 
-    if framing == "auto":
-        calibration, _ = calibrate_framing(lambda batch: predict_proba(model, batch, batch_size=batch_size), images)
-        return zoom_images(images, calibration.zoom), f"framing: zoom {calibration.zoom:g}x ({calibration.reason})"
     if framing == 1.0:
         return images, ""
-    return zoom_images(images, float(framing)), f"framing: zoom {float(framing):g}x (--framing)"
+    framed, zoom, reason = apply_framing(lambda batch: predict_proba(model, batch, batch_size=batch_size), images, framing)
+    return framed, f"framing: zoom {zoom:g}x ({reason if framing == 'auto' else '--framing'})"
 
 
 def _summary(input_path: Path, output: Path, frame: pd.DataFrame, skipped: list[tuple[str, str]]) -> list[str]:

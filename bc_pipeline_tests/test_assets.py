@@ -325,6 +325,7 @@ def test_lab_shift_and_an_external_lab_are_scored_reported_and_ranked(full_run):
 
     adapted = result.output_for_node("lab_adaptation")
     assert adapted["lab"] == "otherlab" and adapted["labelled"] == 3 * len(EXTERNAL_CLASSES)
+    assert adapted["zoom"] == scored["framing"]["zoom"], "adapted at the framing the report found"
     curve = pd.DataFrame(adapted["curve"])
     assert curve["per_class"].tolist() == [0, 2, 4] and curve["evaluated"].nunique() == 1
     assert (curve["evaluated"] == scored["images"] - 4 * len(EXTERNAL_CLASSES)).all(), "scored on what the largest draw left"

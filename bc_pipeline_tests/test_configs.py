@@ -30,7 +30,7 @@ EXPECTED_CODE_VERSIONS = {
     "external_sets": "1",
     "image_colour_stats": "1",
     "image_hashes": "1",
-    "lab_adaptation": "1.cfg-916c7002",
+    "lab_adaptation": "2.cfg-6123c7eb",
     "model_leaderboard": "4.cfg-3cbcda71",
     "noise_templates": "2",
     "outlier_report": "2.cfg-f6da62ca",

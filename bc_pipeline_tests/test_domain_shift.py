@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from bc_pipeline.core.classes import CLASS_NAMES
-from bc_pipeline.evaluation.framing import calibrate_framing, zoom_images
+from bc_pipeline.evaluation.framing import apply_framing, calibrate_framing, zoom_images
+from bc_pipeline.training.adaptation import AdaptationSettings
 from bc_pipeline.evaluation.external import confusions_in_words, load_external_sets, parse_external_sets, score_external
 from bc_pipeline.evaluation.lab_shift import (
     SHIFTS,
@@ -185,6 +186,11 @@ def test_zoom_scales_a_centred_disc_both_ways():
     assert zoom_images(disc, 1.0) is disc
     with pytest.raises(ValueError, match="positive"):
         zoom_images(disc, 0)
+    never_called = lambda batch: pytest.fail("no prediction needed")  # noqa: E731
+    assert apply_framing(never_called, disc, "none")[1:] == (1.0, "as given")
+    np.testing.assert_array_equal(apply_framing(never_called, disc, 2.0)[0], zoom_images(disc, 2.0))
+    with pytest.raises(ValueError, match="framing must be 'auto' or 'none'"):
+        AdaptationSettings(framing="wide")
 
 
 def test_framing_calibration_finds_the_zoom_of_cells_shown_at_half_their_size(pbc_model):
@@ -210,7 +216,6 @@ def test_framing_calibration_finds_the_zoom_of_cells_shown_at_half_their_size(pb
 def test_a_few_labelled_cells_of_another_lab_win_back_accuracy(cells, pbc_model):
     """A model trained on PBC framing and colours, facing a 'lab' with another stain, lamp, camera and crop."""
     from bc_pipeline.evaluation.external import adaptation_curve
-    from bc_pipeline.training.adaptation import AdaptationSettings
 
     model, weights = pbc_model
 

@@ -109,3 +109,16 @@ def calibrate_framing(
     best = max(scores, key=scores.__getitem__)
     reason = f"highest image-class information ({scores[best]:.3f} nats; at 1.0x {scores.get(1.0, float('nan')):.3f})"
     return FramingCalibration(float(best), scores, len(images), reason), probabilities[best]
+
+
+def apply_framing(
+    predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray, framing: str | float
+) -> tuple[np.ndarray, float, str]:
+    """``images`` at the zoom ``framing`` asks for, that zoom, and why: ``auto`` (:func:`calibrate_framing`),
+    ``none`` (as given) or a number (that zoom)."""
+    if framing == "auto":
+        calibration, _ = calibrate_framing(predict, images)
+        return zoom_images(images, calibration.zoom), calibration.zoom, calibration.reason
+    if framing == "none":
+        return images, 1.0, "as given"
+    return zoom_images(images, float(framing)), float(framing), "asked for"

@@ -21,8 +21,10 @@ from bc_pipeline.dagster_utils.versions import SettingsConfig, setting, versione
 from bc_pipeline.defs.resources import ExternalFolders, PipelineStorage
 from bc_pipeline.evaluation.domain_shift import evaluate_domain_shift, write_domain_shift
 from bc_pipeline.evaluation.external import adaptation_curve, load_external_sets
+from bc_pipeline.evaluation.framing import apply_framing
 from bc_pipeline.evaluation.imagenet_c import subsample
 from bc_pipeline.evaluation.lab_shift import ShiftSettings, build_shift_set
+from bc_pipeline.models.inference import predict_proba
 from bc_pipeline.preparation.splits import split_arrays, split_rows
 from bc_pipeline.training.adaptation import AdaptationSettings, adapt, few_shot_split
 from bc_pipeline.training.model_folder import load_trained_model
@@ -132,10 +134,11 @@ class LabAdaptationConfig(SettingsConfig):
     copies: list[str] = setting(AdaptationSettings, "copies")
     label_smoothing: float = setting(AdaptationSettings, "label_smoothing")
     seed: int = setting(AdaptationSettings, "seed")
+    framing: str = setting(AdaptationSettings, "framing")
 
 
 @dg.asset(
-    code_version=with_config("1", LabAdaptationConfig),
+    code_version=with_config("2", LabAdaptationConfig),  # 2: the lab's framing calibrated first
     group_name="evaluation",
     kinds={"keras", "parquet"},
     partitions_def=model_partitions,
@@ -154,16 +157,18 @@ def lab_adaptation(
     if not rows.any():
         raise dg.Failure(description=f"lab {settings.lab!r} is not an external set; external sets: {', '.join(sets) or 'none (set BC_EXTERNAL_SETS)'}")
     images, labels = external_sets.images[rows], external_sets.manifest["label"].to_numpy()[rows]
-    class_names = list(external_sets.class_names)
+    class_names, trained = list(external_sets.class_names), load_trained_model(trained_model).model
+    images, zoom, why = apply_framing(lambda batch: predict_proba(trained, batch), images, settings.framing)
+    context.log.info(f"{settings.lab}: framing {zoom:g}x ({why}); classify its cells with `bc-predict <model> <folder> --framing {zoom:g}`")
     curve = adaptation_curve(lambda: load_trained_model(trained_model).model, images, labels, class_names,
                              shots=settings.curve, settings=settings, log=context.log.info)  # fmt: skip
     labelled, _ = few_shot_split(labels, settings.per_class, seed=settings.seed)
-    model = adapt(load_trained_model(trained_model).model, images[labelled], labels[labelled], settings)
+    model = adapt(trained, images[labelled], labels[labelled], settings)
     folder = storage.report_dir(f"lab_adaptation/{context.partition_key}")
     save_via_temp(folder / f"{settings.lab}.keras", model.save)
     png = adaptation_figure(curve, title=f"{context.partition_key} adapted to {settings.lab}")
     summary = {"lab": settings.lab, "per_class": settings.per_class, "labelled": len(labelled), "curve": curve.to_dict("records"),
-               "model_file": str(folder / f"{settings.lab}.keras")}  # fmt: skip
-    metadata = {"lab": settings.lab, "labelled": len(labelled), "curve": md.table(curve.round(4)),
+               "zoom": zoom, "model_file": str(folder / f"{settings.lab}.keras")}  # fmt: skip
+    metadata = {"lab": settings.lab, "labelled": len(labelled), "zoom": zoom, "curve": md.table(curve.round(4)),
                 "model_file": dg.MetadataValue.path(summary["model_file"]), **md.image(png, folder / f"{settings.lab}_curve.png", "curve")}  # fmt: skip
     return versioned(summary, summary["curve"], labelled, metadata=metadata)
