@@ -9,7 +9,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= dev
-# Named run config for `make run` (bc_pipeline/recipes/<name>.yaml): quick, robust-cpu, transfer-cpu, gpu.
+# Named run config for `make run` (bc_pipeline/recipes/<name>.yaml): quick, robust-cpu, transfer-cpu, lab-cpu, gpu.
 RECIPE ?= quick
 # Laid over the recipe's config, e.g. RUN_CONFIG='{"ops": {"trained_model": {"config": {"epochs": 30}}}}'.
 RUN_CONFIG ?= {}
@@ -27,7 +27,7 @@ PIP_QUIET := { grep -v "is ignored: it is neither a file nor a directory" || tru
 
 help:
 	@echo "make run    install, fetch BloodMNIST, materialize the whole graph, print the report path"
-	@echo "            RECIPE=quick|robust-cpu|transfer-cpu|gpu (bc_pipeline/recipes/), MODELS=..., RUN_CONFIG='{...}'"
+	@echo "            RECIPE=quick|robust-cpu|transfer-cpu|lab-cpu|gpu (bc_pipeline/recipes/), MODELS=..., RUN_CONFIG='{...}'"
 	@echo "make test   install and run the test suite"
 	@echo "make dev    start the Dagster UI (dg dev) with a persistent DAGSTER_HOME in BC_DATA_DIR (default data/)"
 	@echo "make bench  run the benchmarks in bench/"

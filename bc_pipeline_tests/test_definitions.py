@@ -48,7 +48,7 @@ EXPECTED_CHECKS = {
     "data_splits:no_flagged_image_in_splits",
     "augmented_train_set:shards_match_balanced_set",
 }
-EXPECTED_JOBS = {"observe_raw_source", "nightly_evaluation", "weekly_retrain", "recipe_quick", "recipe_robust_cpu", "recipe_transfer_cpu", "recipe_gpu"}
+EXPECTED_JOBS = {"observe_raw_source", "nightly_evaluation", "weekly_retrain", "recipe_quick", "recipe_robust_cpu", "recipe_transfer_cpu", "recipe_lab_cpu", "recipe_gpu"}
 EXPECTED_SCHEDULES = {"nightly_evaluation": "0 2 * * *", "weekly_retrain": "0 3 * * 0"}
 EXPECTED_SENSORS = {"bc_automation", "raw_data_sensor"}
 EXPECTED_RESOURCES = {"io_manager", "storage", "image_source", "training_worker", "external_folders"}

@@ -3,6 +3,7 @@
     python bench/bench_recipes.py                      # quick on BloodMNIST, robust-cpu on pbc96
     python bench/bench_recipes.py --recipes robust-cpu # one of them
     python bench/bench_recipes.py --recipes transfer-cpu   # the pretrained backbone, on pbc96
+    python bench/bench_recipes.py --recipes lab-cpu        # the same, trained for other labs' cells
     python bench/bench_recipes.py --recipes gpu --source pbc96   # on a GPU machine
 
 Every run gets a fresh data directory and Dagster home under bench/results/recipes/<recipe>/, so
@@ -30,8 +31,11 @@ from bc_pipeline.defs.resources import shared_datasets_dir  # noqa: E402
 
 # (minutes, clean accuracy, mean corruption accuracy, ECE after scaling at most), from the issues
 # that asked for the recipes (robust-cpu's raised to 98.5 % / 92 % with the pretrained backbone).
-TARGETS = {"quick": (15, 0.94, 0.75, 1.0), "robust-cpu": (60, 0.985, 0.92, 1.0), "transfer-cpu": (60, 0.99, 0.93, 0.015)}
-DEFAULT_SOURCE = {"quick": "bloodmnist", "robust-cpu": "pbc96", "transfer-cpu": "pbc96", "gpu": "pbc96"}
+# lab-cpu: issue 29's ">= 98 % on pbc96" in the hour, with no corruption target (its other-lab numbers
+# come from bench_domain_shift.py).
+TARGETS = {"quick": (15, 0.94, 0.75, 1.0), "robust-cpu": (60, 0.985, 0.92, 1.0), "transfer-cpu": (60, 0.99, 0.93, 0.015),
+           "lab-cpu": (60, 0.98, 0.0, 1.0)}  # fmt: skip
+DEFAULT_SOURCE = {"quick": "bloodmnist", "robust-cpu": "pbc96", "transfer-cpu": "pbc96", "lab-cpu": "pbc96", "gpu": "pbc96"}
 
 
 def run_recipe(recipe: str, source: str, results: Path) -> dict:
