@@ -13,7 +13,7 @@ discriminative clustering (Krause, Perona and Gomes, NeurIPS 2010) that source-f
 adaptation minimises over weights (SHOT, Liang et al., ICML 2020); here it picks one number.
 
 Why not the confidence alone (mean entropy): a from-scratch model is surest when every cell of a
-wrong zoom looks like one class (the quick recipe's CNN at 0.71x calls 100 % of LISC platelets,
+wrong zoom looks like one class (the quick recipe's CNN at 0.71x calls nearly all LISC cells platelets,
 at 0.05 entropy-chosen accuracy); the spread term rules that collapse out. Measured over three
 models and four sets (pbc96's own test split and three other labs), the information choice is never
 worse than leaving the set as given, and picks 1.0 on pbc96; the entropy choice lost up to 0.23.
