@@ -211,6 +211,8 @@ def test_framing_calibration_finds_the_zoom_of_cells_shown_at_half_their_size(pb
     assert (probabilities.argmax(1) == lab_y).mean() > as_given + 0.1
     few, _ = calibrate_framing(predict, small[:5])
     assert few.zoom == 1.0 and "fewer than" in few.reason
+    reused, _ = calibrate_framing(predict, small, as_given=predict(small))
+    assert reused.zoom == found.zoom and reused.information == pytest.approx(found.information)
 
 
 def test_a_few_labelled_cells_of_another_lab_win_back_accuracy(cells, pbc_model):

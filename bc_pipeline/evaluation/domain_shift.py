@@ -78,10 +78,11 @@ def evaluate_domain_shift(
     confusions, rows = {}, []
     for set_name, rows_of_set in external.manifest.groupby("set", sort=False).indices.items():
         images, truth = external.images[rows_of_set], external.manifest["label"].to_numpy()[rows_of_set]
-        predicted = predict_proba(model, images).argmax(1)
+        as_given = predict_proba(model, images)
+        predicted = as_given.argmax(1)
         score = score_external(truth, predicted, class_names)
         confusions[set_name] = score.pop("confusion")
-        framing, framed = _framed_score(model, images, truth, class_names)
+        framing, framed = _framed_score(model, images, truth, class_names, as_given)
         summary["external"][set_name] = {**score, "confusion": confusions[set_name].to_dict("split"),
                                          "in_words": confusions_in_words({"confusion": confusions[set_name]}),
                                          "framing": framing.to_json(), "framed": framed}  # fmt: skip
@@ -116,10 +117,10 @@ def write_domain_shift(result: DomainShiftEvaluation, folder: Path) -> dict[str,
 
 
 def _framed_score(
-    model: Any, images: np.ndarray, truth: np.ndarray, class_names: Sequence[str]
+    model: Any, images: np.ndarray, truth: np.ndarray, class_names: Sequence[str], as_given: np.ndarray
 ) -> tuple[FramingCalibration, dict[str, Any]]:
     """The set at the zoom its own unlabelled images point to (evaluation.framing), and its score there."""
-    framing, probabilities = calibrate_framing(lambda batch: predict_proba(model, batch), images)
+    framing, probabilities = calibrate_framing(lambda batch: predict_proba(model, batch), images, as_given=as_given)
     score = score_external(truth, probabilities.argmax(1), class_names)
     return framing, {key: score[key] for key in ("accuracy", "balanced_accuracy", "recall")}
 

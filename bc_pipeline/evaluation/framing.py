@@ -91,20 +91,23 @@ def calibrate_framing(
     *,
     zooms: Sequence[float] = ZOOMS,
     min_images: int = MIN_IMAGES,
+    as_given: np.ndarray | None = None,
 ) -> tuple[FramingCalibration, np.ndarray]:
     """The zoom of highest :func:`information` over ``images``, and the probabilities ``predict`` gives there.
 
-    ``predict`` maps uint8 images to class probabilities. With fewer than ``min_images`` images the
-    set stays as given (zoom 1): a handful of cells cannot say how a lab frames them.
+    ``predict`` maps uint8 images to class probabilities; ``as_given``, when the caller already has
+    them, are its probabilities at zoom 1 (one pass fewer). With fewer than ``min_images`` images
+    the set stays as given (zoom 1): a handful of cells cannot say how a lab frames them.
     """
     if not zooms or any(z <= 0 for z in zooms):
         raise ValueError(f"zooms must be positive factors, got {list(zooms)}")
     if len(images) < min_images:
         reason = f"{len(images)} images, fewer than {min_images}: left as given"
-        return FramingCalibration(1.0, {}, len(images), reason), predict(images)
+        return FramingCalibration(1.0, {}, len(images), reason), predict(images) if as_given is None else as_given
     scores, probabilities = {}, {}
     for zoom in zooms:
-        probabilities[zoom] = predict(zoom_images(images, zoom))
+        known = zoom == 1.0 and as_given is not None
+        probabilities[zoom] = as_given if known else predict(zoom_images(images, zoom))
         scores[zoom] = information(probabilities[zoom])
     best = max(scores, key=scores.__getitem__)
     reason = f"highest image-class information ({scores[best]:.3f} nats; at 1.0x {scores.get(1.0, float('nan')):.3f})"
