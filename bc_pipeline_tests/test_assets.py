@@ -19,6 +19,7 @@ from bc_pipeline.definitions import all_asset_checks, all_assets, build_resource
 from bc_pipeline.defs.checks import class_proportions_match, no_group_in_two_splits, no_image_in_two_splits
 from bc_pipeline.defs.resources import ExternalFolders, ImageSource
 from bc_pipeline.evaluation.framing import ZOOMS
+from bc_pipeline.evaluation.lab_shift import SHIFTS
 from bc_pipeline.preparation.splits import split_arrays
 from bc_pipeline.quality.hashing import hash_hex
 from bc_pipeline.training.model_folder import load_trained_model, read_record
@@ -30,7 +31,8 @@ TRAIN_CONFIG = {
         "augmented_train_set": {"config": {"mix": ["light", "gridmask"], "copies": 2, "shard_size": 200}},
         "robustness_eval_sets": {"config": {"policies": ["strong", "gridmask"]}},
         "corruption_benchmark_set": {"config": {"corruptions": ["gaussian_noise", "zoom_blur", "brightness"], "severities": [1, 5], "max_images": 24, "workers": 2}},
-        "trained_model": {"config": {"epochs": 2, "image_size": 32, "batch_size": 32, "batch_augment": "mixup+cutmix"}},
+        "trained_model": {"config": {"epochs": 2, "image_size": 32, "batch_size": 32, "batch_augment": "mixup+cutmix",
+                                     "selection": "lab_shifts"}},
         "domain_shift_set": {"config": {"shifts": ["stain", "framing", "lab"], "severities": [1, 5], "max_images": 24}},
         "lab_adaptation": {"config": {"lab": "otherlab", "per_class": 3, "curve": [2, 4], "epochs": 2}},
     }
@@ -307,6 +309,8 @@ def test_lab_shift_and_an_external_lab_are_scored_reported_and_ranked(full_run):
 
     report = result.output_for_node("domain_shift_report")
     assert 0 <= report["shift_accuracy"] <= 1 and len(report["shifts"]) == 6
+    # Epochs chosen on lab-shifted validation copies (selection: lab_shifts): no shift is an unseen one.
+    assert report["selection"] == "lab_shifts" and report["seen_shifts"] == list(SHIFTS) and report["shift_accuracy_unseen"] is None
     scored = report["external"]["otherlab"]
     assert scored["images"] == len(external.images) and scored["classes"] == list(EXTERNAL_CLASSES)
     confusion = pd.DataFrame(**scored["confusion"])
@@ -317,6 +321,7 @@ def test_lab_shift_and_an_external_lab_are_scored_reported_and_ranked(full_run):
     assert scored["framing"]["zoom"] in ZOOMS and len(scored["framing"]["information"]) == len(ZOOMS)
     assert scored["framing"]["information"][str(scored["framing"]["zoom"])] == max(scored["framing"]["information"].values())
     assert "## otherlab" in (folder / "report.md").read_text() and "Framing calibrated" in (folder / "report.md").read_text()
+    assert "| stain (used to select its epochs) | 1 |" in (folder / "report.md").read_text()
     assert (folder / "confusion_otherlab.png").stat().st_size > 10_000 and (folder / "shift_heatmap.png").is_file()
     board = result.output_for_node("model_leaderboard").set_index("model")
     assert board.loc["custom_cnn", "otherlab_balanced_accuracy"] == pytest.approx(scored["balanced_accuracy"])

@@ -23,7 +23,7 @@ EXPECTED_CODE_VERSIONS = {
     "corruption_benchmark_set": "1.cfg-51ae50b8",
     "corruption_report": "2.cfg-60731532",
     "data_splits": "1.cfg-708bcb45",
-    "domain_shift_report": "2",
+    "domain_shift_report": "3",
     "domain_shift_set": "1.cfg-8aaf7703",
     "duplicate_groups": "1.cfg-bb2d7b3a",
     "evaluation_report": "4.cfg-b4b65a75",
@@ -37,7 +37,7 @@ EXPECTED_CODE_VERSIONS = {
     "raw_images": "3",
     "robustness_eval_sets": "1.cfg-ff115a62",
     "submission_package": "2.cfg-13f1ae94",
-    "trained_model": "7.cfg-97f99aaa",
+    "trained_model": "7.cfg-45b6e729",
 }
 
 

@@ -21,6 +21,7 @@ from bc_pipeline.evaluation.lab_shift import (
     seen_shifts,
     shift_images,
     shift_scores,
+    with_shifted_copies,
 )
 from bc_pipeline.ingest.loaders import ImageSourceError
 from bc_pipeline_tests.conftest import load_pbc96_arrays, pbc96_files
@@ -100,6 +101,34 @@ def test_seen_shifts_follow_the_training_presets():
     assert seen_shifts(["augmix", "noise"]) == []
     assert seen_shifts(["illumination", "focus"]) == ["stain", "white_balance", "optics"]
     assert seen_shifts(["illumination", "focus", "light"]) == ["stain", "white_balance", "framing", "optics", "lab"]
+    assert seen_shifts(["augmix"], selected_on_shifts=True) == list(SHIFTS)
+
+
+def test_a_shifted_validation_set_keeps_the_cells_and_adds_each_shift_at_every_severity(cells):
+    images, labels = cells
+    shifted, shifted_labels = with_shifted_copies(images, labels, seed=7)
+    n = len(images)
+    assert shifted.shape == (6 * n, *images.shape[1:]) and shifted.dtype == np.uint8
+    np.testing.assert_array_equal(shifted[:n], images)
+    expected = np.concatenate([labels] + [labels[k::5] for _ in SHIFTS for k in range(5)])
+    np.testing.assert_array_equal(shifted_labels, expected)
+    assert np.bincount(shifted_labels, minlength=8).tolist() == (6 * np.bincount(labels, minlength=8)).tolist()
+    # The first copy is the stain shift: every fifth cell at severity 1, the next at 2, ...
+    block = shifted[n : 2 * n]
+    np.testing.assert_array_equal(block[: len(images[0::5])], shift_images(images[0::5], "stain", 1, seed=7))
+    assert not np.array_equal(block, images)
+    np.testing.assert_array_equal(with_shifted_copies(images, labels, seed=7)[0], shifted)  # the same set every run
+
+
+def test_selection_on_lab_shifts_is_refused_where_the_validation_split_is_not_only_judged():
+    from bc_pipeline.training.settings import TrainingSettings
+
+    assert TrainingSettings(selection="lab_shifts").selection == "lab_shifts"
+    for conflicting in ({"cv_folds": 3}, {"retrain_on_validation": True}):
+        with pytest.raises(ValueError, match="cannot be combined with cv_folds"):
+            TrainingSettings(selection="lab_shifts", **conflicting)
+    with pytest.raises(ValueError, match="unknown selection 'shifted'"):
+        TrainingSettings(selection="shifted")
 
 
 def test_balanced_accuracy_weighs_each_present_class_alike():

@@ -63,13 +63,14 @@ def evaluate_domain_shift(
 ) -> DomainShiftEvaluation:
     """Score ``trained`` on the shift set (shift, severity, label) and on each external set (set, label)."""
     class_names, model = list(trained.record.class_names), trained.model
-    seen = seen_shifts(trained.record.augmentation_policies)
+    selection = getattr(trained.record.settings, "selection", "clean")  # the ensemble has no settings
+    seen = seen_shifts(trained.record.augmentation_policies, selected_on_shifts=selection == "lab_shifts")
     shifts = pd.DataFrame(columns=["shift", "severity", "images", "accuracy", "balanced_accuracy"])
     if len(shift_set.images):
         predicted = predict_proba(model, shift_set.images).argmax(1)
         shifts = shift_scores(shift_set.manifest["label"].to_numpy(), predicted, shift_set.manifest)
     summary: dict[str, Any] = {"model": name, **shift_summary(shifts, seen), "seen_shifts": seen,
-                               "shifts": shifts.to_dict("records"), "external": {}}  # fmt: skip
+                               "selection": selection, "shifts": shifts.to_dict("records"), "external": {}}  # fmt: skip
     log(f"{name}: lab shifts {_percent(summary['shift_accuracy'])} (unseen {_percent(summary['shift_accuracy_unseen'])}, "
         f"all four at once {_percent(summary['lab_shift_accuracy'])})")  # fmt: skip
     pngs: dict[str, bytes] = {}
@@ -151,6 +152,7 @@ def _report(name: str, summary: dict[str, Any], shifts: pd.DataFrame, pngs: dict
     lines = [f"# {name}: lab shift", ""]
     if len(shifts):
         seen = summary["seen_shifts"]
+        why = "used to select its epochs" if summary.get("selection") == "lab_shifts" else "resembled in training"
         lines += [
             f"Mean accuracy under the lab-like shifts: **{_percent(summary['shift_accuracy'])}** (shifts no training "
             f"preset resembles: {_percent(summary['shift_accuracy_unseen'])}; all four at once: "
@@ -158,7 +160,7 @@ def _report(name: str, summary: dict[str, Any], shifts: pd.DataFrame, pngs: dict
             "| shift | severity | accuracy | balanced accuracy |", "|---|---|---|---|",
         ]  # fmt: skip
         for row in shifts.itertuples():
-            mark = " (resembled in training)" if row.shift in seen else ""
+            mark = f" ({why})" if row.shift in seen else ""
             lines.append(f"| {row.shift}{mark} | {row.severity} | {row.accuracy:.3f} | {row.balanced_accuracy:.3f} |")
         lines += ["", "![accuracy under lab-like shifts](shift_heatmap.png)", ""]
     if not summary["external"]:

@@ -193,6 +193,23 @@ def build_shift_set(
     return np.concatenate(blocks), pd.concat(frames, ignore_index=True)
 
 
+def with_shifted_copies(images: np.ndarray, labels: np.ndarray, *, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``images`` followed by one copy of them under each shift, every fifth image at each severity; and their labels.
+
+    A validation set for model selection towards another lab (``TrainingSettings.selection``): an
+    epoch is kept for how well it holds the shifts as well as the clean cells. Severities cycle
+    over the images rather than multiplying them, so the set is six times the split, not 26.
+    """
+    images, labels = np.asarray(images), np.asarray(labels)
+    blocks, block_labels = [images], [labels]
+    for shift in SHIFTS:
+        for k, severity in enumerate(SEVERITIES):
+            rows = slice(k, None, len(SEVERITIES))
+            blocks.append(shift_images(images[rows], shift, severity, seed=seed))
+            block_labels.append(labels[rows])
+    return np.concatenate(blocks), np.concatenate(block_labels)
+
+
 def balanced_accuracy(truth: np.ndarray, predicted: np.ndarray) -> float:
     """Mean recall over the classes present in ``truth`` (a set missing classes is not penalised for them)."""
     truth, predicted = np.asarray(truth), np.asarray(predicted)
@@ -211,8 +228,11 @@ def shift_scores(truth: np.ndarray, predicted: np.ndarray, manifest: pd.DataFram
     return pd.DataFrame(rows, columns=["shift", "severity", "images", "accuracy", "balanced_accuracy"])
 
 
-def seen_shifts(presets: Iterable[str]) -> list[str]:
-    """The shifts that the given training presets resemble (``lab`` only when all four are)."""
+def seen_shifts(presets: Iterable[str], *, selected_on_shifts: bool = False) -> list[str]:
+    """The shifts that the given training presets resemble (``lab`` only when all four are); all of
+    them when the model's epochs were chosen on shifted validation images (:func:`with_shifted_copies`)."""
+    if selected_on_shifts:
+        return list(SHIFTS)
     seen = {name for preset in presets for name in PRESET_RESEMBLANCE.get(preset, ())}
     if all(name in seen for name in SHIFTS[:-1]):
         seen.add("lab")

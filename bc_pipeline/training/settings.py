@@ -20,6 +20,7 @@ Loss = Literal["categorical_crossentropy", "focal"]
 BatchAugment = Literal["none", "mixup", "cutmix", "mixup+cutmix"]
 Switch = Literal["auto", "on", "off"]
 ConsistencyLoss = Literal["none", "jsd"]
+Selection = Literal["clean", "lab_shifts"]
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,21 @@ class TrainingSettings:
         "(needs copies >= 2; 3x the compute per step).",
     )  # fmt: skip
     consistency_weight: float = declare(12.0, "The JS term's weight (AugMix: 12).", ge=0)
+    # lab_shifts: the images validated on are built by the trained_model asset (evaluation.lab_shift,
+    # a stage above training); the worker only sees a larger validation set. Refused with k-fold
+    # selection and with a retrain on validation: the folds never see the copies, and a retrain
+    # would train on them.
+    selection: Selection = declare(
+        "clean", "lab_shifts: early stopping and each phase's best epoch judged on the validation split plus copies of "
+        "it under the lab-like shifts (model selection for another lab; the shifts then count as seen in the report).",
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        if self.selection not in ("clean", "lab_shifts"):
+            raise ValueError(f"unknown selection {self.selection!r} (clean or lab_shifts)")
+        if self.selection == "lab_shifts" and (self.cv_folds >= 2 or self.retrain_on_validation):
+            raise ValueError("selection lab_shifts judges epochs on the validation split and its shifted copies: "
+                             "it cannot be combined with cv_folds >= 2 or retrain_on_validation")  # fmt: skip
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> TrainingSettings:

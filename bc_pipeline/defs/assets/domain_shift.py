@@ -94,7 +94,7 @@ def external_sets(context: dg.AssetExecutionContext, clean_images: ImageSet, ext
 
 
 @dg.asset(
-    code_version="2",  # 2: each external set also scored at the framing its own images point to (evaluation.framing)
+    code_version="3",  # 2: each external set scored at its framing too (evaluation.framing); 3: shifts a model was selected on marked seen
     group_name="evaluation",
     kinds={"parquet", "markdown"},
     partitions_def=model_partitions,

@@ -18,6 +18,7 @@ from bc_pipeline.dagster_utils.partitions import model_partitions
 from bc_pipeline.dagster_utils.progress import record_worker_event
 from bc_pipeline.dagster_utils.versions import SettingsConfig, override, setting, versioned, with_config
 from bc_pipeline.defs.resources import PipelineStorage, TrainingWorker
+from bc_pipeline.evaluation.lab_shift import with_shifted_copies
 from bc_pipeline.models.zoo import ENSEMBLE, ModelSpec, WeightsUnavailableError, model_spec
 from bc_pipeline.preparation.balancing import class_weight_of
 from bc_pipeline.preparation.splits import split_arrays, split_rows
@@ -31,6 +32,7 @@ from bc_pipeline.training.settings import (
     LrSchedule,
     Optimizer,
     Phase,
+    Selection,
     Switch,
     TrainingSettings,  # fmt: skip
 )
@@ -84,6 +86,7 @@ class TrainingConfig(SettingsConfig):
     retrain_on_validation: bool = setting(TrainingSettings, "retrain_on_validation")
     consistency_loss: ConsistencyLoss = setting(TrainingSettings, "consistency_loss")
     consistency_weight: float = setting(TrainingSettings, "consistency_weight")
+    selection: Selection = setting(TrainingSettings, "selection")
     # Overrides of the partition's zoo entry (None: the registry's value). Dagster config has no
     # optional Literal: ``head`` and ``input_norm`` are strings here, checked by models.zoo.check_spec.
     image_size: int | None = override(ModelSpec, "image_size")
@@ -131,18 +134,34 @@ def trained_model(
     if name == ENSEMBLE:
         return _ensemble(context, config, clean_images, data_splits, storage)
     try:
-        spec = config.spec(name)
+        spec, settings = config.spec(name), config.settings()
     except (ValueError, KeyError, WeightsUnavailableError) as error:
         raise dg.Failure(description=str(error)) from None
-    inputs = TrainingInputs(train=balanced_train_set, shards=augmented_train_set, images=clean_images, val_rows=split_rows(data_splits, "val"),
+    images, val_rows = _validation(context, clean_images, split_rows(data_splits, "val"), settings)
+    inputs = TrainingInputs(train=balanced_train_set, shards=augmented_train_set, images=images, val_rows=val_rows,
                             templates=noise_templates, class_weight=class_weight_of(balanced_train_set))  # fmt: skip
-    job = prepare_job(_folders(storage, name, config.resume), model=spec, settings=config.settings(), inputs=inputs,
+    job = prepare_job(_folders(storage, name, config.resume), model=spec, settings=settings, inputs=inputs,
                       placement=Placement(worker.keras_backend, worker.device, worker.input_workers))  # fmt: skip
     context.log.info(f"launching the {worker.keras_backend} training worker ({worker.launcher}) on {job.spec_path}")
     epochs = _launch(context, worker, job, storage)
     record, history = job.result()
     metadata = {**record_metadata(record, history), "epochs_streamed": epochs, "history": md.table(history.round(4))}
     return versioned(ModelFolder(job.output_dir), digest=record.weights_fingerprint, metadata=metadata)
+
+
+def _validation(
+    context: dg.AssetExecutionContext, images: ImageSet, rows: np.ndarray, settings: TrainingSettings
+) -> tuple[ImageSet, np.ndarray]:
+    """What the worker validates on: the validation split of ``images``, or with ``selection: lab_shifts`` a set
+    of its own holding those cells and their lab-shifted copies (evaluation.lab_shift.with_shifted_copies)."""
+    if settings.selection == "clean":
+        return images, rows
+    labels = images.manifest["label"].to_numpy()[rows]
+    shifted, shifted_labels = with_shifted_copies(images.images[rows], labels, seed=settings.seed)
+    context.log.info(f"selection lab_shifts: validating on {len(rows)} cells and {len(shifted) - len(rows)} lab-shifted "
+                     "copies of them (stain, white balance, framing, optics, all four; severities 1-5)")  # fmt: skip
+    validation = ImageSet(shifted, pd.DataFrame({"label": shifted_labels}), class_names=images.class_names)
+    return validation, np.arange(len(shifted))
 
 
 def _folders(storage: PipelineStorage, name: str, resume: bool) -> JobFolders:
