@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from bc_pipeline.core.classes import CLASS_NAMES
-from bc_pipeline.evaluation.framing import apply_framing, calibrate_framing, zoom_images
+from bc_pipeline.evaluation.framing import CONFIDENCE, ZOOMS, apply_framing, bootstrap_evidence, calibrate_framing, zoom_images
 from bc_pipeline.training.adaptation import AdaptationSettings
 from bc_pipeline.evaluation.external import confusions_in_words, load_external_sets, parse_external_sets, score_external
 from bc_pipeline.evaluation.lab_shift import (
@@ -71,6 +71,26 @@ def test_the_scale_preset_makes_cells_smaller_and_larger_and_stain_keeps_them_in
     correlation = [np.corrcoef(a.mean(-1).ravel(), b.mean(-1).ravel())[0, 1] for a, b in zip(images.astype(float), stained)]
     assert min(correlation) > 0.9
     assert np.median(np.abs(stained.mean((1, 2)) - images.astype(float).mean((1, 2))).max(axis=1)) > 2
+
+
+def test_turning_the_dyes_changes_the_hue_of_nuclei_not_the_cell(cells):
+    """``stain_jitter(turn=30)`` draws the same amounts as without a turn, then turns the dye vectors: nuclei
+    change chromaticity (median 0.05 on these cells, up to 0.14) while the cell's light and dark stay put."""
+    from bc_pipeline.augmentation.lab import stain_jitter
+
+    images, _ = cells
+    plain = stain_jitter(3)(images.astype(np.float32)).numpy()
+    turned = stain_jitter(3, turn=30.0)(images.astype(np.float32)).numpy()
+    brightness = images.mean(-1)
+    nuclei = brightness < np.percentile(brightness, 20, axis=(1, 2), keepdims=True)
+
+    def chroma(x: np.ndarray) -> np.ndarray:
+        return x / (x.sum(-1, keepdims=True) + 1e-3)
+
+    change = np.array([np.abs(chroma(plain[i]) - chroma(turned[i]))[nuclei[i]].mean() for i in range(len(images))])
+    assert np.median(change) > 0.025 and change.max() > 0.08, change
+    kept = [np.corrcoef(plain[i].mean(-1).ravel(), turned[i].mean(-1).ravel())[0, 1] for i in range(len(images))]
+    assert min(kept) > 0.95
 
 
 def test_bad_shift_settings_are_refused_by_name():
@@ -242,6 +262,23 @@ def test_framing_calibration_finds_the_zoom_of_cells_shown_at_half_their_size(pb
     assert few.zoom == 1.0 and "fewer than" in few.reason
     reused, _ = calibrate_framing(predict, small, as_given=predict(small))
     assert reused.zoom == found.zoom and reused.information == pytest.approx(found.information)
+
+
+@pytest.mark.parametrize(("power", "kept"), [(1.02, 1.0), (1.05, 1.0), (3.0, 1.189)])
+def test_a_zoom_that_wins_only_by_which_cells_are_in_the_set_leaves_the_set_as_given(power, kept):
+    """At 1.189x the same predictions, shuffled over the cells and sharpened by ``power``: a little sharper wins
+    the information by chance of the sample (in 64 % and 80 % of resamples), much sharper in all of them."""
+    rng = np.random.default_rng(0)
+    given = rng.dirichlet(np.full(8, 0.5), 60)
+    sharper = given[rng.permutation(60)] ** power
+    sharper /= sharper.sum(1, keepdims=True)
+    outputs = iter([sharper if zoom == 1.189 else given for zoom in ZOOMS])
+    calibration, probabilities = calibrate_framing(lambda batch: next(outputs), np.zeros((60, 8, 8, 3), np.uint8))
+    assert max(calibration.information, key=calibration.information.get) == 1.189
+    assert calibration.zoom == kept and (calibration.evidence < CONFIDENCE) == (kept == 1.0), calibration
+    np.testing.assert_array_equal(probabilities, given if kept == 1.0 else sharper)
+    assert ("left as given" in calibration.reason) == (kept == 1.0)
+    assert 0.3 < bootstrap_evidence(given[rng.permutation(60)], given) < 0.7  # the same predictions, other cells
 
 
 def test_a_few_labelled_cells_of_another_lab_win_back_accuracy(cells, pbc_model):

@@ -82,7 +82,8 @@ def main() -> int:
                 row.append(f"{score['accuracy']:.3f} / {score['balanced_accuracy']:.3f}")
                 row.append(f"{framing.zoom:g}x: {framed['accuracy']:.3f} / {framed['balanced_accuracy']:.3f}")
                 words.append(f"{name} on {set_name}: " + "; ".join(confusions_in_words(score)))
-                words.append(f"{name} on {set_name} at {framing.zoom:g}x: " + "; ".join(confusions_in_words(framed)))
+                words.append(f"{name} on {set_name} at {framing.zoom:g}x ({framing.reason}): "
+                             + "; ".join(confusions_in_words(framed)))
             rows.append(row)
     header = ["model", "own test", "lab shifts", *settings.shifts]
     header += [cell for n in external_folders for cell in (f"{n} acc / bal", f"{n} framed: zoom, acc / bal")]

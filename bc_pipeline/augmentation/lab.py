@@ -28,13 +28,15 @@ DYES = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
 DYES = DYES / np.linalg.norm(DYES, axis=1, keepdims=True)
 
 
-def stain_jitter(seed: int, *, scale: float = 0.3, shift: float = 0.05) -> Any:
-    """Per image and dye: amounts times U(1 - scale, 1 + scale) plus U(-shift, shift)."""
+def stain_jitter(seed: int, *, scale: float = 0.3, shift: float = 0.05, turn: float = 0.0) -> Any:
+    """Per image and dye: amounts times U(1 - scale, 1 + scale) plus U(-shift, shift); with ``turn``
+    (degrees) the haematoxylin and eosin colour vectors are also turned by U(0, turn) towards a random
+    direction, so nuclei and granules change hue as with another dye formulation, not only depth."""
     import tensorflow as tf
 
     generator = tf.random.Generator.from_seed(seed)
     to_amounts = tf.constant(np.linalg.inv(DYES), tf.float32)
-    to_density = tf.constant(DYES, tf.float32)
+    dyes = tf.constant(DYES, tf.float32)
 
     def apply(batch: Any, training: bool = True) -> Any:
         n = tf.shape(batch)[0]
@@ -42,10 +44,24 @@ def stain_jitter(seed: int, *, scale: float = 0.3, shift: float = 0.05) -> Any:
         amounts = tf.einsum("nhwc,cd->nhwd", density, to_amounts)
         gain = generator.uniform(tf.stack([n, 1, 1, 3]), 1.0 - scale, 1.0 + scale)
         offset = generator.uniform(tf.stack([n, 1, 1, 3]), -shift, shift)
-        density = tf.einsum("nhwd,dc->nhwc", amounts * gain + offset, to_density)
+        to_density = _turned_dyes(generator, dyes, n, turn) if turn > 0 else tf.broadcast_to(dyes, tf.stack([n, 3, 3]))
+        density = tf.einsum("nhwd,ndc->nhwc", amounts * gain + offset, to_density)
         return 256.0 * tf.exp(-density) - 1.0
 
     return apply
+
+
+def _turned_dyes(generator: Any, dyes: Any, n: Any, turn: float) -> Any:
+    """(n, 3, 3): per image, the first two dye vectors turned by U(0, turn) degrees (kept non-negative, unit length)."""
+    import tensorflow as tf
+
+    direction = generator.normal(tf.stack([n, 2, 3]))
+    direction -= tf.reduce_sum(direction * dyes[:2], axis=-1, keepdims=True) * dyes[:2]
+    direction = tf.math.l2_normalize(direction, axis=-1)
+    angle = generator.uniform(tf.stack([n, 2, 1]), 0.0, np.deg2rad(turn))
+    turned = tf.maximum(tf.cos(angle) * dyes[:2] + tf.sin(angle) * direction, 0.01)
+    turned = tf.math.l2_normalize(turned, axis=-1)
+    return tf.concat([turned, tf.broadcast_to(dyes[2:], tf.stack([n, 1, 3]))], axis=1)
 
 
 def random_scale(seed: int, *, low: float = 0.5, high: float = 1.5, move: float = 0.1) -> Any:
