@@ -21,10 +21,10 @@ given and at the zoom its own images point to, ``evaluation.framing``).
   its epoch of lowest loss over the validation cells *and* copies of them under each lab-like shift
   (``evaluation.lab_shift.with_shifted_copies``, another seed than the test's): model selection on a
   shifted validation set, ``selection: lab_shifts`` in the pipeline.
+  The test's lab-shift columns then score shifts the selection saw; the external sets stay unseen.
 - ``turned-stain+scale+channel-norm``: as ``stain+scale+channel-norm`` with the stain copy's dye vectors
   also turned by up to 30 degrees (``augmentation.lab.stain_jitter(turn=30)``): nuclei and granules
   change hue, as with another dye formulation, not only depth.
-  The test's lab-shift columns then score shifts the selection saw; the external sets stay unseen.
 
 At these sizes one run moves by about +-0.02 on pbc96 and more on small external sets.
 """
