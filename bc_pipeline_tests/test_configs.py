@@ -37,7 +37,7 @@ EXPECTED_CODE_VERSIONS = {
     "raw_images": "3",
     "robustness_eval_sets": "1.cfg-ff115a62",
     "submission_package": "2.cfg-13f1ae94",
-    "trained_model": "7.cfg-45b6e729",
+    "trained_model": "7.cfg-2961f95a",
 }
 
 

@@ -74,6 +74,7 @@ def test_a_record_round_trips_through_a_model_folder(tmp_path):
     metadata = record_metadata(record, history)
     assert (metadata["best_epoch"], metadata["best_val_accuracy"], metadata["class_weighted"]) == (3, 0.6, True)
     assert (metadata["backbone"], metadata["image_size"], metadata["worker_seconds"]) == ("custom_cnn", 32, 9.5)
+    assert (metadata["input_norm"], metadata["norm"]) == ("channel", "batch")  # the registry's, shown on the asset page
 
 
 def test_records_this_version_cannot_read_are_named_with_what_to_do(tmp_path):

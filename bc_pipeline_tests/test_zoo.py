@@ -109,8 +109,80 @@ def test_a_run_can_standardise_each_image_of_any_model_and_it_becomes_blind_to_c
         model = build_model(spec, num_classes=8)
         outputs[norm] = np.abs(model.predict(images, verbose=0) - model.predict(flatter, verbose=0)).max()
     assert outputs["image"] < 1e-4 < outputs["none"]
-    with pytest.raises(ValueError, match="unknown input_norm 'bogus' \\(none, image, channel\\)"):
+    with pytest.raises(ValueError, match="unknown input_norm 'bogus' \\(none, image, channel, reference\\)"):
         TrainingConfig(input_norm="bogus").spec("efficientnet_lite0")
+
+
+@pytest.mark.parametrize(("name", "norm"), [(CUSTOM_CNN, "group"), ("mobilenetv3small", "layer")])
+def test_a_run_can_train_without_batch_norm_and_each_image_is_then_normalised_alone(name, norm, tmp_path):
+    """``norm: group | layer`` reaches the model through the run config, replaces every BatchNorm (the
+    custom CNN's own and a keras.applications backbone's), and in training mode a cell's output no
+    longer depends on the other cells of its batch (BatchNorm's does: it normalises by the batch). The
+    model trains and saves as a plain .keras file."""
+    import keras
+
+    from bc_pipeline.defs.assets.training import TrainingConfig
+    from bc_pipeline.training.worker.fit import make_loss, make_optimizer
+
+    images, labels = _batch(n=6, size=32)
+    alone_vs_batch = {}
+    for kind in ("batch", norm):
+        model = build_model(TrainingConfig(norm=kind, image_size=32, dropout=0.0, head="inception").spec(name), 8)
+        kinds = {layer.__class__.__name__ for part in ("backbone", "head") for layer in model.get_layer(part).layers}
+        assert ("BatchNormalization" in kinds) == (kind == "batch") and ("GroupNormalization" in kinds) == (kind != "batch")
+        alone = np.asarray(model(images[:1], training=True))
+        alone_vs_batch[kind] = np.abs(alone - np.asarray(model(images, training=True))[:1]).max()
+    assert alone_vs_batch[norm] < 1e-5 < alone_vs_batch["batch"]
+    model.compile(optimizer=make_optimizer("adam", 1e-3), loss=make_loss("categorical_crossentropy"), run_eagerly=True)
+    assert np.isfinite(float(model.train_on_batch(images, labels)))
+    model.save(tmp_path / "m.keras")
+    reloaded = keras.saving.load_model(tmp_path / "m.keras", compile=False)
+    np.testing.assert_allclose(reloaded.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-5)
+
+
+def test_norm_is_refused_for_pretrained_weights_and_unknown_kinds():
+    with pytest.raises(ValueError, match="norm 'group' needs weights='none'.*BatchNorm statistics"):
+        model_spec("efficientnet_lite0", norm="group")
+    with pytest.raises(ValueError, match="unknown norm 'instance' \\(batch, group, layer\\)"):
+        model_spec(CUSTOM_CNN, norm="instance")
+
+
+def test_reference_input_norm_shows_every_cell_in_the_training_cells_colours(pbc_subset_arrays, tmp_path):
+    """``input_norm: reference`` (Reinhard's colour transfer inside the model): real cells under another
+    lamp's white balance come out with the training cells' typical opponent-channel statistics and
+    far closer to the same cells' normalised originals than the shifted pixels were; the saved model
+    carries its reference; without training images there is nothing to build it from."""
+    import keras
+
+    from bc_pipeline.evaluation.lab_shift import shift_images
+    from bc_pipeline.models.zoo import OPPONENT_BASIS, reference_statistics
+
+    images = pbc_subset_arrays[0]
+    train, held_out = images[::2], images[1::2]
+    spec = model_spec(CUSTOM_CNN, image_size=96, input_norm="reference")
+    model = build_model(spec, 8, reference_images=train)
+    mean, std = reference_statistics(train)
+    steps = model.get_layer("preprocess").layers[:3]
+    assert [layer.name for layer in steps] == ["to_opponent", "per_image_standardize", "to_reference"]
+
+    def normalised(batch: np.ndarray) -> np.ndarray:
+        x = batch.astype(np.float32)
+        for layer in steps:
+            x = layer(x)
+        return np.asarray(x)
+
+    tinted = shift_images(held_out, "white_balance", 5, seed=0).astype(np.float32)
+    out = normalised(tinted).reshape(len(tinted), -1, 3) @ np.asarray(OPPONENT_BASIS, np.float32)
+    np.testing.assert_allclose(out.mean(axis=1), np.broadcast_to(mean, (len(out), 3)), atol=0.5)
+    np.testing.assert_allclose(out.std(axis=1), np.broadcast_to(std, (len(out), 3)), rtol=0.02, atol=0.2)
+    before = np.abs(tinted - held_out).mean()
+    after = np.abs(normalised(tinted) - normalised(held_out)).mean()
+    assert after < before / 2, (before, after)
+    model.save(tmp_path / "m.keras")
+    reloaded = keras.saving.load_model(tmp_path / "m.keras", compile=False)
+    np.testing.assert_allclose(reloaded.predict(held_out[:4], verbose=0), model.predict(held_out[:4], verbose=0), atol=1e-5)
+    with pytest.raises(ValueError, match="input_norm 'reference' needs training images"):
+        build_model(spec, 8)
 
 
 def test_trainable_phases_freeze_and_unfreeze_backbone_layers():

@@ -24,8 +24,29 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 Preprocessing = Literal["builtin", "unit", "tf", "torch", "caffe"]
-INPUT_NORMS = ("none", "image", "channel")
+INPUT_NORMS = ("none", "image", "channel", "reference")
+# ``input_norm: reference``: Reinhard et al.'s colour transfer (2001), per image and inside the model.
+# Each image's channels in an opponent basis (luminance, yellow-blue, red-green: their l-alpha-beta
+# rows, here on RGB without the logarithm, so that built-in layers compute it) are standardised and
+# given the training images' typical statistics, so any input is shown to the backbone in the
+# training lab's colours. Orthonormal: its inverse is its transpose.
+OPPONENT_BASIS = (
+    (3**-0.5, 6**-0.5, 2**-0.5),
+    (3**-0.5, 6**-0.5, -(2**-0.5)),
+    (3**-0.5, -2 * 6**-0.5, 0.0),
+)  # columns: l, alpha, beta
+REFERENCE_IMAGES = 2000  # training images whose median statistics make the reference (within ~1 % of all)
+# How a from-scratch backbone normalises its activations. ``batch``: BatchNorm, whose moving
+# statistics are the training lab's and are what inference uses; ``group``: GroupNorm (Wu and He,
+# 2018), each image's own statistics over groups of channels, the same at training and inference
+# whatever lab the image comes from; ``layer``: one group (LayerNorm over the whole feature map).
+NORMS = ("batch", "group", "layer")
+# Channels per GroupNorm group >= 2 in the narrowest layers (16-32 channels); Wu and He measured
+# 8-32 groups within 0.5 % of each other. A layer whose width 8 does not divide uses gcd(width, 8).
+NORM_GROUPS = 8
 HeadType = Literal["gap_dense", "inception"]
 
 CUSTOM_CNN = "custom_cnn"
@@ -83,10 +104,17 @@ class ModelSpec:
     frozen_layers: int = field(default=0, metadata={"ge": 0, "description": "Backbone layers frozen in every phase."})
     # "image": each image standardised by its own mean and deviation before the backbone, which
     # makes the model blind to global brightness and contrast; "channel": the same per colour
-    # channel, blind to per-channel gain and offset too; "none": the backbone's preprocessing only
-    # (what pretrained weights expect).
+    # channel, blind to per-channel gain and offset too; "reference": per opponent channel, then
+    # given the training images' statistics (Reinhard's colour transfer, OPPONENT_BASIS); "none":
+    # the backbone's preprocessing only (what pretrained weights expect).
     input_norm: str = field(
-        default="none", metadata={"description": "none | image | channel: standardise each image (or channel) first."}
+        default="none",
+        metadata={"description": "none | image | channel | reference: standardise each image (or channel) first."},
+    )
+    # "group" / "layer" swap every BatchNormalization of a from-scratch backbone (and the inception
+    # head) for a GroupNormalization: no statistics of the training lab are carried into inference.
+    norm: str = field(
+        default="batch", metadata={"description": "batch | group | layer: normalisation layers of a from-scratch model."}
     )
 
     @property
@@ -140,6 +168,13 @@ def check_spec(spec: ModelSpec) -> None:
         raise ValueError(f"model {spec.name!r}: unknown head {spec.head!r} (gap_dense or inception)")
     if spec.input_norm not in INPUT_NORMS:
         raise ValueError(f"model {spec.name!r}: unknown input_norm {spec.input_norm!r} ({', '.join(INPUT_NORMS)})")
+    if spec.norm not in NORMS:
+        raise ValueError(f"model {spec.name!r}: unknown norm {spec.norm!r} ({', '.join(NORMS)})")
+    if spec.norm != "batch" and spec.pretrained:
+        raise ValueError(
+            f"model {spec.name!r}: norm {spec.norm!r} needs weights='none'; pretrained weights come with their "
+            "BatchNorm statistics, which fine-tuning keeps frozen (inference mode) instead"
+        )
     if spec.backbone == CUSTOM_CNN and spec.pretrained:
         raise ValueError(f"model {spec.name!r}: the custom CNN has no pretrained weights; use weights='none'")
     if spec.weights not in ("none", "imagenet") and not Path(spec.weights).expanduser().is_file():
@@ -149,8 +184,12 @@ def check_spec(spec: ModelSpec) -> None:
         )
 
 
-def build_model(spec: ModelSpec, num_classes: int) -> Any:
-    """The Keras model for ``spec``: resize -> preprocess -> backbone -> head, all built-in layers."""
+def build_model(spec: ModelSpec, num_classes: int, reference_images: np.ndarray | None = None) -> Any:
+    """The Keras model for ``spec``: resize -> preprocess -> backbone -> head, all built-in layers.
+
+    ``reference_images`` (training images, uint8 range) give ``input_norm: reference`` its target
+    colour statistics, which the saved model then carries; that setting refuses to build without them.
+    """
     import keras
     from keras import layers
 
@@ -160,7 +199,12 @@ def build_model(spec: ModelSpec, num_classes: int) -> Any:
     head = _build_head(spec, backbone.output.shape[1:], num_classes)
     inputs = keras.Input(shape=(None, None, 3), name="image")
     x = layers.Resizing(size, size, antialias=True, name="resize")(inputs)
-    x = _build_preprocessing(_preprocessing_of(spec), size, spec.input_norm)(x)
+    reference = None
+    if spec.input_norm == "reference":
+        if reference_images is None or not len(reference_images):
+            raise ValueError(f"model {spec.name!r}: input_norm 'reference' needs training images for its reference colours")
+        reference = reference_statistics(reference_images)
+    x = _build_preprocessing(_preprocessing_of(spec), size, spec.input_norm, reference)(x)
     # A pretrained backbone keeps its batch-norm statistics (inference mode) even while its layers
     # are fine-tuned: updating them from small batches of a new domain wrecks the features.
     x = backbone(x, training=False) if spec.pretrained else backbone(x)
@@ -172,7 +216,20 @@ def _preprocessing_of(spec: ModelSpec) -> Preprocessing:
     return "unit" if spec.backbone == CUSTOM_CNN else FAMILIES[spec.backbone].preprocessing
 
 
-def _build_preprocessing(mode: Preprocessing, size: int, input_norm: str = "none") -> Any:
+def reference_statistics(images: np.ndarray, limit: int = REFERENCE_IMAGES) -> tuple[np.ndarray, np.ndarray]:
+    """The median over ``images`` (evenly spaced, at most ``limit``) of each image's mean and deviation per opponent channel.
+
+    The median of per-image statistics, not the statistics of all pixels pooled: the target is a
+    typical training image, and a few dark or washed-out ones do not move it.
+    """
+    picked = np.asarray(images[:: max(1, len(images) // limit)][:limit], np.float32)
+    opponent = picked.reshape(len(picked), -1, 3) @ np.asarray(OPPONENT_BASIS, np.float32)
+    return np.median(opponent.mean(axis=1), axis=0), np.median(opponent.std(axis=1), axis=0)
+
+
+def _build_preprocessing(
+    mode: Preprocessing, size: int, input_norm: str = "none", reference: tuple[np.ndarray, np.ndarray] | None = None
+) -> Any:
     """The backbone's expected input normalisation, from uint8-range pixels, as a nested model.
 
     ``builtin``: the backbone normalises by itself (EfficientNetV2, ConvNeXt, MobileNetV3);
@@ -181,10 +238,10 @@ def _build_preprocessing(mode: Preprocessing, size: int, input_norm: str = "none
     These match ``keras.applications.<family>.preprocess_input`` (tested). ``input_norm="image"``
     first standardises each image over all its pixels and channels (a LayerNormalization without
     weights) and maps it to mean 128, deviation 64, so what follows no longer depends on the
-    image's overall brightness and contrast.
+    image's overall brightness and contrast. ``reference``: the same per opponent channel
+    (``OPPONENT_BASIS``), then back to RGB with ``reference``'s mean and deviation per channel.
     """
     import keras
-    import numpy as np
     from keras import layers
 
     steps: list[Any]
@@ -204,7 +261,12 @@ def _build_preprocessing(mode: Preprocessing, size: int, input_norm: str = "none
         steps = [to_bgr]
     else:
         raise ValueError(f"unknown preprocessing {mode!r}")
-    if input_norm != "none":  # back to pixel-like values (mean 128, deviation 64), then as usual
+    if input_norm == "reference":  # opponent channels standardised, then the reference's statistics in RGB
+        to_opponent = layers.Dense(3, use_bias=False, trainable=False, name="to_opponent")
+        to_reference = layers.Dense(3, trainable=False, name="to_reference")
+        standardize = layers.LayerNormalization(axis=(1, 2), center=False, scale=False, epsilon=1e-3, name="per_image_standardize")
+        steps = [to_opponent, standardize, to_reference, *steps]
+    elif input_norm != "none":  # back to pixel-like values (mean 128, deviation 64), then as usual
         axes = (1, 2, 3) if input_norm == "image" else (1, 2)
         steps = [
             layers.LayerNormalization(axis=axes, center=False, scale=False, epsilon=1e-3, name="per_image_standardize"),
@@ -215,12 +277,19 @@ def _build_preprocessing(mode: Preprocessing, size: int, input_norm: str = "none
     if mode == "caffe":
         permutation = np.eye(3, dtype=np.float32)[::-1]  # out[:, j] = in[:, 2 - j]
         to_bgr.set_weights([permutation, -np.asarray(_CAFFE_MEAN_BGR, np.float32)])
+    if input_norm == "reference":
+        basis = np.asarray(OPPONENT_BASIS, np.float32)
+        if reference is None:
+            raise ValueError("input_norm 'reference' needs the reference's mean and deviation per opponent channel")
+        mean, std = reference
+        to_opponent.set_weights([basis])
+        to_reference.set_weights([np.diag(std).astype(np.float32) @ basis.T, (mean @ basis.T).astype(np.float32)])
     return model
 
 
 def _build_backbone(spec: ModelSpec) -> Any:
     if spec.backbone == CUSTOM_CNN:
-        return _custom_cnn_backbone(spec.image_size)
+        return _custom_cnn_backbone(spec.image_size, spec.norm)
     family = FAMILIES[spec.backbone]
     constructor = _constructor(family)
     kwargs: dict[str, Any] = {"include_top": False, "input_shape": (spec.image_size, spec.image_size, 3)}
@@ -237,6 +306,8 @@ def _build_backbone(spec: ModelSpec) -> Any:
                 f"(include_top=False): {error}"
             ) from error
     backbone.name = "backbone"
+    if spec.norm != "batch":
+        return _without_batch_norm(backbone, spec.norm)
     if not spec.pretrained:
         _settle_batch_norm_quickly(backbone)
     return backbone
@@ -263,7 +334,7 @@ def _settle_batch_norm_quickly(backbone: Any, momentum: float = 0.9) -> None:
     Pretrained backbones keep theirs: their statistics are already right and stay frozen.
     """
     for layer in backbone.layers:
-        if layer.__class__.__name__ == "BatchNormalization":
+        if _is_batch_norm(layer):
             layer.momentum = min(layer.momentum, momentum)
 
 
@@ -314,8 +385,48 @@ def _internet_reachable(host: str = "storage.googleapis.com", timeout: float = 5
         return False
 
 
-def _custom_cnn_backbone(size: int) -> Any:
-    """Conv blocks (conv-BN-ReLU, then max pooling) of widths 32..512.
+def _norm_layer(norm: str, width: int, name: str) -> Any:
+    """A normalisation layer over ``width`` channels: BatchNorm, or GroupNorm with the groups ``norm`` asks for."""
+    import math
+
+    from keras import layers
+
+    if norm == "batch":
+        return layers.BatchNormalization(momentum=0.9, name=name)
+    groups = math.gcd(width, NORM_GROUPS) if norm == "group" else 1
+    return layers.GroupNormalization(groups=groups, epsilon=1e-3, name=name)
+
+
+def _is_batch_norm(layer: Any) -> bool:
+    return layer.__class__.__name__ == "BatchNormalization"
+
+
+def _without_batch_norm(backbone: Any, norm: str) -> Any:
+    """``backbone`` rebuilt from its config with every BatchNormalization a GroupNormalization (fresh weights).
+
+    Rebuilt from the config rather than ``keras.models.clone_model``: the graph's nodes keep
+    BatchNorm's ``mask``/``training`` call arguments, which GroupNormalization does not take.
+    """
+    import keras
+
+    config = backbone.get_config()
+    widths = {layer.name: int(layer.input.shape[-1]) for layer in backbone.layers if _is_batch_norm(layer)}
+    for entry in config["layers"]:
+        if entry["class_name"] != "BatchNormalization":
+            continue
+        name = entry["config"]["name"]
+        layer = _norm_layer(norm, widths[name], name)
+        entry.update(class_name="GroupNormalization", config=layer.get_config(), registered_name=None)
+        entry.pop("module", None)
+        for node in entry["inbound_nodes"]:
+            node["kwargs"] = {k: v for k, v in node["kwargs"].items() if k not in ("mask", "training")}
+    rebuilt = keras.Model.from_config(config)
+    rebuilt.name = "backbone"
+    return rebuilt
+
+
+def _custom_cnn_backbone(size: int, norm: str = "batch") -> Any:
+    """Conv blocks (conv-norm-ReLU, then max pooling) of widths 32..512.
 
     Batch-norm momentum is 0.9 rather than Keras' 0.99: with a few thousand images the moving
     statistics must settle within a few epochs, or inference-mode predictions (validation, early
@@ -328,7 +439,7 @@ def _custom_cnn_backbone(size: int) -> Any:
     x = inputs
     for block, width in enumerate(CUSTOM_CNN_FILTERS):
         x = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"block{block}_conv")(x)
-        x = layers.BatchNormalization(momentum=0.9, name=f"block{block}_bn")(x)
+        x = _norm_layer(norm, width, f"block{block}_bn")(x)
         x = layers.Activation("relu", name=f"block{block}_relu")(x)
         x = layers.MaxPooling2D(2, name=f"block{block}_pool")(x)
     return keras.Model(inputs, x, name="backbone")
@@ -346,7 +457,7 @@ def _build_head(spec: ModelSpec, feature_shape: Sequence[int | None], num_classe
     features = keras.Input(tuple(feature_shape), name="features")
     x = features
     if spec.head == "inception":
-        x = _inception_module(x, width=max(16, spec.dense_units // 4))
+        x = _inception_module(x, width=max(16, spec.dense_units // 4), norm=spec.norm)
     x = layers.GlobalAveragePooling2D(name="gap")(x)
     x = layers.Dropout(spec.dropout, name="dropout_gap")(x)
     if spec.head == "gap_dense":
@@ -356,12 +467,13 @@ def _build_head(spec: ModelSpec, feature_shape: Sequence[int | None], num_classe
     return keras.Model(features, outputs, name="head")
 
 
-def _inception_module(x: Any, width: int) -> Any:
+def _inception_module(x: Any, width: int, norm: str = "batch") -> Any:
     from keras import layers
 
     def conv(t: Any, filters: int, kernel: int, name: str) -> Any:
         t = layers.Conv2D(filters, kernel, padding="same", use_bias=False, name=f"{name}_conv")(t)
-        t = layers.BatchNormalization(name=f"{name}_bn")(t)
+        normalise = layers.BatchNormalization(name=f"{name}_bn") if norm == "batch" else _norm_layer(norm, filters, f"{name}_bn")
+        t = normalise(t)
         return layers.Activation("relu", name=f"{name}_relu")(t)
 
     one = conv(x, width, 1, "inc_1x1")

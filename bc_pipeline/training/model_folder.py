@@ -207,6 +207,7 @@ def record_metadata(record: ModelRecord, history: pd.DataFrame) -> dict[str, Any
     spec = facts.spec
     return {
         "model": spec.name, "backbone": spec.backbone, "image_size": spec.image_size, "weights": spec.weights,
+        "input_norm": spec.input_norm, "norm": spec.norm,
         "backend": facts.backend, "device": facts.device, "dtype_policy": facts.dtype_policy,
         "parameters": record.parameters, "epochs_run": facts.epochs_run, "best_epoch": facts.best_epoch,
         "train_seconds": facts.train_seconds, "worker_seconds": facts.worker_seconds,

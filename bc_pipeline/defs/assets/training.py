@@ -38,7 +38,7 @@ from bc_pipeline.training.settings import (
 )
 
 # Fields of a zoo entry (models.zoo.ModelSpec) a run may override for every model it trains.
-MODEL_OVERRIDES = ("image_size", "weights", "head", "dropout", "frozen_layers", "input_norm")
+MODEL_OVERRIDES = ("image_size", "weights", "head", "dropout", "frozen_layers", "input_norm", "norm")
 
 
 class PhaseConfig(SettingsConfig):
@@ -88,13 +88,14 @@ class TrainingConfig(SettingsConfig):
     consistency_weight: float = setting(TrainingSettings, "consistency_weight")
     selection: Selection = setting(TrainingSettings, "selection")
     # Overrides of the partition's zoo entry (None: the registry's value). Dagster config has no
-    # optional Literal: ``head`` and ``input_norm`` are strings here, checked by models.zoo.check_spec.
+    # optional Literal: ``head``, ``input_norm`` and ``norm`` are strings here, checked by models.zoo.check_spec.
     image_size: int | None = override(ModelSpec, "image_size")
     weights: str | None = override(ModelSpec, "weights")
     head: str | None = override(ModelSpec, "head")
     dropout: float | None = override(ModelSpec, "dropout")
     frozen_layers: int | None = override(ModelSpec, "frozen_layers")
     input_norm: str | None = override(ModelSpec, "input_norm")
+    norm: str | None = override(ModelSpec, "norm")
     resume: bool = Field(default=True, description="Checkpoint every epoch and resume an interrupted training.")
     ensemble_members: list[str] = Field(
         default=[], description="The 'ensemble' partition: models whose probabilities it averages (empty: every trained model).",

@@ -179,7 +179,7 @@ def train_classifier(
     with _global_dtype_policy(precision_policy(settings.mixed_precision, device)):
         keras.utils.set_random_seed(settings.seed)
         resumed = run.checkpoint.load(options.emit)
-        model, state = resumed if resumed else (build_model(spec, data.num_classes), TrainingState())
+        model, state = resumed if resumed else (build_model(spec, data.num_classes, data.train_images), TrainingState())
         feeds = run.feeds(model)
         start = time.perf_counter()
         while state.phase < len(run.phases):
