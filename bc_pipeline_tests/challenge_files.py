@@ -41,7 +41,9 @@ class TemplateSpec:
     kind: str = "photo"
     weight: float = 0.6  # the cell's share a in A = a*B + (1-a)*C
     jitter: float = 0.0  # per-image weights uniform in weight +- jitter (0: fixed per template)
+    shares: tuple[float, ...] = ()  # a mixture: each blend's share one of these (overrides weight, jitter)
     bases: int = 9  # distinct base cells
+    blends_per_base: tuple[int, int] = (1, 1)  # each base blended this many times, each with its own share
     repeats: tuple[int, int] = (1, 4)  # each blend occurs this many times (inclusive range)
     copies: int = 0  # copies of the template picture itself (outliers)
     labels: LabelMode = "conflict"  # conflict: a random label per copy; agree: one label per blend
@@ -225,6 +227,15 @@ def blend(base: np.ndarray, template: np.ndarray, weight: float, rounding: Round
     return (np.rint(value) if rounding == "round" else np.floor(value)).astype(np.uint8)
 
 
+def _share(spec: TemplateSpec, rng: np.random.Generator) -> float:
+    """One blend's cell share: one of ``shares``, else uniform in ``weight +- jitter``, else ``weight``."""
+    if spec.shares:
+        return float(spec.shares[int(rng.integers(0, len(spec.shares)))])
+    if spec.jitter:
+        return float(rng.uniform(spec.weight - spec.jitter, spec.weight + spec.jitter))
+    return spec.weight
+
+
 def build_file(cells: np.ndarray, cell_labels: np.ndarray, spec: FileSpec) -> PlantedFile:
     """A shuffled challenge-style file from real ``cells`` (uint8 (M, S, S, 3)) and ``spec``.
 
@@ -256,15 +267,16 @@ def build_file(cells: np.ndarray, cell_labels: np.ndarray, spec: FileSpec) -> Pl
     for t, template_spec in enumerate(spec.templates):
         template = make_template(template_spec.kind, rng, cells[clean_rows], size)
         templates.append(template)
+        low, high = template_spec.blends_per_base
         for base in base_rows[start : start + template_spec.bases]:
-            low, high = template_spec.weight - template_spec.jitter, template_spec.weight + template_spec.jitter
-            weight = float(rng.uniform(low, high)) if template_spec.jitter else template_spec.weight
-            picture = blend(cells[base], template, weight, spec.rounding)
-            label = int(rng.integers(0, 8))
-            for _ in range(int(rng.integers(template_spec.repeats[0], template_spec.repeats[1] + 1))):
-                images.append(picture)
-                labels.append(int(rng.integers(0, 8)) if template_spec.labels == "conflict" else label)
-                truth.append(("corrupted", t, int(base), weight, f"cell {int(base)} + template {t}"))
+            for _ in range(int(rng.integers(low, high + 1))):
+                weight = _share(template_spec, rng)
+                picture = blend(cells[base], template, weight, spec.rounding)
+                label = int(rng.integers(0, 8))
+                for _ in range(int(rng.integers(template_spec.repeats[0], template_spec.repeats[1] + 1))):
+                    images.append(picture)
+                    labels.append(int(rng.integers(0, 8)) if template_spec.labels == "conflict" else label)
+                    truth.append(("corrupted", t, int(base), weight, f"cell {int(base)} + template {t}"))
         start += template_spec.bases
         for _ in range(template_spec.copies):
             images.append(template)
@@ -286,20 +298,45 @@ def build_file(cells: np.ndarray, cell_labels: np.ndarray, spec: FileSpec) -> Pl
     )
 
 
+SHARE_RANGE = (0.2, 0.85)  # the cell shares the stage must hold on, per image
+
+
+def draw_shares(rng: np.random.Generator) -> tuple[float, float, tuple[float, ...]]:
+    """(weight, jitter, shares) of one template: a fixed share, a narrow spread, any share in
+    ``SHARE_RANGE`` per image, or a mixture of 2-4 values in it (a quarter each)."""
+    low, high = SHARE_RANGE
+    mode = rng.random()
+    if mode < 0.25:
+        return float(rng.uniform(low, high)), 0.0, ()
+    if mode < 0.5:
+        jitter = float(rng.uniform(0.01, 0.1))
+        return float(rng.uniform(low + jitter, high - jitter)), jitter, ()
+    if mode < 0.75:
+        return (low + high) / 2, (high - low) / 2, ()
+    return (low + high) / 2, 0.0, tuple(float(v) for v in rng.uniform(low, high, int(rng.integers(2, 5))))
+
+
 def random_spec(rng: np.random.Generator, clean: int = 600, kinds: Sequence[str] = TEMPLATE_KINDS) -> FileSpec:
-    """A file spec drawn from the ranges the anomaly stage must hold on (see issue 12)."""
+    """A file spec drawn from the ranges the anomaly stage must hold on (issues 12 and 30).
+
+    Half the templates blend each base once (repeated 1-50 times as exact copies), half blend it
+    2-15 times, each time with its own share (repeated 1-3 times, so files stay a few thousand images).
+    """
     templates = []
     for _ in range(int(rng.integers(1, 7))):
-        jitter = float(rng.uniform(0.0, 0.1)) if rng.random() < 0.4 else 0.0
-        weight = float(rng.uniform(0.2 + jitter, 0.85 - jitter))
+        weight, jitter, shares = draw_shares(rng)
         low = int(rng.integers(1, 51))
+        once = rng.random() < 0.5
+        repeats = (low, int(rng.integers(low, 51))) if rng.random() < 0.2 else (1, int(rng.integers(1, 6)))
         templates.append(
             TemplateSpec(
                 kind=str(rng.choice(list(kinds))),
                 weight=weight,
                 jitter=jitter,
+                shares=shares,
                 bases=int(rng.integers(2, 41)),
-                repeats=(low, int(rng.integers(low, 51))) if rng.random() < 0.2 else (1, int(rng.integers(1, 6))),
+                blends_per_base=(1, 1) if once else (1, int(rng.integers(2, 16))),
+                repeats=repeats if once else (1, int(rng.integers(1, 4))),
                 copies=int(rng.integers(1, 30)) if rng.random() < 0.5 else 0,
                 labels="conflict" if rng.random() < 0.5 else "agree",
             )
@@ -325,6 +362,7 @@ class DetectionScore:
     clean_flagged: int
     template_psnr: tuple[float, ...]  # per true template: best recovered template's PSNR (0: none)
     weight_error: float  # max |estimated - true| over the corrupted images found (nan: none found)
+    templates_found: int = 0  # templates the stage reported (the truth has len(template_psnr))
 
 
 def score_detection(
@@ -357,4 +395,5 @@ def score_detection(
         clean_flagged=len(flagged_set - bad),
         template_psnr=tuple(psnrs),
         weight_error=weight_error,
+        templates_found=len(recovered),
     )

@@ -1,7 +1,8 @@
 """The corruption / outlier stage on generated challenge-style files: real pbc96 cells, templates made in code.
 
 The files come from :mod:`bc_pipeline_tests.challenge_files`, with settings drawn at random from the
-ranges the stage must hold on (weights 0.2-0.85, fixed or varying by up to 0.1 per image; 1-6
+ranges the stage must hold on (weights 0.2-0.85: fixed, varying by up to 0.1, drawn per image anywhere
+in the range, or a mixture of a few values; each base blended once or 2-15 times with its own share; 1-6
 templates of every kind, stain-coloured ones included; 2-40 bases; 1-50 repeats with conflicting
 or agreeing labels; copies of the picture or none; rounding or truncation; any order). The seed
 list is fixed, so a failure names the file that breaks the stage.
@@ -39,7 +40,8 @@ def detect(images: np.ndarray, labels: np.ndarray) -> outliers.AnomalyResult:
 
 
 def describe(spec: cf.FileSpec) -> str:
-    return "; ".join(f"{t.kind} a={t.weight:.2f}±{t.jitter:.2f} bases={t.bases} repeats={t.repeats} copies={t.copies}"
+    return "; ".join(f"{t.kind} a={t.weight:.2f}±{t.jitter:.2f}{' of ' + str(t.shares) if t.shares else ''} bases={t.bases}"
+                     f" x{t.blends_per_base} repeats={t.repeats} copies={t.copies}"
                      for t in spec.templates) + f"; {spec.rounding}"  # fmt: skip
 
 
@@ -78,6 +80,36 @@ def test_every_report_row_says_why(cells):
     summary = result.corruption.template_summary.iloc[0]
     assert (summary["blends"], summary["copies"]) == (6, 1)  # two copies of the picture, one distinct image
     assert abs(summary["weight_median"] - 0.6) < 0.005
+
+
+def test_one_cell_blended_many_times_at_any_share_is_one_template_with_the_cell_as_base(cells):
+    """Issue 30's hidden file in small: grey, dark and stain-coloured templates, each base cell blended
+    4-10 times with its own share anywhere in 0.2-0.85. All blends of one cell lie on one ray from the
+    template, so each is an exact blend of its siblings too, and the lowest-share one passes as a
+    "copy" of a template that only that cell's blends share. Expected: one template per true one, each
+    blend's base the cell itself (not a sibling), its share within 0.02, every cell counted once, and
+    every blend found whose template part stands above rounding by the stage's rule (``template_snr``:
+    this file's grey template is so flat that its blends above a share of about 0.7 do not)."""
+    low, high = cf.SHARE_RANGE
+    spec = cf.FileSpec(templates=tuple(cf.TemplateSpec(kind=kind, weight=(low + high) / 2, jitter=(high - low) / 2,
+                                                       bases=6, blends_per_base=(4, 10), copies=1)
+                                       for kind in ("grey", "dark", "stain")), clean=300, seed=30)  # fmt: skip
+    planted = cf.build_file(*cells, spec)
+    result = detect(planted.images, planted.labels)
+    score = cf.score_detection(planted, result.flagged(), result.report, result.templates)
+    assert score.precision == 1.0 and score.outlier_recall == 1.0 and score.templates_found == 3
+    assert min(score.template_psnr) >= 30.0 and score.weight_error <= 0.02
+    truth = planted.truth
+    corrupted = np.flatnonzero(truth["kind"] == "corrupted")
+    part = ba.scale_fit(planted.images[corrupted].reshape(len(corrupted), -1),
+                        planted.images[truth["base"].to_numpy()[corrupted]].reshape(len(corrupted), -1))  # fmt: skip
+    visible = corrupted[part >= corruption.CorruptionSettings().template_snr * ba.QUANTISATION_RMS]
+    assert len(visible) > 0.8 * len(corrupted) and set(visible) <= set(result.flagged().tolist())
+    blends = result.report[result.report["kind"] == corruption.BLEND]
+    np.testing.assert_array_equal(planted.images[blends["base_index"]], planted.images[truth["base"].to_numpy()[blends["index"]]])
+    summary = result.corruption.template_summary
+    assert (summary["cells"] == 6).all() and (summary["copies"] == 1).all()
+    assert (summary["weight_min"] < 0.4).all() and (summary["weight_max"] > 0.65).all()
 
 
 def test_stain_coloured_templates_pass_every_colour_test(cells):

@@ -1,13 +1,21 @@
 """Helpers shared by the benchmark scripts: timing and plain-text tables.
 
-The scripts run as ``python bench/<name>.py``, which puts this folder on ``sys.path``.
+The scripts run as ``python bench/<name>.py``, which puts this folder on ``sys.path``; importing
+this module also puts the repository root there, for ``bc_pipeline_tests`` (its challenge-file
+generator), which the project does not install.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, float, Any]:

@@ -35,6 +35,12 @@ whitening fitted to the file, see :func:`_whitening`):
    parallel images around ``C`` (:func:`_search`), tested exactly; the candidates are tested again
    against the template refitted on everything found. This is what finds every member, however
    few seeds there were.
+   *One cell blended at several shares* puts all its blends on one ray from ``C``: each is an exact
+   blend of any sibling further along (share ``w a_j``), and the lowest-share one passes as a copy
+   of a false template only that cell's blends share. So several bases are tried per image and the
+   one farthest along the ray kept, a base that is itself a member is followed to the cell
+   (:func:`_root_bases`), a template needs blends on two rays (:func:`_on_two_rays`), and fits
+   left on one ray are crossed with each other to find their template (:func:`_cross_lines`).
 4. *Verification* (:func:`_verify`): every member is refitted against the template estimated from
    the *other* members (leave one out) and kept only if its residual is what rounding alone
    leaves; a template needs ``min_blends`` distinct blends. Copies of the template are members
@@ -63,8 +69,8 @@ __all__ = ["CorruptionResult", "CorruptionSettings", "estimate_template", "find_
            "templates_from_report"]  # fmt: skip
 
 REPORT_COLUMNS = ["index", "kind", "base_index", "weight", "template", "residual_rms", "expected_rms", "score", "reason"]
-SUMMARY_COLUMNS = ["template", "members", "blends", "copies", "no_base", "weight_min", "weight_median", "weight_max",
-                   "median_score"]  # fmt: skip
+SUMMARY_COLUMNS = ["template", "members", "blends", "cells", "copies", "no_base", "weight_min", "weight_median",
+                   "weight_max", "median_score"]  # fmt: skip
 BLEND, COPY, NO_BASE = "blend", "template copy", "blend, base not in file"
 
 
@@ -85,6 +91,11 @@ class CorruptionSettings:
     min_blends: int = field(default=2, metadata={"ge": 2, "description": "Distinct blends a template needs."})
     coarse_side: int = 8  # side of the coarse copies used for search and the cheap tests
     shortlist: int = 2  # bases tried on each side of a sibling difference
+    #: Bases tried per image around a found template. Blends of one base cell at different shares
+    #: lie on one ray from the template and are all exactly parallel to it, so the most parallel
+    #: images are the cell *and* its other blends in no useful order; trying several and keeping
+    #: the one farthest along the ray (the smallest share that fits) reaches the cell.
+    ray_candidates: int = 8
     #: Also flag images of a found template whose base is not in the file (see _closer_than_any_cell).
     missing_bases: bool = field(default=True, metadata={"description": "Also flag blends of a found template whose base is not in the file."})
     missing_bases_gap: float = 1.5  # ... only where no image lies between their reach and this many times it
@@ -396,8 +407,9 @@ def _search(data: _Images, fit: _Template, taken: np.ndarray, settings: Corrupti
     keys = unit.copy()
     keys[taken] = 0.0
     keys[copies] = 0.0
-    best = _top_matches(unit[candidates], keys, 2, candidates[:, None], settings.block)[0]
-    return _Candidates(copies, np.repeat(candidates, 2), best.reshape(-1))
+    k = min(settings.ray_candidates, max(len(candidates) - 1, 1))
+    best = _top_matches(unit[candidates], keys, k, candidates[:, None], settings.block)[0]
+    return _Candidates(copies, np.repeat(candidates, k), best.reshape(-1))
 
 
 def _members(data: _Images, fit: _Template, found: _Candidates, settings: CorruptionSettings) -> _Template:
@@ -411,33 +423,61 @@ def _members(data: _Images, fit: _Template, found: _Candidates, settings: Corrup
     # A lenient first cut on the coarse copies; the exact test at full size decides.
     plausible = (residual <= 2 * settings.residual_factor * expected)
     plausible &= (weight >= settings.min_weight) & (weight <= settings.max_weight)
-    x, b = x[plausible], b[plausible]
-    ok = np.zeros(len(x), bool)
+    x, b, weight = x[plausible], b[plausible], weight[plausible]
+    # Per image the two plausible bases farthest along its ray (smallest share): no more exact
+    # tests than with two candidates, and the cell itself among them when its blends crowd the list.
+    order = np.lexsort((weight, x))
+    x, b = x[order], b[order]
+    rank = np.arange(len(x)) - np.searchsorted(x, x)
+    x, b = x[rank < 2], b[rank < 2]
+    ok, weight = np.zeros(len(x), bool), np.zeros(len(x))
     for start in range(0, len(x), 256):
         part = slice(start, start + 256)
-        ok[part] = _blend_test(data.full(x[part]), data.full(b[part]), fit.template, fit.noise, data.full_noise, settings)
-    x, b = x[ok], b[ok]
-    x, first = np.unique(x, return_index=True)
-    return _Template(x, b[first], copies, fit.template, fit.noise)
+        ok[part], weight[part] = _blend_test(data.full(x[part]), data.full(b[part]), fit.template, fit.noise,
+                                             data.full_noise, settings)  # fmt: skip
+    x, b, weight = x[ok], b[ok], weight[ok]
+    order = np.lexsort((weight, x))  # per blend, the base farthest along its ray first
+    x, first = np.unique(x[order], return_index=True)
+    return _Template(x, _root_bases(x, b[order][first]), copies, fit.template, fit.noise)
+
+
+def _root_bases(blends: np.ndarray, bases: np.ndarray) -> np.ndarray:
+    """Each blend's base, followed through other member blends to the image at the end of the chain.
+
+    A blend whose "base" is another blend of the same cell (``A_i = w A_j + (1 - w) C``) is a blend
+    of that cell too (``a_i = w a_j``): the cell, further along the same ray, is its base. Each step
+    raises the share, so chains end; the guard stops a cycle all the same.
+    """
+    base_of = dict(zip(blends.tolist(), bases.tolist()))
+    roots = []
+    for base in bases.tolist():
+        seen = set()
+        while base in base_of and base not in seen:
+            seen.add(base)
+            base = base_of[base]
+        roots.append(base)
+    return np.asarray(roots, dtype=np.int64)
 
 
 def _blend_test(
     blends: np.ndarray, bases: np.ndarray, template: np.ndarray, template_noise, noise: float,
     settings: CorruptionSettings,
-) -> np.ndarray:  # fmt: skip
-    """Rows where ``A = a B + (1 - a) C + t`` holds to within rounding, with a real template part."""
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Rows where ``A = a B + (1 - a) C + t`` holds to within rounding, with a real template part; and ``a``."""
     weight, _, residual = ba.blend_fit(blends, bases, template)
     expected = ba.expected_residual(weight, noise, template_noise)
     ok = (weight >= settings.min_weight) & (weight <= settings.max_weight)
     ok &= residual <= settings.residual_factor * expected
     ok &= ba.scale_fit(blends, bases) >= settings.template_snr * noise
-    return ok
+    return ok, weight
 
 
 def _verify(data: _Images, fit: _Template, settings: CorruptionSettings) -> tuple[_Template, pd.DataFrame] | None:
     """Keep the members that fit a template estimated without them; None if too few remain."""
     for _ in range(4):
-        if len(fit.blends) < settings.min_blends:
+        # Blends of one cell lie on one line, and any point beyond them on it explains them all
+        # (their lowest-share blend passes as a "copy"): only blends of distinct cells pin a template.
+        if len(fit.blends) < settings.min_blends or not _on_two_rays(data, fit, settings):
             return None
         positions, is_copy, a_images, b_images = fit.arrays(data)
         b_images[is_copy] = 0.0
@@ -470,6 +510,77 @@ def _verify(data: _Images, fit: _Template, settings: CorruptionSettings) -> tupl
     return None
 
 
+def _grow(
+    data: _Images, fit: _Template, taken: np.ndarray, found: list[tuple[_Template, pd.DataFrame]],
+    lines: list[_Template], settings: CorruptionSettings,
+) -> bool:  # fmt: skip
+    """Every blend and copy of ``fit``'s template, verified; appended to ``found`` (or to ``lines``
+    when its blends are one cell's). Whether a template was found."""
+    found_here = _search(data, fit, taken, settings)
+    for _ in range(2):  # the second pass tests the same candidates against the refitted template
+        fit = _members(data, fit, found_here, settings)
+        if len(fit.blends) == 0:
+            return False
+        fit = _fit(data, fit.blends, fit.bases, fit.copies)
+    for _ in range(3):
+        # Cells blended several times (two members, one cell): a cell with more blends than the
+        # search's list can miss itself among them. Searching again with the members set aside
+        # leaves the cell and the blends not yet found.
+        if len(np.unique(fit.bases)) == len(fit.bases):
+            break
+        more = _search(data, fit, taken | np.isin(np.arange(len(data)), fit.members()), settings)
+        found_here = _Candidates(np.union1d(found_here.copies, more.copies), np.concatenate([found_here.blends, more.blends]),
+                                 np.concatenate([found_here.bases, more.bases]))  # fmt: skip
+        grown = _members(data, fit, found_here, settings)
+        if len(grown.blends) <= len(fit.blends):
+            break
+        fit = _fit(data, grown.blends, grown.bases, grown.copies)
+    if len(fit.blends) >= settings.min_blends and not _on_two_rays(data, fit, settings):
+        lines.append(fit)
+        return False
+    verified = _verify(data, fit, settings)
+    if verified is None:
+        return False
+    taken[verified[0].members()] = True
+    found.append(verified)
+    return True
+
+
+def _cross_lines(
+    data: _Images, lines: list[_Template], taken: np.ndarray, found: list[tuple[_Template, pd.DataFrame]],
+    settings: CorruptionSettings,
+) -> None:  # fmt: skip
+    """Templates where the lines of two cells' blends cross.
+
+    Where each cell of a template is blended many times, its nearest neighbours are its own blends,
+    and the seeds they make imply a point on that cell's line only. Two cells' lines meet at their
+    template (the least-squares fit of both families finds it); from there the search finds the rest.
+    """
+    for i, first in enumerate(lines):
+        for second in lines[i + 1 :]:
+            if taken[first.blends].any() or taken[second.blends].any():
+                continue
+            fit = _fit(data, np.concatenate([first.blends, second.blends]), np.concatenate([first.bases, second.bases]),
+                       np.zeros(0, np.int64))  # fmt: skip
+            if _grow(data, fit, taken, found, [], settings):
+                break
+
+
+def _on_two_rays(data: _Images, fit: _Template, settings: CorruptionSettings) -> bool:
+    """Whether the blends' bases leave the template in at least two directions.
+
+    Bases on one ray (a cell and its own blends, as their chains may end) are scaled copies of one
+    another around the template, to within rounding; two distinct cells miss that by grey levels.
+    """
+    bases = np.unique(fit.bases)
+    if len(bases) < 2:
+        return False
+    around = data.full(bases) - fit.template
+    farthest = np.argmax(np.linalg.norm(around - around.mean(axis=1, keepdims=True), axis=1))
+    residual = ba.scale_fit(around, np.repeat(around[farthest][None], len(around), axis=0))
+    return bool((residual > settings.residual_factor * np.hypot(data.full_noise, fit.noise) * np.sqrt(2)).any())
+
+
 def find_corruptions(
     images: np.ndarray, distinct: np.ndarray, *, settings: CorruptionSettings = CorruptionSettings()
 ) -> CorruptionResult:
@@ -485,24 +596,16 @@ def find_corruptions(
     data = _Images(images, distinct, settings)
     taken = np.zeros(len(data), bool)
     found: list[tuple[_Template, pd.DataFrame]] = []
+    lines: list[_Template] = []  # fits whose blends all lie on one ray: one cell's blends, no template yet
     for cluster in _seed_clusters(data, _find_seeds(data, settings), settings):
         positions = np.array(list(cluster))
         bases = np.array([cluster[p] for p in positions])
         if taken[positions[bases >= 0]].mean() > 0.5:
             continue  # a template already found through another seed
-        fit = _fit(data, positions[bases >= 0], bases[bases >= 0], positions[bases < 0])
-        found_here = _search(data, fit, taken, settings)
-        for _ in range(2):  # the second pass tests the same candidates against the refitted template
-            fit = _members(data, fit, found_here, settings)
-            if len(fit.blends) == 0:
-                break
-            fit = _fit(data, fit.blends, fit.bases, fit.copies)
-        verified = _verify(data, fit, settings)
-        if verified is None:
-            continue
-        fit, table = verified
-        taken[fit.members()] = True
-        found.append((fit, table))
+        blends = positions[bases >= 0]
+        fit = _fit(data, blends, _root_bases(blends, bases[bases >= 0]), positions[bases < 0])
+        _grow(data, fit, taken, found, lines, settings)
+    _cross_lines(data, lines, taken, found, settings)
     if not found:
         return _empty(shape)
     if settings.missing_bases:
@@ -583,13 +686,14 @@ def describe(report: pd.DataFrame) -> list[str]:
 
 
 def template_summary(report: pd.DataFrame) -> pd.DataFrame:
-    """Per template: distinct members by kind and the spread of the cell share of its exact blends."""
+    """Per template: distinct members by kind, the distinct cells its blends are made of, and the
+    spread of the cell share of its exact blends."""
     distinct = report.drop_duplicates("representative") if "representative" in report else report
     rows = []
     for template, group in distinct.groupby("template", sort=True):
         blends = group[group["kind"] == BLEND]
         weights = blends["weight"]
-        rows.append((int(template), len(group), len(blends), int((group["kind"] == COPY).sum()),
+        rows.append((int(template), len(group), len(blends), blends["base_index"].nunique(), int((group["kind"] == COPY).sum()),
                      int((group["kind"] == NO_BASE).sum()), float(weights.min()), float(weights.median()),
                      float(weights.max()), float(blends["score"].median())))  # fmt: skip
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)

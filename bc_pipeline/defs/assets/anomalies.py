@@ -50,7 +50,7 @@ class CorruptionConfig(SettingsConfig):
     the rest of the settings is internal (search block sizes, shortlists)."""
 
     settings_class = blends.CorruptionSettings
-    internal = ("coarse_side", "shortlist", "missing_bases_gap", "whitening_ridge", "block")
+    internal = ("coarse_side", "shortlist", "ray_candidates", "missing_bases_gap", "whitening_ridge", "block")
     residual_factor: float = setting(blends.CorruptionSettings, "residual_factor")
     template_snr: float = setting(blends.CorruptionSettings, "template_snr")
     min_weight: float = setting(blends.CorruptionSettings, "min_weight")
@@ -60,7 +60,7 @@ class CorruptionConfig(SettingsConfig):
 
 
 @dg.asset(
-    code_version=with_config("2", CorruptionConfig),
+    code_version=with_config("3", CorruptionConfig),
     group_name="anomalies",
     kinds={"parquet"},
     description="Images that are a blend A = a*B + (1-a)*C of another image B of the file and a shared template C "
@@ -97,7 +97,7 @@ def corruption_report(
 
 
 @dg.asset(
-    code_version="2",
+    code_version="3",
     group_name="anomalies",
     kinds={"numpy"},
     description="The recovered corruption templates (least squares over every blend and copy of each), as images, "
