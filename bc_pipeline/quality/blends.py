@@ -39,8 +39,9 @@ whitening fitted to the file, see :func:`_whitening`):
    blend of any sibling further along (share ``w a_j``), and the lowest-share one passes as a copy
    of a false template only that cell's blends share. So several bases are tried per image and the
    one farthest along the ray kept, a base that is itself a member is followed to the cell
-   (:func:`_root_bases`), a template needs blends on two rays (:func:`_on_two_rays`), and fits
-   left on one ray are crossed with each other to find their template (:func:`_cross_lines`).
+   (:func:`_root_bases`) or to an image further out on the same line (:func:`_extend_rays`), a
+   template needs blends on two rays (:func:`_on_two_rays`), and fits left on one ray are crossed
+   with each other to find their template (:func:`_cross_lines`).
 4. *Verification* (:func:`_verify`): every member is refitted against the template estimated from
    the *other* members (leave one out) and kept only if its residual is what rounding alone
    leaves; a template needs ``min_blends`` distinct blends. Copies of the template are members
@@ -441,6 +442,37 @@ def _members(data: _Images, fit: _Template, found: _Candidates, settings: Corrup
     return _Template(x, _root_bases(x, b[order][first]), copies, fit.template, fit.noise)
 
 
+def _extend_rays(data: _Images, fit: _Template, taken: np.ndarray, settings: CorruptionSettings) -> _Template:
+    """Each member's base moved to the image furthest along its ray that lies exactly on it.
+
+    Where a cell's blends have close shares, the seeds tie blends to siblings at almost their own
+    share: lines so short that the template they imply is too rough for the exact test of the cell
+    itself. Three images on one ray need no template to be recognised: the base lies on the line
+    through a member and a candidate further out, to within rounding. Longer lines, sharper template.
+    """
+    roots, first = np.unique(fit.bases, return_index=True)
+    if len(roots) == 0:
+        return fit
+    around = data.coarse - data.coarse_of(fit.template)[0]
+    keys = data.white_unit(around)
+    keys[taken] = 0.0
+    keys[fit.members()] = 0.0
+    candidates = _top_matches(data.white_unit(around[roots]), keys, settings.ray_candidates, roots[:, None], settings.block)[0]
+    member, root = data.full(fit.blends[first]), data.full(roots)
+    moved = dict()
+    for j in range(candidates.shape[1]):
+        further = data.full(candidates[:, j])
+        coef, residual = ba.affine_fit(root, [member, further])
+        on_line = (coef[:, 1] > 0.02) & (coef[:, 1] < 1.0)
+        on_line &= residual <= settings.residual_factor * data.full_noise * np.sqrt(1.0 + (coef**2).sum(axis=1))
+        for r, c in zip(roots[on_line], candidates[on_line, j]):
+            moved.setdefault(int(r), int(c))
+    if not moved:
+        return fit
+    bases = np.array([moved.get(int(b), int(b)) for b in fit.bases])
+    return _fit(data, fit.blends, bases, fit.copies)
+
+
 def _root_bases(blends: np.ndarray, bases: np.ndarray) -> np.ndarray:
     """Each blend's base, followed through other member blends to the image at the end of the chain.
 
@@ -519,6 +551,12 @@ def _grow(
     found_here = _search(data, fit, taken, settings)
     for _ in range(2):  # the second pass tests the same candidates against the refitted template
         fit = _members(data, fit, found_here, settings)
+        if len(fit.blends) == 0:
+            return False
+        fit = _fit(data, fit.blends, fit.bases, fit.copies)
+    extended = _extend_rays(data, fit, taken, settings)
+    if extended is not fit:
+        fit = _members(data, extended, found_here, settings)
         if len(fit.blends) == 0:
             return False
         fit = _fit(data, fit.blends, fit.bases, fit.copies)
