@@ -17,8 +17,10 @@ the real cells of the file (``stain``), so that colour alone cannot tell them fr
 from __future__ import annotations
 
 import gzip
+import io
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -347,6 +349,41 @@ def random_spec(rng: np.random.Generator, clean: int = 600, kinds: Sequence[str]
         rounding="round" if rng.random() < 0.7 else "floor",
         seed=int(rng.integers(0, 2**31)),
     )
+
+
+#: How a finished file may have been stored: as built, every image saved as JPEG at a quality, or
+#: resized (bicubic, stored at the new side). The anomaly stage must hold on all of them (issue 30).
+STORAGES: tuple[str, ...] = ("lossless", "jpeg95", "jpeg92", "jpeg85", "resize88", "resize104", "jpeg80")
+
+
+def _jpeg(image: np.ndarray, quality: int) -> np.ndarray:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
+    return np.asarray(Image.open(buffer).convert("RGB"))
+
+
+def stored(images: np.ndarray, storage: str) -> np.ndarray:
+    """uint8 ``images`` after ``storage``: "lossless" (as they are), "jpegQ" (saved as JPEG at
+    quality Q and read back) or "resizeS" (bicubic to S x S)."""
+    match = re.fullmatch(r"(lossless|jpeg|resize)(\d*)", storage)
+    if match is None or (match.group(1) != "lossless" and not match.group(2)):
+        raise ValueError(f"unknown storage {storage!r}; expected lossless, jpeg<quality> or resize<side>")
+    kind, number = match.group(1), int(match.group(2) or 0)
+    if kind == "lossless" or len(images) == 0:
+        return images
+    if kind == "jpeg":
+        return np.stack([_jpeg(x, number) for x in images])
+    return np.stack([np.asarray(Image.fromarray(x).resize((number, number), Image.Resampling.BICUBIC)) for x in images])
+
+
+def store(planted: PlantedFile, storage: str) -> PlantedFile:
+    """``planted`` after every image went through ``storage`` (see :func:`stored`).
+
+    A resize applies to the true templates too (the truth is then at the stored size); JPEG
+    leaves them as made, since what the stage should recover is the template before compression.
+    """
+    templates = stored(planted.templates, storage) if storage.startswith("resize") else planted.templates
+    return replace(planted, images=stored(planted.images, storage), templates=templates)
 
 
 # --------------------------------------------------------------------------------------------

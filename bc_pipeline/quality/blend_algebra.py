@@ -67,6 +67,17 @@ def scale_fit(target: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return np.sqrt(((y - s[:, None] * x) ** 2).mean(axis=1))
 
 
+def template_part(scale_residual: np.ndarray, blend_residual: np.ndarray) -> np.ndarray:
+    """RMS of what the template explains in a blend beyond a scaled copy of its base.
+
+    ``scale_residual`` is :func:`scale_fit` of the blend on its base, ``blend_residual`` what is
+    left once the template enters (:func:`blend_fit`); the difference of their squares is the
+    template's share of the image. A copy of the base with its own noise or a contrast change
+    (the "blend" with ``a`` near 1 that any template would fit) leaves next to nothing here.
+    """
+    return np.sqrt(np.maximum(np.asarray(scale_residual) ** 2 - np.asarray(blend_residual) ** 2, 0.0))
+
+
 def blend_fit(
     blends: np.ndarray, bases: np.ndarray, template: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -105,21 +116,30 @@ def estimate_template(
     return numerator / max(float((complement**2).sum()), 1e-12)
 
 
-def template_noise(weights: np.ndarray, rms: float) -> float:
-    """RMS error of :func:`estimate_template` from the rounding of its members (``rms`` each)."""
-    return rms / np.sqrt(max(float(((1.0 - np.asarray(weights, np.float64)) ** 2).sum()), 1e-12))
+def template_noise(weights: np.ndarray, rms: float, base_rms: float = 0.0) -> float:
+    """RMS error of :func:`estimate_template` from the noise of its members (``rms`` each) and, where
+    storage was lossy, of their bases (``base_rms``, entering with the cell share)."""
+    complement = 1.0 - np.asarray(weights, np.float64)
+    total = max(float((complement**2).sum()), 1e-12)
+    variance = float((complement**2 * (rms**2 + (1.0 - complement) ** 2 * base_rms**2)).sum())
+    return float(np.sqrt(variance) / total)
 
 
-def expected_residual(weights: np.ndarray, rms: float, template_rms: float | np.ndarray) -> np.ndarray:
-    """RMS that rounding alone leaves when a blend is fitted against an estimated template.
+def expected_residual(
+    weights: np.ndarray, rms: float, template_rms: float | np.ndarray, base_rms: float = 0.0
+) -> np.ndarray:
+    """RMS that noise alone leaves when a blend is fitted against an estimated template.
 
-    The blend's own rounding (``rms``) plus the template's error scaled by the template's share.
+    The blend's own noise (``rms``), its base's (``base_rms``: zero where only the blend was
+    rounded, the storage noise where every image went through a lossy format) scaled by the cell
+    share, and the template's error scaled by the template's share.
     """
-    return np.sqrt(rms**2 + ((1.0 - np.asarray(weights, np.float64)) * template_rms) ** 2)
+    weights = np.asarray(weights, np.float64)
+    return np.sqrt(rms**2 + (weights * base_rms) ** 2 + ((1.0 - weights) * template_rms) ** 2)
 
 
 def fit_members(
-    blends: np.ndarray, bases: np.ndarray, is_copy: np.ndarray, rounds: int = 3
+    blends: np.ndarray, bases: np.ndarray, is_copy: np.ndarray, rounds: int = 3, noise: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Least-squares template and per-image weights and offsets: (template, weights, offsets).
 
@@ -132,35 +152,41 @@ def fit_members(
     template (``is_copy``; its base row is ignored) is a point on it with weight 1. Mean levels
     are removed first, so per-image offsets cannot bend the fit; the template's own mean level
     is then the one that leaves no offset on average.
+
+    ``noise`` (per member, e.g. its residual against the template) weights each member by the
+    inverse of its variance: under lossy storage some images carry several times the noise of
+    others (fine texture compresses worse), and an equal vote would let them blur the template.
     """
     blends = np.asarray(blends, np.float64)
     is_copy = np.asarray(is_copy, bool)
+    vote = np.ones(len(blends)) if noise is None else 1.0 / np.maximum(np.asarray(noise, np.float64), 1e-6) ** 2
+    vote = vote / vote.mean()
     bases = np.where(is_copy[:, None], 0.0, np.asarray(bases, np.float64))
     lines = ~is_copy
     a, b = _centre(blends), _centre(bases)
     d = (a - b)[lines]
-    b_lines, points = b[lines], a[is_copy]
+    b_lines, points, point_vote = b[lines], a[is_copy], vote[is_copy]
     gram = d @ d.T
     cross = d @ b_lines.T  # d_k . b_i
     p = np.full(len(d), 2.0)  # a = 0.5 to start the weights
     for _ in range(max(rounds, 1)):
-        w = 1.0 / p**2
-        total = w.sum() + len(points)
-        # Q = (sum_i w_i b_i + sum_copies P_j) / total, projected on each d_k
-        dq = (cross @ w + (d @ points.T).sum(axis=1)) / total
+        w = vote[lines] / p**2
+        total = w.sum() + point_vote.sum()
+        # Q = (sum_i w_i b_i + sum_copies v_j P_j) / total, projected on each d_k
+        dq = (cross @ w + d @ (point_vote @ points)) / total
         matrix = np.diag(np.diag(gram)) - gram * (w / total)[None, :]
         rhs = dq - np.diag(cross)
         ridge = 1e-12 * max(float(np.trace(gram)), 1e-12) * np.eye(len(d))
         p = np.linalg.solve(matrix + ridge, rhs) if len(d) else p
         p = np.maximum(p, 1.0 + 1e-6)  # a = 1 - 1/p stays in [0, 1)
-    w = 1.0 / p**2
-    total = w.sum() + len(points)
-    centred = ((w[:, None] * (b_lines + p[:, None] * d)).sum(axis=0) + points.sum(axis=0)) / total
+    w = vote[lines] / p**2
+    total = w.sum() + point_vote.sum()
+    centred = ((w[:, None] * (b_lines + p[:, None] * d)).sum(axis=0) + point_vote @ points) / total
     # Mean level: the one for which the offsets t_i = mean(A_i - a_i B_i - (1 - a_i) C) average 0.
     weights = np.zeros(len(blends))
     weights[lines] = 1.0 - 1.0 / p
     raw_lines = bases[lines].mean(axis=1) + p * (blends[lines].mean(axis=1) - bases[lines].mean(axis=1))
-    level = ((w * raw_lines).sum() + blends[is_copy].mean(axis=1).sum()) / total
+    level = ((w * raw_lines).sum() + (point_vote * blends[is_copy].mean(axis=1)).sum()) / total
     template = centred + level
     offsets = blends.mean(axis=1) - weights * bases.mean(axis=1) - (1.0 - weights) * level
     return template, weights, offsets

@@ -44,15 +44,27 @@ whitening fitted to the file, see :func:`_whitening`):
    with each other to find their template (:func:`_cross_lines`).
 4. *Verification* (:func:`_verify`): every member is refitted against the template estimated from
    the *other* members (leave one out) and kept only if its residual is what rounding alone
-   leaves; a template needs ``min_blends`` distinct blends. Copies of the template are members
-   with ``a = 0``.
+   leaves and the template explains a part of it that its base cannot; a template needs
+   ``min_blends`` distinct blends. Copies of the template are members with ``a = 0``.
 5. *Blends whose base is not in the file* pass no exact test. Those of a found template that sit
    far closer to it than any cell does are added (:func:`_closer_than_any_cell`): template-dominated
    blends, yes; cell-dominated ones look like cells and are not found. A template none of whose
    bases is in the file is not found at all. Both limits are measured in ``bench/bench_anomalies.py``.
 
 Averaging over all members cancels what is left of the rounding, so the recovered template is
-much cleaner than any single ``(A - a B) / (1 - a)``.
+much cleaner than any single ``(A - a B) / (1 - a)``; each member votes by the inverse of its
+residual's square, so the noisier ones (and those that barely passed) count less.
+
+*Lossy storage.* Where this finds nothing, the file may have gone through JPEG after blending:
+then every image carries a few grey levels of compression noise and no relation is exact. The
+noise is measured on the file (:mod:`bc_pipeline.quality.storage_noise`) and the search runs once
+more with every tolerance derived from it, bases included. Three things change with noise that
+large. A blend's template part (what the template explains beyond a scaled copy of its base)
+is asked at full size *or* on the coarse copies, where faint templates keep their broad shapes
+and compression noise (fine detail) averages away (:func:`_template_evidence`); the seeds ask it
+of the coarse copies only. An image within a copy's tolerance that is a blend with a cell of the
+file is a blend. And templates found early may have pinned a few blends of a later one into a
+spurious template of their own: larger templates claim back what they explain (:func:`_reclaim`).
 """
 
 from __future__ import annotations
@@ -64,12 +76,15 @@ import pandas as pd
 from PIL import Image
 
 from bc_pipeline.quality import blend_algebra as ba
+from bc_pipeline.quality import storage_noise
 from bc_pipeline.quality.blend_algebra import estimate_template, psnr
+from bc_pipeline.quality.storage_noise import NoiseModel
 
 __all__ = ["CorruptionResult", "CorruptionSettings", "estimate_template", "find_corruptions", "psnr",
            "templates_from_report"]  # fmt: skip
 
-REPORT_COLUMNS = ["index", "kind", "base_index", "weight", "template", "residual_rms", "expected_rms", "score", "reason"]
+REPORT_COLUMNS = ["index", "kind", "base_index", "weight", "template", "residual_rms", "expected_rms", "template_evidence",
+                  "template_distance", "score", "reason"]  # fmt: skip
 SUMMARY_COLUMNS = ["template", "members", "blends", "cells", "copies", "no_base", "weight_min", "weight_median",
                    "weight_max", "median_score"]  # fmt: skip
 BLEND, COPY, NO_BASE = "blend", "template copy", "blend, base not in file"
@@ -83,7 +98,17 @@ class CorruptionSettings:
     residual_factor: float = field(default=3.0, metadata={"gt": 1, "description": "A fit passes at most this many times the residual rounding leaves."})
     #: The template's part of a blend (what its base alone cannot explain) must stand this many
     #: times above the rounding noise, or ``a`` is so close to 1 that the "blend" is the cell.
-    template_snr: float = field(default=4.0, metadata={"gt": 0, "description": "A blend's template part must stand this many times above rounding."})
+    #: ... in the seeds, whose template is not known yet: a blend with ``a`` near 1 implies a
+    #: "template" of pure noise (part 1.41 times the noise of its two images), which any image
+    #: fits; 1.5x that covers a storage noise underestimated by the most measured (1/0.63 at JPEG
+    #: quality 95, see storage_noise), and the exact tests after the seeds decide. Once the
+    #: template is known, see ``template_part``.
+    template_snr: float = field(default=1.5, metadata={"gt": 0, "description": "A seed's template part must stand this many times above the noise."})
+    #: What a known template explains in a blend beyond a scaled copy of its base must stand this
+    #: many times above the noise the blend is judged by, at full size or on the coarse copies
+    #: (see _template_evidence). An image with no template in it (a near-duplicate of its base
+    #: with another contrast) leaves only the noise's projection on one direction, far below.
+    template_part: float = 1.0
     min_weight: float = field(default=0.02, metadata={"gt": 0, "lt": 1, "description": "Below this cell share: a copy of the template."})
     max_weight: float = field(default=0.98, metadata={"gt": 0, "lt": 1, "description": "Above this cell share: the cell itself."})
     #: Distinct blends a template needs. Copies of the template do not count: with a copy of ``C``
@@ -99,6 +124,8 @@ class CorruptionSettings:
     ray_candidates: int = 8
     #: Also flag images of a found template whose base is not in the file (see _closer_than_any_cell).
     missing_bases: bool = field(default=True, metadata={"description": "Also flag blends of a found template whose base is not in the file."})
+    #: Where the exact search finds nothing, look for a JPEG trace and search again at its noise.
+    lossy: bool = field(default=True, metadata={"description": "Search files that went through JPEG at the noise it left (measured on the file)."})
     missing_bases_gap: float = 1.5  # ... only where no image lies between their reach and this many times it
     whitening_ridge: float = 0.01  # see _whitening
     block: int = 2048  # rows per block of the all-pairs searches (memory: block x N floats)
@@ -109,6 +136,7 @@ class CorruptionResult:
     report: pd.DataFrame  # one row per flagged distinct image (REPORT_COLUMNS); indices are the caller's
     templates: np.ndarray  # (K, H, W, 3) float64 in 0..255
     template_summary: pd.DataFrame  # SUMMARY_COLUMNS: members by kind, spread of the cell share
+    noise: NoiseModel  # the storage noise every test was judged against, and why
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,10 +222,15 @@ class _Images:
         self.coarse = _downsample(_Gather(images, rows), settings.coarse_side)
         self.whiten = _whitening(self.coarse, settings.whitening_ridge)
         self.unit = self.white_unit(self.coarse)
-        self.full_noise = ba.QUANTISATION_RMS
-        self.coarse_noise = ba.noise_rms((self.shape[0] / settings.coarse_side) ** 2)
-        self.coarse_scale = self.coarse_noise / self.full_noise  # what averaging does to random errors
+        self.set_noise(storage_noise.rounding(self.shape[0], settings.coarse_side))
         self.side = settings.coarse_side
+
+    def set_noise(self, noise: NoiseModel) -> None:
+        self.noise = noise
+        self.full_noise, self.coarse_noise = noise.full_rms, noise.coarse_rms
+        # Rounding enters once, when a blend is stored; lossy storage puts noise in its base too.
+        self.full_base, self.coarse_base = (self.full_noise, self.coarse_noise) if noise.lossy else (0.0, 0.0)
+        self.coarse_scale = self.coarse_noise / self.full_noise  # what averaging does to the noise
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -273,24 +306,28 @@ def _proposals(data: _Images, settings: CorruptionSettings) -> tuple[np.ndarray,
 
 
 def _quadruple_test(
-    x1: np.ndarray, b1: np.ndarray, x2: np.ndarray, b2: np.ndarray, noise: float, settings: CorruptionSettings
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rows passing ``x2 = a2 b2 + beta (x1 - a1 b1) + t`` exactly; whether x2 is the template; a1.
+    x1: np.ndarray, b1: np.ndarray, x2: np.ndarray, b2: np.ndarray, noise: float, base_noise: float,
+    settings: CorruptionSettings, floor: bool = True,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """Rows passing ``x2 = a2 b2 + beta (x1 - a1 b1) + t`` to within noise; whether x2 is the template; a1.
 
-    Inputs are (m, d) arrays of one resolution with rounding noise ``noise`` per value.
+    Inputs are (m, d) arrays of one resolution; blends carry ``noise`` per value, bases ``base_noise``.
+    ``floor``: also ask that both blends carry a template part above the noise (``template_snr``).
     """
     coef, residual = ba.affine_fit(x2, [b2, x1, b1])
     a2, beta, gamma = coef[:, 0], coef[:, 1], coef[:, 2]
     with np.errstate(divide="ignore", invalid="ignore"):
         a1 = np.where(beta > 0, -gamma / beta, np.nan)
     copy = np.abs(a2) < settings.min_weight
-    expected = noise * np.sqrt(1.0 + beta**2)
+    expected = np.sqrt(noise**2 * (1.0 + beta**2) + base_noise**2 * (a2**2 + gamma**2))
     ok = (beta > 0) & (a1 >= settings.min_weight) & (a1 <= settings.max_weight)
     ok &= copy | ((a2 >= settings.min_weight) & (a2 <= settings.max_weight))
     ok &= residual <= settings.residual_factor * expected
+    if not floor:
+        return ok, copy, a1
     # Both blends must carry a real template part (else "a ~ 1": the image is its base).
     rows = np.flatnonzero(ok)
-    floor = settings.template_snr * noise
+    floor = settings.template_snr * np.hypot(noise, base_noise)
     ok[rows] = ba.scale_fit(x1[rows], b1[rows]) >= floor
     rows = rows[ok[rows] & ~copy[rows]]
     ok[rows] = ba.scale_fit(x2[rows], b2[rows]) >= floor
@@ -298,6 +335,10 @@ def _quadruple_test(
 
 
 def _find_seeds(data: _Images, settings: CorruptionSettings) -> _Seeds:
+    """Quadruples passing the blend relation on the coarse copies, template parts included, then at
+    full size. The template part is asked of the coarse copies only: a template's broad shapes are
+    what survives averaging, and compression noise (fine detail) is what does not, so a faint
+    template that JPEG noise drowns at full size still stands well above it there."""
     x1, b1, x2, b2 = _proposals(data, settings)
     distinct = (x1 != b1) & (x1 != x2) & (x1 != b2) & (b1 != x2) & (b1 != b2) & (x2 != b2)
     x1, b1, x2, b2 = (v[distinct] for v in (x1, b1, x2, b2))
@@ -305,13 +346,14 @@ def _find_seeds(data: _Images, settings: CorruptionSettings) -> _Seeds:
     for start in range(0, len(x1), 8192):
         part = slice(start, start + 8192)
         c = [data.coarse[v[part]] for v in (x1, b1, x2, b2)]
-        keep[part], _, _ = _quadruple_test(c[0], c[1], c[2], c[3], data.coarse_noise, settings)
+        keep[part], _, _ = _quadruple_test(c[0], c[1], c[2], c[3], data.coarse_noise, data.coarse_base, settings)
     x1, b1, x2, b2 = (v[keep] for v in (x1, b1, x2, b2))
     passed, copy, a1 = np.zeros(len(x1), bool), np.zeros(len(x1), bool), np.zeros(len(x1))
     for start in range(0, len(x1), 64):
         part = slice(start, start + 64)
         f = [data.full(v[part]) for v in (x1, b1, x2, b2)]
-        passed[part], copy[part], a1[part] = _quadruple_test(f[0], f[1], f[2], f[3], data.full_noise, settings)
+        passed[part], copy[part], a1[part] = _quadruple_test(f[0], f[1], f[2], f[3], data.full_noise, data.full_base,
+                                                                     settings, floor=False)  # fmt: skip
     return _Seeds(x1[passed], b1[passed], x2[passed], b2[passed], copy[passed], a1[passed])
 
 
@@ -377,7 +419,7 @@ def _fit(data: _Images, blends: np.ndarray, bases: np.ndarray, copies: np.ndarra
     fit = _Template(blends, bases, copies, np.zeros(0), 0.0)
     _, is_copy, a_images, b_images = fit.arrays(data)
     template, weights, _ = ba.fit_members(a_images, b_images, is_copy)
-    return _Template(blends, bases, copies, template, ba.template_noise(weights, data.full_noise))
+    return _Template(blends, bases, copies, template, ba.template_noise(weights, data.full_noise, data.full_base))
 
 
 @dataclass(frozen=True)
@@ -403,7 +445,7 @@ def _search(data: _Images, fit: _Template, taken: np.ndarray, settings: Corrupti
     centred = around[free] - around[free].mean(axis=1, keepdims=True)
     copy_limit = 2 * settings.residual_factor * np.hypot(data.coarse_noise, data.coarse_scale * fit.noise)
     copies = free[np.sqrt((centred**2).mean(axis=1)) <= copy_limit + 1.0]
-    candidates = np.setdiff1d(free, copies)
+    candidates = free  # a possible copy may still be a blend (see _members)
     unit = data.white_unit(around)
     keys = unit.copy()
     keys[taken] = 0.0
@@ -420,7 +462,7 @@ def _members(data: _Images, fit: _Template, found: _Candidates, settings: Corrup
     x, b = found.blends, found.bases
     coarse_template = data.coarse_of(fit.template)[0]
     weight, _, residual = ba.blend_fit(data.coarse[x], data.coarse[b], coarse_template.astype(np.float32))
-    expected = ba.expected_residual(weight, data.coarse_noise, data.coarse_scale * fit.noise)
+    expected = ba.expected_residual(weight, data.coarse_noise, data.coarse_scale * fit.noise, data.coarse_base)
     # A lenient first cut on the coarse copies; the exact test at full size decides.
     plausible = (residual <= 2 * settings.residual_factor * expected)
     plausible &= (weight >= settings.min_weight) & (weight <= settings.max_weight)
@@ -434,12 +476,13 @@ def _members(data: _Images, fit: _Template, found: _Candidates, settings: Corrup
     ok, weight = np.zeros(len(x), bool), np.zeros(len(x))
     for start in range(0, len(x), 256):
         part = slice(start, start + 256)
-        ok[part], weight[part] = _blend_test(data.full(x[part]), data.full(b[part]), fit.template, fit.noise,
-                                             data.full_noise, settings)  # fmt: skip
+        ok[part], weight[part] = _blend_test(data, x[part], b[part], fit, settings)
     x, b, weight = x[ok], b[ok], weight[ok]
     order = np.lexsort((weight, x))  # per blend, the base farthest along its ray first
     x, first = np.unique(x[order], return_index=True)
-    return _Template(x, _root_bases(x, b[order][first]), copies, fit.template, fit.noise)
+    # An image that is a blend of the template with a cell of the file is not a copy, however close:
+    # under lossy storage a low-share blend of a faint template is within a copy's tolerance.
+    return _Template(x, _root_bases(x, b[order][first]), np.setdiff1d(copies, x), fit.template, fit.noise)
 
 
 def _extend_rays(data: _Images, fit: _Template, taken: np.ndarray, settings: CorruptionSettings) -> _Template:
@@ -492,16 +535,47 @@ def _root_bases(blends: np.ndarray, bases: np.ndarray) -> np.ndarray:
 
 
 def _blend_test(
-    blends: np.ndarray, bases: np.ndarray, template: np.ndarray, template_noise, noise: float,
-    settings: CorruptionSettings,
-) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """Rows where ``A = a B + (1 - a) C + t`` holds to within rounding, with a real template part; and ``a``."""
-    weight, _, residual = ba.blend_fit(blends, bases, template)
-    expected = ba.expected_residual(weight, noise, template_noise)
+    data: _Images, x: np.ndarray, b: np.ndarray, fit: _Template, settings: CorruptionSettings
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows where ``A = a B + (1 - a) C + t`` holds to within noise, with a real template part; and ``a``."""
+    blends, bases = data.full(x), data.full(b)
+    weight, _, residual = ba.blend_fit(blends, bases, fit.template)
+    expected = ba.expected_residual(weight, data.full_noise, fit.noise, data.full_base)
     ok = (weight >= settings.min_weight) & (weight <= settings.max_weight)
     ok &= residual <= settings.residual_factor * expected
-    ok &= ba.scale_fit(blends, bases) >= settings.template_snr * noise
+    full = _full_evidence(blends, bases, residual, expected)
+    evidence = _template_evidence(data, x, b, full, fit.template, fit.noise, settings)
+    ok &= evidence >= settings.template_part
     return ok, weight
+
+
+def _full_evidence(blends: np.ndarray, bases: np.ndarray, residual: np.ndarray, expected: np.ndarray) -> np.ndarray:
+    """What the template explains in each blend beyond a scaled copy of its base, over the noise."""
+    return ba.template_part(ba.scale_fit(blends, bases), residual) / expected
+
+
+def _template_evidence(
+    data: _Images, x: np.ndarray, b: np.ndarray, full: np.ndarray, template: np.ndarray,
+    template_noise: float | np.ndarray, settings: CorruptionSettings,
+) -> np.ndarray:  # fmt: skip
+    """What the known template explains in each blend beyond a scaled copy of its base, in units of
+    the noise the blend is judged by: at full size or on the coarse copies, whichever says more.
+
+    Without it the image is as well described as a copy of its base (``a`` near 1, or a
+    near-duplicate with another contrast). The coarse copies matter where storage was lossy: a
+    faint template (dark, near-flat) is broad shapes, which averaging keeps, while JPEG noise is
+    fine detail, which averaging removes (8 times less of it on 12x12 boxes, measured per file).
+    The coarse copies count only where the blend holds on them too, to within *their* noise: a
+    pair that a loose full-size tolerance lets pass as ``a`` near 1 (two blends of one cell at
+    close shares, against another template) misses that by far. ``full``: the same at full size
+    (:func:`_full_evidence`).
+    """
+    cx, cb = data.coarse[x].astype(np.float64), data.coarse[b].astype(np.float64)
+    weight, _, coarse_residual = ba.blend_fit(cx, cb, data.coarse_of(np.atleast_2d(template)))
+    coarse_expected = ba.expected_residual(weight, data.coarse_noise, data.coarse_scale * template_noise, data.coarse_base)
+    coarse = ba.template_part(ba.scale_fit(cx, cb), coarse_residual) / coarse_expected
+    holds = coarse_residual <= settings.residual_factor * coarse_expected
+    return np.where(holds, np.maximum(full, coarse), full)
 
 
 def _verify(data: _Images, fit: _Template, settings: CorruptionSettings) -> tuple[_Template, pd.DataFrame] | None:
@@ -515,15 +589,18 @@ def _verify(data: _Images, fit: _Template, settings: CorruptionSettings) -> tupl
         b_images[is_copy] = 0.0
         template, weights, offsets = ba.fit_members(a_images, b_images, is_copy)
         held_out, rest = ba.leave_one_out_templates(a_images, b_images, weights, offsets)
-        held_noise = data.full_noise / np.sqrt(rest)
+        held_noise = np.hypot(data.full_noise, data.full_base) / np.sqrt(rest)
         weight, _, residual = ba.blend_fit(a_images, b_images, held_out)
         weight = np.where(is_copy, 0.0, weight)
         _, copy_residual = ba.affine_fit(a_images, [held_out])
         residual = np.where(is_copy, copy_residual, residual)
-        expected = ba.expected_residual(weight, data.full_noise, held_noise)
+        expected = ba.expected_residual(weight, data.full_noise, held_noise, data.full_base)
         ok = residual <= settings.residual_factor * expected
         ok &= is_copy | ((weight >= settings.min_weight) & (weight <= settings.max_weight))
-        ok &= is_copy | (ba.scale_fit(a_images, b_images) >= settings.template_snr * data.full_noise)
+        full = _full_evidence(a_images, b_images, residual, expected)
+        evidence = _template_evidence(data, positions, np.concatenate([fit.bases, fit.copies]), full, held_out,
+                                      held_noise, settings)  # fmt: skip
+        ok &= is_copy | (evidence >= settings.template_part)
         if ok.all():
             variance = a_images.var(axis=1)
             table = pd.DataFrame({
@@ -533,9 +610,15 @@ def _verify(data: _Images, fit: _Template, settings: CorruptionSettings) -> tupl
                 "weight": weight,
                 "residual_rms": residual,
                 "expected_rms": expected,
+                "template_evidence": np.where(is_copy, np.nan, evidence),
+                "template_distance": ba.scale_fit(a_images - held_out, np.ones_like(a_images)),
                 "score": 1.0 - residual**2 / np.maximum(variance, 1e-9),
             })  # fmt: skip
-            final = _Template(fit.blends, fit.bases, fit.copies, template, ba.template_noise(weights, data.full_noise))
+            # Each member votes by the inverse of its own noise (its residual): robust to the images
+            # that lossy storage left noisier than the rest, and to a member that barely passed.
+            template, weights, _ = ba.fit_members(a_images, b_images, is_copy, noise=residual)
+            final = _Template(fit.blends, fit.bases, fit.copies, template,
+                              ba.template_noise(weights, data.full_noise, data.full_base))  # fmt: skip
             return final, table
         keep_blends, keep_copies = ok[: len(fit.blends)], ok[len(fit.blends) :]
         fit = _Template(fit.blends[keep_blends], fit.bases[keep_blends], fit.copies[keep_copies], fit.template, fit.noise)
@@ -604,6 +687,60 @@ def _cross_lines(
                 break
 
 
+def _reclaim(
+    data: _Images, found: list[tuple[_Template, pd.DataFrame]], taken: np.ndarray, settings: CorruptionSettings
+) -> list[tuple[_Template, pd.DataFrame]]:
+    """Members of smaller templates that a larger one explains move to it; what is left of a smaller
+    one is verified again, and dropped (its images freed) when it no longer holds.
+
+    Templates are found one after another and each takes its images. Where storage was lossy the
+    tolerance is wide enough that a few blends of a template found late can first pin a spurious
+    one of their own (two cells, a point close to both their lines); the true template could then
+    not claim them. Larger templates, measured in distinct cells, are the better supported.
+    """
+    order = sorted(found, key=lambda item: len(np.unique(item[0].bases)), reverse=True)
+    kept: list[tuple[_Template, pd.DataFrame]] = []
+    for i, (big, table) in enumerate(order):
+        if big is None:
+            continue
+        rest = [item for item in order[i + 1 :] if item[0] is not None]
+        pool = np.concatenate([item[0].members() for item in rest]) if rest else np.zeros(0, np.int64)
+        blocked = taken.copy()
+        blocked[pool] = False  # the smaller templates' images may be claimed
+        grown = _members(data, big, _search(data, big, blocked, settings), settings)
+        moving = np.isin(grown.blends, pool)
+        moved_copies = grown.copies[np.isin(grown.copies, pool)]
+        if moving.any() or len(moved_copies):
+            merged = _fit(data, np.concatenate([big.blends, grown.blends[moving]]),
+                          np.concatenate([big.bases, grown.bases[moving]]), np.concatenate([big.copies, moved_copies]))  # fmt: skip
+            verified = _verify(data, merged, settings)
+            if verified is not None:
+                big, table = verified
+                taken[big.members()] = True
+                for j in range(i + 1, len(order)):
+                    order[j] = _without(data, order[j], big.members(), taken, settings)
+        kept.append((big, table))
+    return kept
+
+
+def _without(
+    data: _Images, item: tuple[_Template, pd.DataFrame], claimed: np.ndarray, taken: np.ndarray,
+    settings: CorruptionSettings,
+) -> tuple[_Template | None, pd.DataFrame | None]:  # fmt: skip
+    """``item``'s template less the ``claimed`` images, verified again; (None, None) if it no longer holds."""
+    fit, table = item
+    if fit is None or not np.isin(fit.members(), claimed).any():
+        return item
+    keep_blends, keep_copies = ~np.isin(fit.blends, claimed), ~np.isin(fit.copies, claimed)
+    rest = _Template(fit.blends[keep_blends], fit.bases[keep_blends], fit.copies[keep_copies], fit.template, fit.noise)
+    verified = _verify(data, rest, settings) if len(rest.blends) else None
+    if verified is None:
+        taken[rest.members()] = False
+        return None, None
+    taken[np.setdiff1d(rest.members(), verified[0].members())] = False
+    return verified
+
+
 def _on_two_rays(data: _Images, fit: _Template, settings: CorruptionSettings) -> bool:
     """Whether the blends' bases leave the template in at least two directions.
 
@@ -625,13 +762,30 @@ def find_corruptions(
     """Find blends of a shared template with another image of the file, and copies of the templates.
 
     ``distinct`` are the rows of ``images`` to examine (one per exact-duplicate group). Returns
-    one report row per corrupted distinct image, with row indices into ``images``.
+    one report row per corrupted distinct image, with row indices into ``images``. The search runs
+    at rounding noise first (exact blends); where it finds nothing and the file carries a JPEG
+    trace, once more at the noise that compression left (:mod:`bc_pipeline.quality.storage_noise`).
     """
     distinct = np.asarray(distinct, dtype=np.int64)
     shape = images.shape[1:]
     if len(distinct) < 4:
-        return _empty(shape)
+        return _empty(shape, storage_noise.rounding(shape[0], settings.coarse_side))
     data = _Images(images, distinct, settings)
+    found = _search_file(data, settings)
+    if found:
+        data.set_noise(storage_noise.rounding(shape[0], settings.coarse_side, "integer rounding only: blends hold "
+                                              "exactly to within it, so the file was stored without loss"))  # fmt: skip
+    elif settings.lossy:
+        data.set_noise(storage_noise.estimate(images, distinct, settings.coarse_side))
+        if data.noise.lossy:
+            found = _search_file(data, settings)
+    if not found:
+        return _empty(shape, data.noise)
+    return _result(data, found)
+
+
+def _search_file(data: _Images, settings: CorruptionSettings) -> list[tuple[_Template, pd.DataFrame]]:
+    """Every verified template of the file at ``data``'s noise, with its members."""
     taken = np.zeros(len(data), bool)
     found: list[tuple[_Template, pd.DataFrame]] = []
     lines: list[_Template] = []  # fits whose blends all lie on one ray: one cell's blends, no template yet
@@ -644,11 +798,10 @@ def find_corruptions(
         fit = _fit(data, blends, _root_bases(blends, bases[bases >= 0]), positions[bases < 0])
         _grow(data, fit, taken, found, lines, settings)
     _cross_lines(data, lines, taken, found, settings)
-    if not found:
-        return _empty(shape)
-    if settings.missing_bases:
+    found = _reclaim(data, found, taken, settings)
+    if found and settings.missing_bases:
         found = _closer_than_any_cell(data, found, taken, settings)
-    return _result(data, found)
+    return found
 
 
 def _closer_than_any_cell(
@@ -690,7 +843,9 @@ def _closer_than_any_cell(
         extra = np.flatnonzero(rest & (relative <= reach))
         taken[extra] = True
         rows = pd.DataFrame({"position": extra, "kind": NO_BASE, "base": -1, "weight": relative[extra] / scale,
-                             "residual_rms": np.nan, "expected_rms": np.nan, "score": np.nan})  # fmt: skip
+                             "residual_rms": np.nan, "expected_rms": np.nan, "template_evidence": np.nan,
+                             "template_distance": ba.scale_fit(data.full(extra) - fit.template, np.ones((len(extra), 1))),
+                             "score": np.nan})  # fmt: skip
         out.append((fit, pd.concat([table, rows], ignore_index=True) if len(rows) else table))
     return out
 
@@ -701,25 +856,29 @@ def _result(data: _Images, found: list[tuple[_Template, pd.DataFrame]]) -> Corru
     report["index"] = data.rows[report["position"].to_numpy()]
     base = report["base"].to_numpy()
     report["base_index"] = np.where(base >= 0, data.rows[np.maximum(base, 0)], -1)
-    report["reason"] = describe(report)
+    report["reason"] = describe(report, "JPEG noise" if data.noise.lossy else "rounding")
     report = report[REPORT_COLUMNS].sort_values("index").reset_index(drop=True)
     templates = np.stack([np.clip(fit.template, 0.0, 255.0).reshape(data.shape) for fit, _ in found])
-    return CorruptionResult(report=report, templates=templates, template_summary=template_summary(report))
+    return CorruptionResult(report=report, templates=templates, template_summary=template_summary(report), noise=data.noise)
 
 
-def describe(report: pd.DataFrame) -> list[str]:
-    """Why each row of a corruption report was flagged, in words."""
+def describe(report: pd.DataFrame, noise: str = "rounding") -> list[str]:
+    """Why each row of a corruption report was flagged, in words (``noise``: what the residuals
+    were judged against, e.g. "rounding" or "JPEG noise")."""
     reasons = []
     for row in report.itertuples():
         if row.kind == BLEND:
             reasons.append(f"blend of image {row.base_index} (cell share {row.weight:.3f}) with template {row.template}: "
-                           f"residual {row.residual_rms:.2f} grey levels, rounding alone leaves {row.expected_rms:.2f}")  # fmt: skip
+                           f"residual {row.residual_rms:.2f} grey levels, {noise} leaves {row.expected_rms:.2f}; the "
+                           f"template explains {row.template_evidence:.1f} times that noise beyond a copy of the "
+                           f"cell; the image lies {row.template_distance:.1f} grey levels from it")  # fmt: skip
         elif row.kind == COPY:
             reasons.append(f"copy of template {row.template}: residual {row.residual_rms:.2f} grey levels, "
-                           f"rounding alone leaves {row.expected_rms:.2f}")  # fmt: skip
+                           f"{noise} leaves {row.expected_rms:.2f}")  # fmt: skip
         else:
             reasons.append(f"blend of template {row.template} with a cell not in the file (cell share about "
-                           f"{row.weight:.2f}): closer to the template than any cell of the file")  # fmt: skip
+                           f"{row.weight:.2f}): {row.template_distance:.1f} grey levels from the template, closer "
+                           f"than any cell of the file")  # fmt: skip
     return reasons
 
 
@@ -737,10 +896,11 @@ def template_summary(report: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
-def _empty(shape: tuple[int, ...]) -> CorruptionResult:
+def _empty(shape: tuple[int, ...], noise: NoiseModel) -> CorruptionResult:
     types = {"index": "int64", "kind": "object", "base_index": "int64", "template": "int64", "reason": "object"}
     report = pd.DataFrame({c: pd.Series(dtype=types.get(c, "float64")) for c in REPORT_COLUMNS})
-    return CorruptionResult(report=report, templates=np.zeros((0, *shape)), template_summary=template_summary(report))
+    return CorruptionResult(report=report, templates=np.zeros((0, *shape)), template_summary=template_summary(report),
+                            noise=noise)  # fmt: skip
 
 
 def templates_from_report(images: np.ndarray, report: pd.DataFrame) -> np.ndarray:
@@ -748,7 +908,8 @@ def templates_from_report(images: np.ndarray, report: pd.DataFrame) -> np.ndarra
 
     This is the "average the per-image estimates C = (A - a B) / (1 - a)" step, done as the
     weighted least-squares fit of :func:`bc_pipeline.quality.blend_algebra.fit_members`, with the
-    copies of the template as members of weight 0.
+    copies of the template as members of weight 0, each member voting by the inverse of its
+    residual's square (as :func:`find_corruptions` does).
     """
     if report.empty:
         return np.zeros((0, *images.shape[1:]))
@@ -760,6 +921,6 @@ def templates_from_report(images: np.ndarray, report: pd.DataFrame) -> np.ndarra
         a_images = np.asarray(images[rows["index"].to_numpy()], np.float64).reshape(len(rows), -1)
         base_rows = np.where(is_copy, rows["index"].to_numpy(), rows["base_index"].to_numpy())
         b_images = np.asarray(images[base_rows], np.float64).reshape(len(rows), -1)
-        template, _, _ = ba.fit_members(a_images, b_images, is_copy)
+        template, _, _ = ba.fit_members(a_images, b_images, is_copy, noise=rows["residual_rms"].to_numpy())
         templates.append(np.clip(template, 0.0, 255.0).reshape(images.shape[1:]))
     return np.stack(templates)

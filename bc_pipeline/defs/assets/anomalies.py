@@ -50,22 +50,24 @@ class CorruptionConfig(SettingsConfig):
     the rest of the settings is internal (search block sizes, shortlists)."""
 
     settings_class = blends.CorruptionSettings
-    internal = ("coarse_side", "shortlist", "ray_candidates", "missing_bases_gap", "whitening_ridge", "block")
+    internal = ("coarse_side", "shortlist", "ray_candidates", "template_part", "missing_bases_gap", "whitening_ridge", "block")
     residual_factor: float = setting(blends.CorruptionSettings, "residual_factor")
     template_snr: float = setting(blends.CorruptionSettings, "template_snr")
     min_weight: float = setting(blends.CorruptionSettings, "min_weight")
     max_weight: float = setting(blends.CorruptionSettings, "max_weight")
     min_blends: int = setting(blends.CorruptionSettings, "min_blends")
     missing_bases: bool = setting(blends.CorruptionSettings, "missing_bases")
+    lossy: bool = setting(blends.CorruptionSettings, "lossy")
 
 
 @dg.asset(
-    code_version=with_config("3", CorruptionConfig),
+    code_version=with_config("4", CorruptionConfig),
     group_name="anomalies",
     kinds={"parquet"},
     description="Images that are a blend A = a*B + (1-a)*C of another image B of the file and a shared template C "
     "(found by the exact algebra of a blend, whatever the colours), and copies of the templates: for each, "
-    "its template, base, cell share, residual against rounding, and the reason in words.",
+    "its template, base, cell share, residual against the storage noise (rounding, or measured JPEG noise), "
+    "what the template explains, and the reason in words.",
 )
 def corruption_report(
     context: dg.AssetExecutionContext,
@@ -82,13 +84,15 @@ def corruption_report(
     kinds = result.report["kind"].value_counts().to_dict()
     context.log.info(
         f"{len(report)} flagged images ({len(result.report)} distinct: {kinds or 'none'}), "
-        f"{len(result.templates)} templates, {seconds:.1f}s"
+        f"{len(result.templates)} templates, {seconds:.1f}s; noise assumed: {result.noise.why}"
     )
     metadata = {
         "flagged_images": len(report),
         "distinct_flagged": len(result.report),
         "by_kind": dg.MetadataValue.json({str(k): int(v) for k, v in kinds.items()}),
         "templates": len(result.templates),
+        "noise_rms": round(result.noise.full_rms, 3),
+        "noise_assumed": result.noise.why,
         "seconds": round(seconds, 2),
         "per_template": md.table(result.template_summary.round(4)),
         "preview": md.table(report.head(30).round(4)),
@@ -97,7 +101,7 @@ def corruption_report(
 
 
 @dg.asset(
-    code_version="3",
+    code_version="4",
     group_name="anomalies",
     kinds={"numpy"},
     description="The recovered corruption templates (least squares over every blend and copy of each), as images, "
