@@ -60,6 +60,8 @@ def test_an2dl_injected_images_are_all_flagged_and_templates_recovered(an2dl_run
     assert corrupted["score"].min() > 0.98
     metadata = _metadata(result, "noise_templates")
     assert metadata["decompositions"].value.startswith("![decompositions](data:image/png;base64,")
+    report = _metadata(result, "corruption_report")  # the blends are exact: lossless storage, said so
+    assert report["noise_assumed"].value.startswith("integer rounding only") and report["noise_rms"].value < 0.3
     assert (data_dir / "reports" / "noise_templates" / "templates.png").is_file()
 
 
@@ -93,6 +95,8 @@ def test_clean_source_gives_empty_reports(pbc_subset_dir: Path, tmp_path: Path):
     assert result.output_for_node("outlier_report").empty
     assert result.output_for_node("noise_templates").shape == (0, 96, 96, 3)
     assert len(result.output_for_node("clean_images").manifest) == 320
+    # pbc96's cells are JPEG decodes: the trace is seen, and the search at its noise finds nothing either.
+    assert _metadata(result, "corruption_report")["noise_assumed"].value.startswith("JPEG at quality")
 
 
 def test_source_of_non_cell_pictures_fails_with_a_clear_message(tmp_path: Path):

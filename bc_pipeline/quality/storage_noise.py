@@ -58,8 +58,8 @@ class NoiseModel:
 
 def rounding(side: int, coarse_side: int, why: str = "") -> NoiseModel:
     """Integer rounding only: uniform over one step in every value, averaged down for coarse copies."""
-    coarse = noise_rms((side / coarse_side) ** 2)
-    return NoiseModel(QUANTISATION_RMS, coarse, "rounding", None,
+    coarse = float(noise_rms((side / coarse_side) ** 2))
+    return NoiseModel(float(QUANTISATION_RMS), coarse, "rounding", None,
                       why or f"integer rounding only ({QUANTISATION_RMS:.2f} grey levels RMS)")  # fmt: skip
 
 
@@ -121,7 +121,7 @@ def estimate(images: np.ndarray, rows: np.ndarray, coarse_side: int, seed: int =
     if ratio > 1.0 - TRACE_SIGMAS * error or full <= 2 * QUANTISATION_RMS:
         return rounding(side, coarse_side, f"integer rounding: no JPEG trace (re-encoding on the 8x8 grid changes the "
                                            f"images {ratio:.2f} times as much as off it, at best, quality {quality})")  # fmt: skip
-    return NoiseModel(full, max(coarse, noise_rms((side / coarse_side) ** 2)), "jpeg", quality,
+    return NoiseModel(full, max(coarse, float(noise_rms((side / coarse_side) ** 2))), "jpeg", quality,
                       f"JPEG at quality {quality}: re-encoding on the 8x8 grid changes the images {ratio:.2f} times as "
                       f"much as off it (1 for content never encoded there); a fresh encoding at that quality adds "
                       f"{full:.2f} grey levels RMS (median over {len(second)} images), {coarse:.2f} on the coarse copies")  # fmt: skip

@@ -91,7 +91,7 @@ def corruption_report(
         "distinct_flagged": len(result.report),
         "by_kind": dg.MetadataValue.json({str(k): int(v) for k, v in kinds.items()}),
         "templates": len(result.templates),
-        "noise_rms": round(result.noise.full_rms, 3),
+        "noise_rms": round(float(result.noise.full_rms), 3),
         "noise_assumed": result.noise.why,
         "seconds": round(seconds, 2),
         "per_template": md.table(result.template_summary.round(4)),
