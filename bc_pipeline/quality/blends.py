@@ -693,34 +693,46 @@ def _reclaim(
     """Members of smaller templates that a larger one explains move to it; what is left of a smaller
     one is verified again, and dropped (its images freed) when it no longer holds.
 
-    Templates are found one after another and each takes its images. Where storage was lossy the
-    tolerance is wide enough that a few blends of a template found late can first pin a spurious
-    one of their own (two cells, a point close to both their lines); the true template could then
-    not claim them. Larger templates, measured in distinct cells, are the better supported.
+    Templates are found one after another and each takes its images. A few blends of a template
+    found late (few cells blended at many shares; or, where storage was lossy, a tolerance wide
+    enough) can first pin a spurious one of their own, which the true template could then not
+    claim. Larger templates, measured in blends (then cells), are the better supported. A second
+    pass gives the images freed by a dropped template to whichever template explains them.
     """
-    order = sorted(found, key=lambda item: len(np.unique(item[0].bases)), reverse=True)
+    for _ in range(2):
+        found, changed = _reclaim_pass(data, found, taken, settings)
+        if not changed:
+            break
+    return found
+
+
+def _reclaim_pass(
+    data: _Images, found: list[tuple[_Template, pd.DataFrame]], taken: np.ndarray, settings: CorruptionSettings
+) -> tuple[list[tuple[_Template, pd.DataFrame]], bool]:
+    """One pass of :func:`_reclaim`, largest template first; whether any image moved."""
+    order = sorted(found, key=lambda item: (len(item[0].blends), len(np.unique(item[0].bases))), reverse=True)
     kept: list[tuple[_Template, pd.DataFrame]] = []
+    changed = False
     for i, (big, table) in enumerate(order):
         if big is None:
             continue
         rest = [item for item in order[i + 1 :] if item[0] is not None]
         pool = np.concatenate([item[0].members() for item in rest]) if rest else np.zeros(0, np.int64)
         blocked = taken.copy()
-        blocked[pool] = False  # the smaller templates' images may be claimed
+        blocked[pool] = False  # the smaller templates' images may be claimed, and any image not taken
         grown = _members(data, big, _search(data, big, blocked, settings), settings)
-        moving = np.isin(grown.blends, pool)
-        moved_copies = grown.copies[np.isin(grown.copies, pool)]
-        if moving.any() or len(moved_copies):
-            merged = _fit(data, np.concatenate([big.blends, grown.blends[moving]]),
-                          np.concatenate([big.bases, grown.bases[moving]]), np.concatenate([big.copies, moved_copies]))  # fmt: skip
+        if len(grown.blends) or len(grown.copies):
+            merged = _fit(data, np.concatenate([big.blends, grown.blends]), np.concatenate([big.bases, grown.bases]),
+                          np.concatenate([big.copies, grown.copies]))  # fmt: skip
             verified = _verify(data, merged, settings)
-            if verified is not None:
+            if verified is not None and len(verified[0].members()) > len(big.members()):
                 big, table = verified
+                changed = True
                 taken[big.members()] = True
                 for j in range(i + 1, len(order)):
                     order[j] = _without(data, order[j], big.members(), taken, settings)
         kept.append((big, table))
-    return kept
+    return kept, changed
 
 
 def _without(
