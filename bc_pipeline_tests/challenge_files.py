@@ -17,7 +17,6 @@ the real cells of the file (``stain``), so that colour alone cannot tell them fr
 from __future__ import annotations
 
 import gzip
-import io
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -28,6 +27,8 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
+
+from bc_pipeline.quality.storage_noise import jpeg_round_trip
 
 TemplateKind = Literal["photo", "texture", "drawing", "dark", "bright", "grey", "stain"]
 TEMPLATE_KINDS: tuple[str, ...] = ("photo", "texture", "drawing", "dark", "bright", "grey", "stain")
@@ -356,12 +357,6 @@ def random_spec(rng: np.random.Generator, clean: int = 600, kinds: Sequence[str]
 STORAGES: tuple[str, ...] = ("lossless", "jpeg95", "jpeg92", "jpeg85", "resize88", "resize104", "jpeg80")
 
 
-def _jpeg(image: np.ndarray, quality: int) -> np.ndarray:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
-    return np.asarray(Image.open(buffer).convert("RGB"))
-
-
 def stored(images: np.ndarray, storage: str) -> np.ndarray:
     """uint8 ``images`` after ``storage``: "lossless" (as they are), "jpegQ" (saved as JPEG at
     quality Q and read back) or "resizeS" (bicubic to S x S)."""
@@ -372,7 +367,7 @@ def stored(images: np.ndarray, storage: str) -> np.ndarray:
     if kind == "lossless" or len(images) == 0:
         return images
     if kind == "jpeg":
-        return np.stack([_jpeg(x, number) for x in images])
+        return np.stack([jpeg_round_trip(x, number) for x in images])
     return np.stack([np.asarray(Image.fromarray(x).resize((number, number), Image.Resampling.BICUBIC)) for x in images])
 
 

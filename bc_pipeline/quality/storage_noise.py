@@ -63,7 +63,8 @@ def rounding(side: int, coarse_side: int, why: str = "") -> NoiseModel:
                       why or f"integer rounding only ({QUANTISATION_RMS:.2f} grey levels RMS)")  # fmt: skip
 
 
-def _jpeg(image: np.ndarray, quality: int) -> np.ndarray:
+def jpeg_round_trip(image: np.ndarray, quality: int) -> np.ndarray:
+    """uint8 RGB ``image`` saved as JPEG at ``quality`` (Pillow / libjpeg) and read back."""
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(image)).save(buffer, format="JPEG", quality=quality)
     return np.asarray(Image.open(buffer).convert("RGB"))
@@ -79,8 +80,8 @@ def _changes(images: np.ndarray, quality: int, crop: int) -> tuple[np.ndarray, n
     on, off = np.empty(len(images)), np.empty(len(images))
     for i, image in enumerate(images):
         grid = image[:crop, :crop].astype(np.float64)
-        on[i] = np.sqrt(np.mean((grid - _jpeg(image[:crop, :crop], quality)) ** 2))
-        moved = _jpeg(_off_grid(image[:crop, :crop]), quality)[SHIFT : SHIFT + crop, SHIFT : SHIFT + crop]
+        on[i] = np.sqrt(np.mean((grid - jpeg_round_trip(image[:crop, :crop], quality)) ** 2))
+        moved = jpeg_round_trip(_off_grid(image[:crop, :crop]), quality)[SHIFT : SHIFT + crop, SHIFT : SHIFT + crop]
         off[i] = np.sqrt(np.mean((grid - moved) ** 2))
     return on, off
 
@@ -98,7 +99,7 @@ def _measured(images: np.ndarray, quality: int, crop: int, coarse_box: int) -> t
     full, coarse = [], []
     for image in images:
         grid = image[:crop, :crop]
-        error = _jpeg(_off_grid(grid), quality)[SHIFT : SHIFT + crop, SHIFT : SHIFT + crop].astype(np.float64) - grid
+        error = jpeg_round_trip(_off_grid(grid), quality)[SHIFT : SHIFT + crop, SHIFT : SHIFT + crop].astype(np.float64) - grid
         full.append(np.sqrt(np.mean(error**2)))
         n = crop // coarse_box * coarse_box
         boxes = error[:n, :n].reshape(n // coarse_box, coarse_box, n // coarse_box, coarse_box, 3).mean(axis=(1, 3))
