@@ -21,7 +21,7 @@ EXPECTED_CODE_VERSIONS = {
     "balanced_train_set": "2.cfg-eb7f5bc8",
     "clean_images": "4",
     "corruption_benchmark_set": "1.cfg-51ae50b8",
-    "corruption_report": "4.cfg-01a6e72c",
+    "corruption_report": "5.cfg-01a6e72c",
     "data_splits": "1.cfg-708bcb45",
     "domain_shift_report": "3",
     "domain_shift_set": "1.cfg-8aaf7703",

@@ -61,7 +61,7 @@ class CorruptionConfig(SettingsConfig):
 
 
 @dg.asset(
-    code_version=with_config("4", CorruptionConfig),
+    code_version=with_config("5", CorruptionConfig),
     group_name="anomalies",
     kinds={"parquet"},
     description="Images that are a blend A = a*B + (1-a)*C of another image B of the file and a shared template C "
