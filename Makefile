@@ -23,7 +23,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 # pip's global config here lists local index folders that may not exist; hide that noise only.
 PIP_QUIET := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: help install data run dev test bench bench-recipes bench-ablation bench-transfer-ablation clean
+.PHONY: help install data run dev test bench bench-env bench-labels bench-recipes bench-ablation bench-transfer-ablation clean
 
 help:
 	@echo "make run    install, fetch BloodMNIST, materialize the whole graph, print the report path"
@@ -33,6 +33,7 @@ help:
 	@echo "make bench  run the benchmarks in bench/"
 	@echo "make bench-recipes / bench-ablation   the recipes against their targets / the robustness ablation (long)"
 	@echo "make bench-transfer-ablation         what each part of transfer-cpu buys (long)"
+	@echo "make bench-labels   planted wrong labels on pbc96 found, side by side with cleanlab (about 15 min)"
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -65,6 +66,14 @@ dev: install $(DAGSTER_HOME)/dagster.yaml
 
 test: install
 	$(PY) -m pytest
+
+# cleanlab, only for bench/bench_label_issues.py's comparison: into .bench-deps, never a dependency.
+bench-env: install
+	$(PY) -m pip install --quiet --target .bench-deps --no-deps cleanlab==2.9.0 termcolor==3.3.0
+
+# Issue 31's targets: planted wrong labels on pbc96 (bench/bench_label_issues.py, about 15 min on 2 cores).
+bench-labels: bench-env
+	$(PY) bench/bench_label_issues.py
 
 bench: install
 	$(PY) bench/bench_definitions.py

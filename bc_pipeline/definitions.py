@@ -8,7 +8,8 @@ TensorFlow and Keras are imported inside the functions that use them.
 
 Policy applied here rather than per asset: every materializable asset without an automation
 condition of its own gets :func:`bc_pipeline.dagster_utils.automation.on_change`; the assets that
-state one (``trained_model``, ``model_leaderboard``, ``submission_package``) are the exceptions.
+state one (``trained_model``, ``model_leaderboard``, ``submission_package``; ``clean_images``, whose
+label decisions may not exist yet) are the exceptions.
 Where images come from, where artifacts go and where models train is read from the environment in
 one module, ``defs/resources.py``. Loading them also makes Dagster's pool-slot claim atomic on
 SQLite (``dagster_utils/pools.py``): every process that executes a run loads them.

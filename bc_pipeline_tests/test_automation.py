@@ -31,7 +31,7 @@ MODEL = "custom_cnn"
 _GRAPH = project_defs.resolve_asset_graph()  # test_definitions pins the exact set of assets
 UNPARTITIONED = sorted(k.to_user_string() for k in _GRAPH.materializable_asset_keys if not _GRAPH.get(k).partitions_def)
 PER_MODEL = sorted(k.to_user_string() for k in _GRAPH.materializable_asset_keys if _GRAPH.get(k).partitions_def)
-assert len(UNPARTITIONED) == 17 and PER_MODEL == ["domain_shift_report", "evaluation_report", "lab_adaptation", "trained_model"]
+assert len(UNPARTITIONED) == 19 and PER_MODEL == ["domain_shift_report", "evaluation_report", "lab_adaptation", "trained_model"]
 MATERIALIZABLE = dg.AssetSelection.all()  # every asset, not the observable source
 
 
@@ -246,7 +246,8 @@ def test_a_code_bump_with_identical_output_upstream_of_the_random_stages_retrain
     current = pipeline.defs().resolve_asset_graph().get(dg.AssetKey("data_splits")).code_version
     pipeline.replace("data_splits", code_version="99." + current.split(".", 1)[1])
     requests = pipeline.settle()
-    assert [sorted(r) for r in requests] == [["augmented_train_set", "balanced_train_set", "corruption_benchmark_set", "data_splits", "domain_shift_set", "robustness_eval_sets"]]
+    assert [sorted(r) for r in requests] == [["augmented_train_set", "balanced_train_set", "corruption_benchmark_set", "data_splits", "domain_shift_set",
+                                              "label_issues", "label_probabilities", "robustness_eval_sets"]]  # fmt: skip
     for name in random_stages:
         stored = pipeline.instance.get_latest_materialization_event(dg.AssetKey(name)).asset_materialization
         assert stored.metadata["reused_stored_sample"].value is True, name

@@ -19,7 +19,7 @@ from bc_pipeline.definitions import defs
 EXPECTED_CODE_VERSIONS = {
     "augmented_train_set": "2.cfg-eef43e7e",
     "balanced_train_set": "2.cfg-eb7f5bc8",
-    "clean_images": "4",
+    "clean_images": "5",
     "corruption_benchmark_set": "1.cfg-51ae50b8",
     "corruption_report": "5.cfg-01a6e72c",
     "data_splits": "1.cfg-708bcb45",
@@ -31,6 +31,8 @@ EXPECTED_CODE_VERSIONS = {
     "image_colour_stats": "1",
     "image_hashes": "1",
     "lab_adaptation": "2.cfg-6123c7eb",
+    "label_issues": "1.cfg-43ac4485",
+    "label_probabilities": "1.cfg-43ac4485",
     "model_leaderboard": "4.cfg-3cbcda71",
     "noise_templates": "4",
     "outlier_report": "2.cfg-f6da62ca",
@@ -61,7 +63,7 @@ def test_the_code_versions_are_pinned():
 
 def test_every_config_is_a_class_declared_in_source():
     configs = _config_classes()
-    assert len(configs) == 14
+    assert len(configs) == 16
     for name, config_class in configs.items():
         source = inspect.getsource(config_class)  # a class statement, not a model generated at import
         assert source.startswith(f"class {config_class.__name__}("), name

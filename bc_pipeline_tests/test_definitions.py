@@ -27,6 +27,8 @@ EXPECTED_ASSETS = {
     "outlier_report",
     "clean_images",
     "data_splits",
+    "label_probabilities",
+    "label_issues",
     "balanced_train_set",
     "augmented_train_set",
     "robustness_eval_sets",
@@ -50,7 +52,8 @@ EXPECTED_CHECKS = {
 }
 EXPECTED_JOBS = {"observe_raw_source", "nightly_evaluation", "weekly_retrain", "recipe_quick", "recipe_robust_cpu", "recipe_transfer_cpu", "recipe_lab_cpu", "recipe_gpu"}
 EXPECTED_SCHEDULES = {"nightly_evaluation": "0 2 * * *", "weekly_retrain": "0 3 * * 0"}
-EXPECTED_SENSORS = {"bc_automation", "raw_data_sensor"}
+EXPECTED_SENSORS = {"bc_automation", "raw_data_sensor", "label_review_sensor"}
+SOURCES = {"raw_image_source", "label_decisions"}  # observed, never materialized
 EXPECTED_RESOURCES = {"io_manager", "storage", "image_source", "training_worker", "external_folders"}
 
 
@@ -62,7 +65,7 @@ def test_dg_checks_and_lists_exactly_the_pinned_definitions():
     assert checked.returncode == 0 and "All definitions loaded successfully" in checked.stdout, checked.stdout + checked.stderr
     listed = subprocess.run([dg_cli, "list", "defs", "--json"], cwd=root, capture_output=True, text=True, check=True)
     found = json.loads(listed.stdout)
-    assert {a["asset_key"] for a in found["assets"]} == EXPECTED_ASSETS | {"raw_image_source"}
+    assert {a["asset_key"] for a in found["assets"]} == EXPECTED_ASSETS | SOURCES
     assert {c["key"] for c in found["asset_checks"]} == EXPECTED_CHECKS
     assert {j["name"] for j in found["jobs"]} == EXPECTED_JOBS
     assert {s["name"]: s["cron_schedule"] for s in found["schedules"]} == EXPECTED_SCHEDULES
@@ -83,12 +86,14 @@ def test_definitions_load_with_the_whole_graph():
     dg.Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
     keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
-    assert keys == EXPECTED_ASSETS | {"raw_image_source"}
+    assert keys == EXPECTED_ASSETS | SOURCES
     assert {key.to_user_string() for key in graph.materializable_asset_keys} == EXPECTED_ASSETS
-    assert graph.get(dg.AssetKey("raw_image_source")).is_observable
+    assert all(graph.get(dg.AssetKey(key)).is_observable for key in SOURCES)
     parents = {key.to_user_string(): {p.to_user_string() for p in graph.get(key).parent_keys} for key in graph.get_all_asset_keys()}
     assert parents["raw_images"] == {"raw_image_source"}
-    assert parents["clean_images"] == {"raw_images", "duplicate_groups", "outlier_report", "corruption_report"}
+    assert parents["clean_images"] == {"raw_images", "duplicate_groups", "outlier_report", "corruption_report", "label_decisions"}
+    assert parents["label_probabilities"] == {"clean_images", "data_splits"}
+    assert parents["label_issues"] == {"label_probabilities", "clean_images"}
     assert parents["balanced_train_set"] == {"clean_images", "data_splits"}
     assert parents["augmented_train_set"] == {"balanced_train_set"}
     assert parents["robustness_eval_sets"] == {"clean_images", "data_splits"}

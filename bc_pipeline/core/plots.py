@@ -84,11 +84,7 @@ def confusion_matrix_figure(confusion: np.ndarray, class_names: Sequence[str]) -
     shares = np.divide(confusion, totals, out=np.zeros(confusion.shape, dtype=float), where=totals > 0)
     figure, axis = plt.subplots(figsize=(7, 6))
     axis.imshow(shares, cmap="Blues", vmin=0, vmax=1)
-    ticks = np.arange(len(class_names))
-    axis.set_xticks(ticks, class_names, rotation=45, ha="right")
-    axis.set_yticks(ticks, class_names)
-    axis.set_xlabel("predicted")
-    axis.set_ylabel("true")
+    ticks = _class_axes(axis, class_names, "predicted", "true")
     for i in ticks:
         for j in ticks:
             colour = "white" if shares[i, j] > 0.5 else "black"
@@ -309,4 +305,44 @@ def adaptation_figure(curve: pd.DataFrame, *, title: str) -> bytes:
     axis.grid(alpha=0.3)
     axis.legend(loc="lower right")
     axis.set_title(title)
+    return figure_png(figure)
+
+
+def _class_axes(axis, class_names: Sequence[str], xlabel: str, ylabel: str) -> np.ndarray:  # noqa: ANN001 - a matplotlib Axes
+    """Class names on both axes of a class-by-class matrix; returns the tick positions."""
+    ticks = np.arange(len(class_names))
+    axis.set_xticks(ticks, class_names, rotation=45, ha="right")
+    axis.set_yticks(ticks, class_names)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    return ticks
+
+
+def noise_matrix_figure(matrix: np.ndarray, class_names: Sequence[str], *, title: str) -> bytes:
+    """P(likely true class | given class) as a heatmap, each cell's share written in it (rows sum to 1)."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(7, 6))
+    axis.imshow(matrix, cmap="Reds", vmin=0, vmax=max(0.05, float(np.max(matrix - np.diag(np.diag(matrix)), initial=0))))
+    ticks = _class_axes(axis, class_names, "likely true class", "given label")
+    for i in ticks:
+        for j in ticks:
+            axis.text(j, i, f"{matrix[i, j]:.3f}" if i != j else f"({matrix[i, j]:.2f})", ha="center", va="center", fontsize=7)
+    axis.set_title(title)
+    figure.tight_layout()
+    return figure_png(figure)
+
+
+def captioned_grid(images: Sequence[np.ndarray], captions: Sequence[str], *, columns: int = 6, title: str | None = None) -> bytes:
+    """Images in a grid, each with its caption (a few short lines) above it."""
+    plt = _pyplot()
+    rows = max(1, -(-len(images) // columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(columns * 1.5, rows * 1.8), squeeze=False)
+    for k, axis in enumerate(axes.ravel()):
+        axis.axis("off")
+        if k < len(images):
+            axis.imshow(np.asarray(images[k]))
+            axis.set_title(captions[k], fontsize=7)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
     return figure_png(figure)

@@ -57,9 +57,15 @@ def _not_blocked() -> dg.AutomationCondition:
     return ~AC.any_deps_in_progress() & ~_deps_failed() & ~AC.in_progress()
 
 
-def on_change() -> dg.AutomationCondition:
-    """Eager on data versions and code versions; waits for missing, running or failed inputs."""
-    return (_triggered() & ~AC.any_deps_missing() & _not_blocked()).with_label("on_change")
+def on_change(optional: Sequence[str] = ()) -> dg.AutomationCondition:
+    """Eager on data versions and code versions; waits for missing, running or failed inputs.
+
+    ``optional``: inputs that may be missing, observed sources that exist only once a person makes
+    them (``label_decisions``: no review file yet is no decision, not a reason to wait). Dagster
+    counts a never-observed source as missing.
+    """
+    missing = AC.any_deps_missing().ignore(dg.AssetSelection.assets(*optional)) if optional else AC.any_deps_missing()
+    return (_triggered() & ~missing & _not_blocked()).with_label("on_change")
 
 
 def per_model() -> dg.AutomationCondition:

@@ -105,6 +105,11 @@ class PipelineStorage(dg.ConfigurableResource):
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    @property
+    def label_review_file(self) -> Path:
+        """The label review a person edits (quality/label_review.py): written by label_issues, read by clean_images."""
+        return self.root / "review" / "label_decisions.csv"
+
     def cache_dir(self) -> Path:
         path = self.root / "cache"
         path.mkdir(parents=True, exist_ok=True)

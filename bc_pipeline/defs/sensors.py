@@ -1,4 +1,4 @@
-"""Sensors: the automation sensor that runs the declarative conditions, and the raw-data sensor.
+"""Sensors: the automation sensor that runs the declarative conditions, the raw-data and label-review sensors.
 
 Both are on by default, so ``make dev`` keeps the pipeline up to date without clicking anything.
 """
@@ -13,8 +13,10 @@ import dagster as dg
 from bc_pipeline.defs.assets.ingest import observation_metadata
 from bc_pipeline.defs.resources import ImageSource, PipelineStorage
 from bc_pipeline.ingest.source_version import changed_entries, folder_stamps, snapshot, stamp_digest
+from bc_pipeline.quality.label_review import NO_FILE, decisions_version
 
 SOURCE_KEY = dg.AssetKey("raw_image_source")
+DECISIONS_KEY = dg.AssetKey("label_decisions")
 
 automation_sensor = dg.AutomationConditionSensorDefinition(
     "bc_automation",
@@ -83,3 +85,25 @@ def _not_read_message(raw_dir: Path, names: list[str], image_source: ImageSource
         "new file, point it there (BC_SOURCE=npz|folder BC_SOURCE_PATH=<path>) and restart `make dev`."
     )
 
+
+
+@dg.sensor(
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description=(
+        "Every 30 s: records an observation of label_decisions when the decided rows of "
+        "data/review/label_decisions.csv changed, so bc_automation reruns clean_images and what follows. "
+        "The pipeline rewriting the undecided listing is not a change."
+    ),
+)
+def label_review_sensor(context: dg.SensorEvaluationContext, storage: PipelineStorage):
+    path = storage.label_review_file
+    version = decisions_version(path)
+    record = context.instance.get_latest_data_version_record(DECISIONS_KEY, is_source=True)
+    recorded = record.asset_observation.data_version if record and record.asset_observation else None
+    if version == (recorded or NO_FILE):
+        return dg.SkipReason(f"no new decision in {path} (version {version})")
+    context.log.info(f"{path}: decisions changed, observed version {version}")
+    observation = dg.AssetObservation(DECISIONS_KEY, tags={"dagster/data_version": version},
+                                      metadata={"path": dg.MetadataValue.path(str(path))})  # fmt: skip
+    return dg.SensorResult(asset_events=[observation])
