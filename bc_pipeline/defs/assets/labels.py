@@ -40,7 +40,7 @@ class LabelIssueConfig(SettingsConfig):
 
 
 @dg.observable_source_asset(
-    group_name="labels",
+    group_name="cleaning",
     description=(
         "The decisions a person wrote in data/review/label_decisions.csv (keep / relabel / drop). Its data "
         "version is a digest of the decided rows only: label_issues rewriting the undecided listing is no "
@@ -56,7 +56,7 @@ def label_decisions(context: dg.OpExecutionContext, storage: PipelineStorage) ->
 
 @dg.asset(
     code_version=with_config("1", LabelIssueConfig),
-    group_name="labels",
+    group_name="cleaning",
     kinds={"parquet", "keras"},
     description="Per train/val image, class probabilities from a probe that never saw it (k-fold on ImageNet embeddings, refitted without the first pass's issues).",
 )
@@ -84,7 +84,7 @@ def label_probabilities(
 
 @dg.asset(
     code_version=with_config("1", LabelIssueConfig),
-    group_name="labels",
+    group_name="cleaning",
     kinds={"parquet", "csv"},
     description="Train/val images whose label is probably wrong (confident learning), ranked; written to the review file.",
 )
