@@ -12,9 +12,10 @@ import pytest
 from bc_pipeline.core.classes import CLASS_NAMES
 from bc_pipeline.defs.resources import ImageSource, PipelineStorage
 from bc_pipeline.defs.sensors import label_review_sensor
+from bc_pipeline.core.folds import fold_assignment
 from bc_pipeline.quality import label_review as lr
 from bc_pipeline.quality.label_issues import (
-    LabelIssueSettings, find_label_issues, find_label_issues_in_passes, fold_of, per_class_thresholds,
+    LabelIssueSettings, find_label_issues, find_label_issues_in_passes, per_class_thresholds,
 )  # fmt: skip
 from bc_pipeline_tests.conftest import load_pbc96_arrays, tick_sensor
 from bc_pipeline_tests.test_assets import UP_TO_CLEAN, _materialize, _metadata
@@ -77,7 +78,7 @@ def test_no_issue_where_the_model_agrees_with_every_label_and_bad_inputs_are_nam
 def test_folds_keep_groups_whole_and_classes_even():
     labels = np.repeat(np.arange(4), 100)
     groups = np.arange(400) // 2  # pairs of near duplicates
-    folds = fold_of(labels, groups, 5, seed=0)
+    folds = fold_assignment(labels, groups, 5, seed=0)
     assert (folds[::2] == folds[1::2]).all()
     per_class = pd.crosstab(labels, folds).to_numpy()
     assert per_class.max() - per_class.min() <= 2

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from bc_pipeline.core.folds import fold_assignment
 from bc_pipeline.training.worker.fit import Phase, TrainingSettings
-from bc_pipeline.training.worker.selection import epochs_to_best, fixed_schedule, fold_assignment, select_rows
+from bc_pipeline.training.worker.selection import epochs_to_best, fixed_schedule, select_rows
 
 
 def test_folds_keep_groups_together_and_classes_even():

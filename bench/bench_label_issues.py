@@ -37,7 +37,8 @@ from pathlib import Path
 import numpy as np
 from _common import ROOT, load_pbc96, table
 
-from bc_pipeline.quality.label_issues import LabelIssueSettings, find_label_issues_in_passes, fold_of, out_of_fold_probabilities
+from bc_pipeline.core.folds import fold_assignment
+from bc_pipeline.quality.label_issues import LabelIssueSettings, find_label_issues_in_passes, out_of_fold_probabilities
 
 RATES = (0.02, 0.05, 0.10)
 KINDS = ("uniform", "class-conditional")
@@ -106,7 +107,7 @@ def main() -> int:
     names = sorted(set(pbc.manifest["class_name"]), key=lambda n: int(truth[(pbc.manifest["class_name"] == n).to_numpy()][0]))
     features, embed_s = embed(pbc.images, args.cache)
     print(f"pbc96: {len(truth)} images from {root}; embedded in {embed_s:.1f} s ({features.shape[1]} values each)")
-    test = fold_of(truth, np.arange(len(truth)), 5, args.seed) == 0
+    test = fold_assignment(truth, np.arange(len(truth)), 5, seed=args.seed) == 0
     train = np.flatnonzero(~test)
     start = time.perf_counter()
     clean_probabilities, _ = out_of_fold_probabilities(features[train], truth[train], settings=LabelIssueSettings(seed=args.seed))

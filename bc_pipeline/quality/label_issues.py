@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from bc_pipeline.core.folds import fold_assignment
 from bc_pipeline.core.settings import declare
 
 RANKINGS = ("normalized_margin", "self_confidence")
@@ -216,7 +217,7 @@ def out_of_fold_probabilities(
     settings = settings or LabelIssueSettings()
     labels = np.asarray(labels, dtype=np.int64)
     classes = int(labels.max()) + 1 if len(labels) else 0
-    assignment = fold_of(labels, np.arange(len(labels)) if groups is None else np.asarray(groups), settings.folds, settings.seed)
+    assignment = fold_assignment(labels, np.arange(len(labels)) if groups is None else groups, settings.folds, seed=settings.seed)
     usable = np.ones(len(labels), bool) if exclude is None else ~np.asarray(exclude, bool)
     probabilities = np.zeros((len(labels), classes))
     for fold in range(settings.folds):
@@ -264,23 +265,3 @@ def find_label_issues_in_passes(
         if log is not None:
             log(f"pass {number + 1}/{settings.passes}: {int(flagged.sum())} issues")
     return probabilities, folds, found
-
-
-def fold_of(labels: np.ndarray, groups: np.ndarray, folds: int, seed: int) -> np.ndarray:
-    """Fold of each row: groups whole, dealt class by class in a seeded order so folds stay even.
-
-    A group goes with the label of its first row; within a class, groups are shuffled and dealt
-    round-robin, the next class starting where the last one stopped.
-    """
-    if folds < 2:
-        raise ValueError(f"need at least 2 folds, not {folds}")
-    rng = np.random.default_rng(seed)
-    unique, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
-    group_label = labels[first]
-    group_fold = np.zeros(len(unique), np.int64)
-    start = 0
-    for label in np.unique(group_label):
-        members = rng.permutation(np.flatnonzero(group_label == label))
-        group_fold[members] = (start + np.arange(len(members))) % folds
-        start += len(members)
-    return group_fold[inverse.reshape(-1)]

@@ -20,7 +20,7 @@ from bc_pipeline.dagster_utils.versions import SettingsConfig, setting, versione
 from bc_pipeline.defs.resources import PipelineStorage
 from bc_pipeline.models.embeddings import cache_name, cached_embeddings
 from bc_pipeline.quality import label_review
-from bc_pipeline.quality.label_issues import LabelIssueSettings, find_label_issues, find_label_issues_in_passes
+from bc_pipeline.quality.label_issues import LabelIssues, LabelIssueSettings, find_label_issues, find_label_issues_in_passes
 
 REVIEWED_SPLITS = ("train", "val")
 SHOWN = 24
@@ -106,7 +106,10 @@ def label_issues(
     return versioned(table, metadata=_issue_metadata(found, table, clean_images, label_probabilities, review, storage))
 
 
-def _issue_metadata(found, table, clean_images, candidates, review, storage) -> dict:  # noqa: ANN001 - asset glue
+def _issue_metadata(
+    found: LabelIssues, table: pd.DataFrame, clean_images: ImageSet, candidates: pd.DataFrame, review: pd.DataFrame,
+    storage: PipelineStorage,
+) -> dict:  # fmt: skip
     """Counts, the noise matrix (table and heatmap) and the review grid of the top issues."""
     names = list(clean_images.class_names)
     matrix = pd.DataFrame(found.noise_matrix.round(4), index=names, columns=names).rename_axis("given").reset_index()

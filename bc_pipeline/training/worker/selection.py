@@ -25,30 +25,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bc_pipeline.core.folds import fold_assignment
 from bc_pipeline.models.inference import predict_proba
 from bc_pipeline.models.zoo import ModelSpec
 from bc_pipeline.training.model_folder import EpochSelection
 from bc_pipeline.training.settings import Phase, TrainingSettings
 from bc_pipeline.training.worker.data import select_rows
 from bc_pipeline.training.worker.fit import Fitted, RunOptions, TrainingData, default_phases, train_classifier
-
-
-def fold_assignment(labels: np.ndarray, groups: np.ndarray, folds: int, *, seed: int) -> np.ndarray:
-    """Fold number of every row: whole groups dealt round-robin per class, in a seeded order.
-
-    A group takes the label of its first row (a source image's repeats all share it). Dealing each
-    class's groups in turn keeps every fold's class mix within one group of the whole set's.
-    """
-    labels, groups = np.asarray(labels), np.asarray(groups)
-    names, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
-    group_fold = np.empty(len(names), np.int64)
-    rng = np.random.default_rng(seed)
-    start = 0
-    for label in np.unique(labels[first]):
-        members = rng.permutation(np.flatnonzero(labels[first] == label))
-        group_fold[members] = (start + np.arange(len(members))) % folds
-        start += len(members)  # the next class starts where this one stopped: folds stay even
-    return group_fold[inverse]
 
 
 def epochs_to_best(history: pd.DataFrame) -> list[int]:
