@@ -138,14 +138,17 @@ def find_label_issues(
     counts, _ = confident_joint(labels, probabilities, thresholds)
     joint = calibrated_joint(counts, labels)
     flagged, suggested = _prune_by_noise_rate(labels, probabilities, joint)
-    names = [str(c) for c in (class_names if class_names is not None else range(probabilities.shape[1]))]
     issues = _issue_table(labels, probabilities, flagged, suggested, ranked_by)
-    issues["reason"] = [
-        f"labelled {names[g]}, but a model that never saw it gives {names[g]} {p:.2f} (its class's threshold "
-        f"{thresholds[g]:.2f}) and {names[b]} {q:.2f}"
-        for g, b, p, q in zip(issues["given"], issues["suggested"], issues["self_confidence"], issues["suggested_probability"])
-    ]
+    names = [str(c) for c in (class_names if class_names is not None else range(probabilities.shape[1]))]
+    issues["reason"] = [_reason(names, thresholds, row) for row in issues.itertuples()]
     return LabelIssues(issues, thresholds, counts, joint)
+
+
+def _reason(names: Sequence[str], thresholds: np.ndarray, issue: tuple) -> str:
+    """One issue in words: the given class's probability against its threshold, and the suggested class's."""
+    given, best = names[issue.given], names[issue.suggested]
+    return (f"labelled {given}, but a model that never saw it gives {given} {issue.self_confidence:.2f} "
+            f"(its class's threshold {thresholds[issue.given]:.2f}) and {best} {issue.suggested_probability:.2f}")  # fmt: skip
 
 
 def _prune_by_noise_rate(labels: np.ndarray, probabilities: np.ndarray, joint: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -184,7 +187,7 @@ def label_quality(labels: np.ndarray, probabilities: np.ndarray, ranked_by: str 
 def _issue_table(
     labels: np.ndarray, probabilities: np.ndarray, flagged: np.ndarray, suggested: np.ndarray, ranked_by: str
 ) -> pd.DataFrame:
-    """The flagged rows as a table, lowest label quality first, each with its reason in words."""
+    """The flagged rows as a table, lowest label quality first (``reason`` filled in by the caller)."""
     quality = label_quality(labels, probabilities, ranked_by)[flagged]
     order = np.argsort(quality, kind="stable")
     rows = flagged[order]

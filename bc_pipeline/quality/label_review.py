@@ -46,10 +46,6 @@ class Decisions:
     drop: dict[str, str]  # image id -> who decided and why, for the removed table
     keep: frozenset[str]
 
-    @property
-    def count(self) -> int:
-        return len(self.relabel) + len(self.drop) + len(self.keep)
-
 
 def read_review(path: Path) -> pd.DataFrame:
     """The review file as strings (empty for blanks); a row with the wrong number of fields is an error naming it."""
