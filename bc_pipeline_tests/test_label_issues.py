@@ -15,7 +15,8 @@ from bc_pipeline.defs.sensors import label_review_sensor
 from bc_pipeline.core.folds import fold_assignment
 from bc_pipeline.quality import label_review as lr
 from bc_pipeline.quality.label_issues import (
-    LabelIssueSettings, find_label_issues, find_label_issues_in_passes, per_class_thresholds,
+    LabelIssueSettings, calibrated_joint, confident_joint, estimate_noise, find_label_issues, find_label_issues_in_passes,
+    per_class_thresholds,
 )  # fmt: skip
 from bc_pipeline_tests.conftest import load_pbc96_arrays, tick_sensor
 from bc_pipeline_tests.test_assets import UP_TO_CLEAN, _materialize, _metadata
@@ -63,6 +64,48 @@ def test_confident_learning_finds_planted_flips_and_estimates_the_noise_matrix()
     assert t[0] == pytest.approx(probabilities[noisy == 0, 0].mean())
 
 
+def _calibrated_model(n: int, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(true labels drawn from the probabilities, probabilities): a model that is right as often as it says."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 1, (n, classes))
+    logits[np.arange(n), rng.integers(0, classes, n)] += 3.0
+    probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    truth = (rng.random((n, 1)) > probabilities.cumsum(axis=1)).sum(axis=1)
+    return truth, probabilities
+
+
+def test_noise_estimate_recovers_the_flip_matrix_and_the_model_s_overconfidence():
+    """Labels flipped 0 -> 1 and 2 -> 3 for a tenth of those classes, shown to the estimate through a
+    model that is overconfident (its probabilities squared): EM finds the flips, the temperature and
+    the share of wrong labels, where confident learning's count also takes in the model's mistakes."""
+    truth, calibrated = _calibrated_model(8000, 4, seed=5)
+    rng = np.random.default_rng(6)
+    noisy = truth.copy()
+    for source, target in ((0, 1), (2, 3)):
+        moved = (truth == source) & (rng.random(len(truth)) < 0.1)
+        noisy[moved] = target
+    shown = calibrated**2 / (calibrated**2).sum(axis=1, keepdims=True)  # undone by p ** (1 / 2)
+    start = calibrated_joint(confident_joint(noisy, shown, per_class_thresholds(noisy, shown))[0], noisy)
+    noise = estimate_noise(noisy, shown, start)
+    assert noise.temperature == pytest.approx(2.0, abs=0.2)
+    assert noise.flips[1, 0] == pytest.approx(0.1, abs=0.03) and noise.flips[3, 2] == pytest.approx(0.1, abs=0.03)
+    off = noise.flips[~np.eye(4, dtype=bool)]
+    assert np.sort(off)[-3] < 0.02  # the two planted cells only
+    true_rate = float((noisy != truth).mean())
+    assert noise.rate == pytest.approx(true_rate, abs=0.01)
+    assert 1 - np.trace(start) > true_rate + 0.02  # what the posterior check corrects
+    assert np.allclose(noise.true.sum(axis=1), 1.0) and noise.joint.sum() == pytest.approx(1.0)
+    # The posterior flags are more precise than pruning by that count, at a recall still high.
+    planted = np.flatnonzero(noisy != truth)
+    precision = {}
+    for rule in ("posterior", "prune_by_noise_rate"):
+        flagged = find_label_issues(noisy, shown, flag_by=rule).issues["row"].to_numpy()
+        precision[rule] = np.isin(flagged, planted).mean()
+        if rule == "posterior":
+            assert np.isin(planted, flagged).mean() >= 0.5
+    assert precision["posterior"] > precision["prune_by_noise_rate"] + 0.05, precision
+
+
 def test_no_issue_where_the_model_agrees_with_every_label_and_bad_inputs_are_named():
     truth, probabilities = _synthetic(n=500)
     agreeing = probabilities.argmax(axis=1)
@@ -73,6 +116,8 @@ def test_no_issue_where_the_model_agrees_with_every_label_and_bad_inputs_are_nam
         find_label_issues(truth + 1, probabilities)
     with pytest.raises(ValueError, match="ranked_by"):
         LabelIssueSettings(ranked_by="loss")
+    with pytest.raises(ValueError, match="flag_by must be one of"):
+        find_label_issues(truth, probabilities, flag_by="vote")
 
 
 def test_folds_keep_groups_whole_and_classes_even():

@@ -66,6 +66,22 @@ def test_converted_weights_name_the_photos_of_scikit_image_in_their_top_5(top_we
         assert row[sorted(expected)].sum() > 0.3, f"{name}: only {row[sorted(expected)].sum():.2f} on its classes"
 
 
+def test_batch_norm_folded_into_the_convolutions_keeps_every_output(top_weights):
+    import keras
+
+    model = lite.EfficientNetLite0(include_top=True, weights=str(top_weights))
+    folded = lite.fold_batchnorm(model)
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in folded.layers)
+    assert len(folded.layers) < len(model.layers)
+    photos = np.stack([_photo(name) for name in PHOTOS])
+    np.testing.assert_allclose(folded.predict_on_batch(photos), model.predict_on_batch(photos), atol=2e-4)
+    # The middle too (the embeddings read stage ends), not just the softmax, which saturates.
+    taps = ["block10_add", "top_relu6"]
+    deep = [keras.Model(m.input, [m.get_layer(t).output for t in taps]).predict_on_batch(photos) for m in (model, folded)]
+    for original, fused in zip(*deep):
+        np.testing.assert_allclose(fused, original, rtol=1e-3, atol=1e-3 * float(np.abs(original).max()))
+
+
 def test_imagenet_in_the_zoo_loads_the_packaged_weights_into_the_backbone_offline(tmp_path, monkeypatch, state):
     from bc_pipeline.models import zoo
 

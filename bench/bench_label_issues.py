@@ -10,10 +10,12 @@ What it does, on all pbc96 images (their labels taken as the truth):
    confusable class: the class a model fitted on the true labels most often predicts for it, out of
    fold, e.g. immature granulocyte <-> neutrophil; derived from the data, not chosen by hand).
 3. The stage's own defaults (``quality/label_issues.find_label_issues_in_passes``: 5-fold
-   out-of-fold probabilities of an MLP probe, confident learning, a second round refitted without
-   the first round's issues): precision, recall and F1 of the flagged images against the planted
-   ones, and the F1 of cleanlab's ``find_label_issues`` on the same (final) probabilities (cleanlab lives in
-   ``.bench-deps``, installed by ``make bench-env``, never a dependency; skipped if absent).
+   out-of-fold probabilities of an MLP probe, confident learning and the posterior check, a second
+   round refitted without the first round's issues): precision, recall and F1 of the flagged images
+   against the planted ones, the share of wrong labels it estimates, and on the same (final)
+   probabilities the F1 of plain confident learning (``flag_by: prune_by_noise_rate``) and of
+   cleanlab's ``find_label_issues`` (cleanlab lives in ``.bench-deps``, installed by ``make
+   bench-env``, never a dependency; skipped if absent).
 4. What cleaning buys: a classifier fitted on the true labels, on the noisy labels, and on the noisy
    labels minus the flagged images, scored on the untouched test fifth: the share of the accuracy
    lost to the noise that the cleaning recovers. The classifier is a small MLP on the same
@@ -38,7 +40,7 @@ import numpy as np
 from _common import ROOT, load_pbc96, table
 
 from bc_pipeline.core.folds import fold_assignment
-from bc_pipeline.quality.label_issues import LabelIssueSettings, find_label_issues_in_passes, out_of_fold_probabilities
+from bc_pipeline.quality.label_issues import LabelIssueSettings, find_label_issues, find_label_issues_in_passes, out_of_fold_probabilities
 
 RATES = (0.02, 0.05, 0.10)
 KINDS = ("uniform", "class-conditional")
@@ -121,7 +123,7 @@ def main() -> int:
         for rate in RATES:
             rows.append(run_cell(Cells(features, truth, train, test), kind, rate, partner, args.seed, recovery))
     print()
-    table(["noise", "rate", "planted", "flagged", "precision", "recall", "F1", "cleanlab F1", "CL s"], rows)
+    table(["noise", "rate", "planted", "flagged", "est. wrong", "precision", "recall", "F1", "prune F1", "cleanlab F1", "s"], rows)
     print()
     table(["noise", "rate", "acc true labels", "acc noisy", "acc cleaned", "recovered"], recovery)
     rounds = LabelIssueSettings().passes * folds_s
@@ -153,6 +155,7 @@ def run_cell(cells: Cells, kind: str, rate: float, partner: np.ndarray, seed: in
     seconds = time.perf_counter() - start
     flagged = found.issues["row"].to_numpy()
     precision, recall, f1 = score(flagged, planted)
+    pruned = find_label_issues(noisy[train], probabilities, flag_by="prune_by_noise_rate").issues["row"].to_numpy()
     theirs = cleanlab_flags(noisy[train], probabilities)
     their_f1 = "n/a" if theirs is None else f"{score(theirs, planted)[2]:.3f}"
     if rate == max(RATES):
@@ -162,7 +165,8 @@ def run_cell(cells: Cells, kind: str, rate: float, partner: np.ndarray, seed: in
         lost = accuracies[0] - accuracies[1]
         share = (accuracies[2] - accuracies[1]) / lost if lost > 0 else float("nan")
         recovery.append([kind, f"{rate:.0%}", *(f"{a:.4f}" for a in accuracies), f"{share:.0%}"])
-    return [kind, f"{rate:.0%}", str(len(planted)), str(len(flagged)), f"{precision:.3f}", f"{recall:.3f}", f"{f1:.3f}", their_f1, f"{seconds:.1f}"]
+    return [kind, f"{rate:.0%}", str(len(planted)), str(len(flagged)), f"{found.noise.rate:.3f}", f"{precision:.3f}", f"{recall:.3f}",
+            f"{f1:.3f}", f"{score(pruned, planted)[2]:.3f}", their_f1, f"{seconds:.1f}"]  # fmt: skip
 
 
 def embed(images: np.ndarray, cache: Path | None) -> tuple[np.ndarray, float]:

@@ -322,11 +322,13 @@ def noise_matrix_figure(matrix: np.ndarray, class_names: Sequence[str], *, title
     """P(likely true class | given class) as a heatmap, each cell's share written in it (rows sum to 1)."""
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(7, 6))
-    axis.imshow(matrix, cmap="Reds", vmin=0, vmax=max(0.05, float(np.max(matrix - np.diag(np.diag(matrix)), initial=0))))
+    top = max(0.05, float(np.max(matrix - np.diag(np.diag(matrix)), initial=0)))
+    axis.imshow(matrix, cmap="Reds", vmin=0, vmax=top)
     ticks = _class_axes(axis, class_names, "likely true class", "given label")
     for i in ticks:
         for j in ticks:
-            axis.text(j, i, f"{matrix[i, j]:.3f}" if i != j else f"({matrix[i, j]:.2f})", ha="center", va="center", fontsize=7)
+            axis.text(j, i, f"{matrix[i, j]:.3f}" if i != j else f"({matrix[i, j]:.2f})", ha="center", va="center", fontsize=7,
+                      color="white" if matrix[i, j] > 0.6 * top else "black")  # fmt: skip
     axis.set_title(title)
     figure.tight_layout()
     return figure_png(figure)

@@ -101,21 +101,24 @@ def EfficientNetLite0(  # noqa: N802 - named like keras.applications' constructo
     include_preprocessing: bool = True,
     classes: int = 1000,
     dropout: float = 0.2,
+    batchnorm: bool = True,
 ) -> Any:
     """The network, from uint8-range RGB pixels (with ``include_preprocessing``) to its features or ImageNet softmax.
 
     ``weights``: None (random) or a Keras weights file made by :func:`convert_weights` with the
     same ``include_top``; for the installed ImageNet weights use :func:`imagenet_weights`.
+    ``batchnorm=False``: convolutions with a bias and no BatchNormalization after them, the shape
+    :func:`fold_batchnorm` fills (its weights files differ: leave ``weights`` None).
     """
     import keras
     from keras import layers
 
     inputs = keras.Input(input_shape, name="input")
     x = layers.Rescaling(1.0 / STD, offset=-MEAN / STD, name="rescale")(inputs) if include_preprocessing else inputs
-    x = _conv_bn(x, STEM_FILTERS, 3, 2, "stem")
+    x = _conv_bn(x, STEM_FILTERS, 3, 2, "stem", batchnorm=batchnorm)
     for block in blocks():
-        x = _block(x, block)
-    x = _conv_bn(x, HEAD_FILTERS, 1, 1, "top")
+        x = _block(x, block, batchnorm)
+    x = _conv_bn(x, HEAD_FILTERS, 1, 1, "top", batchnorm=batchnorm)
     if include_top:
         x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
         x = layers.Dropout(dropout, name="top_dropout")(x)
@@ -126,27 +129,60 @@ def EfficientNetLite0(  # noqa: N802 - named like keras.applications' constructo
     return model
 
 
-def _conv_bn(x: Any, filters: int, kernel: int, stride: int, name: str, activation: bool = True) -> Any:
+def _conv_bn(x: Any, filters: int, kernel: int, stride: int, name: str, activation: bool = True, batchnorm: bool = True) -> Any:
     from keras import layers
 
-    x = layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False, name=f"{name}_conv")(x)
-    x = layers.BatchNormalization(epsilon=BN_EPSILON, name=f"{name}_bn")(x)
+    x = layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=not batchnorm, name=f"{name}_conv")(x)
+    if batchnorm:
+        x = layers.BatchNormalization(epsilon=BN_EPSILON, name=f"{name}_bn")(x)
     return layers.ReLU(6.0, name=f"{name}_relu6")(x) if activation else x
 
 
-def _block(x: Any, block: Block) -> Any:
+def _block(x: Any, block: Block, batchnorm: bool = True) -> Any:
     from keras import layers
 
     name, inputs = f"block{block.index}", x
     if block.expand != 1:
-        x = _conv_bn(x, block.filters_in * block.expand, 1, 1, f"{name}_expand")
-    x = layers.DepthwiseConv2D(block.kernel, strides=block.stride, padding="same", use_bias=False, name=f"{name}_dwconv")(x)
-    x = layers.BatchNormalization(epsilon=BN_EPSILON, name=f"{name}_dw_bn")(x)
+        x = _conv_bn(x, block.filters_in * block.expand, 1, 1, f"{name}_expand", batchnorm=batchnorm)
+    x = layers.DepthwiseConv2D(block.kernel, strides=block.stride, padding="same", use_bias=not batchnorm, name=f"{name}_dwconv")(x)
+    if batchnorm:
+        x = layers.BatchNormalization(epsilon=BN_EPSILON, name=f"{name}_dw_bn")(x)
     x = layers.ReLU(6.0, name=f"{name}_dw_relu6")(x)
-    x = _conv_bn(x, block.filters_out, 1, 1, f"{name}_project", activation=False)
+    x = _conv_bn(x, block.filters_out, 1, 1, f"{name}_project", activation=False, batchnorm=batchnorm)
     if block.residual:  # no drop-connect: it only regularises training, and we fine-tune with dropout in the head
         x = layers.Add(name=f"{name}_add")([x, inputs])
     return x
+
+
+def fold_batchnorm(model: Any) -> Any:
+    """An inference-only copy of ``model`` (:func:`EfficientNetLite0`, with weights) with every
+    BatchNormalization folded into the convolution before it: ``kernel * s`` and bias ``beta - mean * s``,
+    ``s = gamma / sqrt(var + eps)`` per channel.
+
+    Why: at inference a BatchNormalization is a fixed per-channel affine map, yet on CPU it runs as
+    a separate pass over every feature map; folded, the network gives the same outputs (to float
+    rounding) in about two thirds of the time (measured: 8.5 -> 5.9 s per 1,000 cells at 192 px,
+    2 cores). Not for training: the batch statistics are gone.
+    """
+    from keras import layers
+
+    names = {layer.name for layer in model.layers}
+    folded = EfficientNetLite0(include_top="predictions" in names, input_shape=tuple(model.input_shape[1:]),
+                               include_preprocessing="rescale" in names, batchnorm=False)  # fmt: skip
+    for layer in folded.layers:
+        if not layer.weights:
+            continue
+        source = model.get_layer(layer.name).get_weights()
+        norm = layer.name.removesuffix("_dwconv") + "_dw_bn" if layer.name.endswith("_dwconv") else layer.name.removesuffix("_conv") + "_bn"
+        if norm not in names:
+            layer.set_weights(source)
+            continue
+        bn = model.get_layer(norm)
+        gamma, beta, mean, variance = bn.get_weights()
+        scale = gamma / np.sqrt(variance + bn.epsilon)
+        kernel = source[0] * (scale[None, None, :, None] if isinstance(layer, layers.DepthwiseConv2D) else scale)
+        layer.set_weights([kernel, beta - mean * scale])
+    return folded
 
 
 def torch_names(include_top: bool) -> Iterator[tuple[str, str]]:

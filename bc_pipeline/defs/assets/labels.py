@@ -35,6 +35,7 @@ class LabelIssueConfig(SettingsConfig):
     penalty: float = setting(LabelIssueSettings, "penalty")
     passes: int = setting(LabelIssueSettings, "passes")
     ranked_by: str = setting(LabelIssueSettings, "ranked_by")
+    flag_by: str = setting(LabelIssueSettings, "flag_by")
     auto_drop: int = setting(LabelIssueSettings, "auto_drop")
     seed: int = setting(LabelIssueSettings, "seed")
 
@@ -55,7 +56,7 @@ def label_decisions(context: dg.OpExecutionContext, storage: PipelineStorage) ->
 
 
 @dg.asset(
-    code_version=with_config("1", LabelIssueConfig),
+    code_version=with_config("2", LabelIssueConfig),
     group_name="cleaning",
     kinds={"parquet", "keras"},
     description="Per train/val image, class probabilities from a probe that never saw it (k-fold on ImageNet embeddings, refitted without the first pass's issues).",
@@ -83,10 +84,10 @@ def label_probabilities(
 
 
 @dg.asset(
-    code_version=with_config("1", LabelIssueConfig),
+    code_version=with_config("2", LabelIssueConfig),
     group_name="cleaning",
     kinds={"parquet", "csv"},
-    description="Train/val images whose label is probably wrong (confident learning), ranked; written to the review file.",
+    description="Train/val images whose label is probably wrong (confident learning, then a posterior check), ranked; written to the review file.",
 )
 def label_issues(
     context: dg.AssetExecutionContext, config: LabelIssueConfig, label_probabilities: pd.DataFrame,
@@ -94,13 +95,14 @@ def label_issues(
 ) -> dg.Output[pd.DataFrame]:  # fmt: skip
     settings, names = config.settings(), list(clean_images.class_names)
     probabilities = label_probabilities[[f"p_{n}" for n in names]].to_numpy()
-    found = find_label_issues(label_probabilities["label"].to_numpy(), probabilities, settings.ranked_by, names)
+    found = find_label_issues(label_probabilities["label"].to_numpy(), probabilities, settings.ranked_by, names, settings.flag_by)
     rows = label_review.review_rows(found.issues, label_probabilities, names)
     path = storage.label_review_file
     previous = label_review.read_review(path) if path.is_file() else None
     review = label_review.merge_review(previous, rows, settings.auto_drop)
     label_review.write_review(path, review)
-    context.log.info(f"{len(rows)} label issues in {len(label_probabilities)} train/val images; review file {path}")
+    context.log.info(f"{len(rows)} label issues in {len(label_probabilities)} train/val images (estimated share of wrong "
+                     f"labels {found.noise.rate:.3f}, temperature {found.noise.temperature:.2f}); review file {path}")  # fmt: skip
     table = found.issues.assign(image_id=rows["image_id"].to_numpy(), split=rows["split"].to_numpy(),
                                 given_name=rows["given"].to_numpy(), suggested_name=rows["suggested"].to_numpy())  # fmt: skip
     return versioned(table, metadata=_issue_metadata(found, table, clean_images, label_probabilities, review, storage))
@@ -121,13 +123,15 @@ def _issue_metadata(
     return {
         "num_issues": len(table),
         "issue_share": round(len(table) / max(len(candidates), 1), 4),
+        "estimated_wrong_share": round(found.noise.rate, 4),
+        "probability_temperature": round(found.noise.temperature, 3),
         "per_given_class": dg.MetadataValue.json({str(k): int(v) for k, v in table["given_name"].value_counts().items()}),
         "review_file": dg.MetadataValue.path(str(storage.label_review_file)),
         "decided_rows": len(decided),
         "thresholds": dg.MetadataValue.json({n: round(float(t), 4) for n, t in zip(names, found.thresholds)}),
         "noise_matrix": md.table(matrix),
-        "top_issues": md.table(top[["rank", "image_id", "split", "given_name", "suggested_name", "score", "reason"]]),
-        **md.image(noise_matrix_figure(found.noise_matrix, names, title="Estimated P(likely true | given label)"),
+        "top_issues": md.table(top[["rank", "image_id", "split", "given_name", "suggested_name", "score", "wrong_probability", "reason"]]),
+        **md.image(noise_matrix_figure(found.noise_matrix, names, title="Estimated P(true | given label)"),
                    report / "noise_matrix.png", "noise_matrix_heatmap"),
         **md.image(captioned_grid(list(images), captions, title=f"Top {len(top)} label issues: given -> suggested (score)"),
                    report / "review_grid.png", "review_grid"),
